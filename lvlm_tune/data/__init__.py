@@ -1,0 +1,1 @@
+"""Data pipeline: readers -> canonical records -> dataset -> encoder (labels) -> collator (batches)."""

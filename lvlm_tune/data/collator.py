@@ -1,0 +1,58 @@
+"""Pads encoded samples into a batch that ``LlavaForConditionalGeneration.forward`` accepts.
+
+Samples arrive already rendered, labelled, expanded and truncated (see
+:mod:`lvlm_tune.data.encoder`, run inside the dataset so DataLoader workers share the work).
+The collator right-pads ``input_ids`` (pad id), ``labels`` (-100) and builds ``attention_mask``;
+``pixel_values`` of all images in the batch are concatenated in order, matching the order of
+the image-token runs, which is how HF LLaVA assigns image features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lvlm_tune.data.encoder import IGNORE_INDEX
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id used for padding: pad, else unk, else eos, else 0 (padding is masked anyway)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+class MultimodalCollator:
+    """Right-pads a list of dataset items into model inputs.
+
+    Args:
+        pad_id: token id written into padding positions (see :func:`pad_token_id`).
+        pad_to_multiple_of: round the padded length up to a multiple of this (e.g. 8 on GPUs).
+    """
+
+    def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None) -> None:
+        self.pad_id = pad_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not items:
+            raise ValueError("cannot collate an empty batch")
+        length = max(len(item["input_ids"]) for item in items)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(items), length), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
+        for row, item in enumerate(items):
+            n = len(item["input_ids"])
+            input_ids[row, :n] = torch.as_tensor(item["input_ids"])
+            labels[row, :n] = torch.as_tensor(item["labels"])
+            attention_mask[row, :n] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        pixels = [item["pixel_values"] for item in items if item.get("pixel_values") is not None]
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels, dim=0)
+        return batch

@@ -1,0 +1,239 @@
+"""Conversation -> ``input_ids`` and ``labels``, exact by construction.
+
+The rendered text is tokenized once, exactly as the tokenizer tokenizes it (so answer tokens are
+the ones the model generates at inference). Each token is labelled from its character offsets:
+a token is trained iff it overlaps an answer + STOP span. Two checks then prove the mask is
+exact and raise otherwise (there is no silent "mask everything" fallback):
+
+* no trained token reaches past the end of its STOP (it would train text of the next turn);
+* a trained token that starts before its answer only covers whitespace there (the separator
+  that tokenizers merge into the first answer token, as the model will generate it).
+
+Image tags become one image token each in the text; after tokenization each is expanded to
+``num_image_tokens`` copies (HF LLaVA convention). Truncation to ``model_max_length`` counts the
+expansion and drops whole trailing turns (never cutting an image run); a sample left with no
+answer raises ``BadSampleError(reason="no_trained_tokens")``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lvlm_tune.data.errors import BadSampleError
+from lvlm_tune.data.prompts import draw_instruction, sample_uniform
+from lvlm_tune.data.record import IMAGE_TAG, Conversation, Turn
+from lvlm_tune.templates.chat_template import CHAT_TEMPLATE_IMAGES, render_chat_template
+from lvlm_tune.templates.registry import TOKENIZER_TEMPLATE, get_template
+from lvlm_tune.templates.render import IMAGE_POSITIONS, Rendered, place_images, render
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class EncodedSample:
+    """One encoded sample: ids with image runs expanded, labels, and how much survived."""
+
+    id: str
+    input_ids: np.ndarray
+    labels: np.ndarray
+    num_images: int
+    num_trained: int
+    truncated: bool
+
+
+class ConversationEncoder:
+    """Renders, tokenizes, masks, expands and truncates conversations for one tokenizer.
+
+    Args:
+        tokenizer: a fast (offsets-capable) Hugging Face tokenizer holding ``image_token``.
+        template: a template name (see ``lvlm_tune.templates``) or ``"tokenizer"``.
+        num_image_tokens: image tokens per image after expansion (e.g. 576 for CLIP-L/336).
+        model_max_length: maximum sequence length after expansion.
+        image_position: ``before`` | ``after`` | ``random`` | ``keep``.
+        seed: seed of the per-sample random choices (image position, instruction).
+        image_token: the placeholder string, a single token of ``tokenizer``.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        template: str,
+        *,
+        num_image_tokens: int = 1,
+        model_max_length: int = 2048,
+        image_position: str = "before",
+        seed: int = 0,
+        image_token: str = IMAGE_TAG,
+    ) -> None:
+        if image_position not in IMAGE_POSITIONS:
+            raise ValueError(
+                f"image_position must be one of {', '.join(IMAGE_POSITIONS)}, got {image_position!r}"
+            )
+        if num_image_tokens < 1 or model_max_length < 1:
+            raise ValueError("num_image_tokens and model_max_length must be positive")
+        self.tokenizer = tokenizer
+        self.template_name = template
+        self.chat_template = template == TOKENIZER_TEMPLATE
+        self.template = CHAT_TEMPLATE_IMAGES if self.chat_template else get_template(template)
+        self.num_image_tokens = num_image_tokens
+        self.model_max_length = model_max_length
+        self.image_position = image_position
+        self.seed = seed
+        self.image_token_id = self._single_token_id(image_token, "the image token")
+        for token in self.template.required_special_tokens:
+            self._single_token_id(token, f"template {template!r}")
+        self.bos = tokenizer.bos_token or ""
+        self.eos = tokenizer.eos_token or ""
+        if "{eos}" in self.template.stop and not self.eos:
+            raise ValueError(f"template {template!r} ends answers with EOS; tokenizer has none")
+
+    def _single_token_id(self, token: str, needed_by: str) -> int:
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise ValueError(
+                f"tokenizer has no special token {token!r}, needed by {needed_by}; add it with "
+                f"tokenizer.add_special_tokens(...) (and resize the model's embeddings)"
+            )
+        return int(token_id)
+
+    # ---- rendering ---------------------------------------------------------------------
+
+    def prepare_turns(self, record: Conversation, index: int, epoch: int) -> list[Turn]:
+        """The record's turns with the instruction drawn and images placed."""
+        turns = list(record.turns)
+        if record.instruction_pool and not turns[0].content.replace(IMAGE_TAG, "").strip():
+            question = draw_instruction(record.instruction_pool, self.seed, index, epoch)
+            turns[0] = Turn("user", turns[0].content + question)
+        tags = sum(t.content.count(IMAGE_TAG) for t in turns)
+        num_images = len(record.images)
+        position = self.image_position
+        if tags and tags != num_images or position == "keep" and tags != num_images:
+            raise BadSampleError(
+                record.source,
+                record.id,
+                "image",
+                f"{tags} <image> tag(s) in the text but {num_images} image(s)"
+                + (" (image_position 'keep' needs one tag per image)" if not tags else ""),
+                "image_tag_mismatch",
+            )
+        if position == "random":
+            before = sample_uniform(self.seed, index, epoch, "image_position") < 0.5
+            position = "before" if before else "after"
+        return place_images(turns, num_images, position, self.template)
+
+    def render(self, record: Conversation, index: int = 0, epoch: int = 0) -> Rendered:
+        """Render one record for training."""
+        turns = self.prepare_turns(record, index, epoch)
+        if self.chat_template:
+            return render_chat_template(self.tokenizer, turns, system=record.system)
+        return render(self.template, turns, system=record.system, bos=self.bos, eos=self.eos)
+
+    # ---- encoding ----------------------------------------------------------------------
+
+    def encode(self, record: Conversation, index: int = 0, epoch: int = 0) -> EncodedSample:
+        """Encode one record; raises ``BadSampleError`` naming the sample when it cannot."""
+        rendered = self.render(record, index, epoch)
+        text = rendered.text
+        add_special = not (self.bos and text.startswith(self.bos))
+        enc = self.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+        ids = np.asarray(enc["input_ids"], dtype=np.int64)
+        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        labels, cuts = self._labels(record, text, rendered, ids, offsets)
+        return self._expand_and_truncate(record, ids, labels, cuts)
+
+    def _fail(self, record: Conversation, problem: str) -> BadSampleError:
+        return BadSampleError(
+            record.source, record.id, "conversations", problem + f" [template {self.template_name}]",
+            "tokenization",
+        )  # fmt: skip
+
+    def _labels(
+        self,
+        record: Conversation,
+        text: str,
+        rendered: Rendered,
+        ids: np.ndarray,
+        offsets: np.ndarray,
+    ) -> tuple[np.ndarray, list[int]]:
+        starts, ends = offsets[:, 0], offsets[:, 1]
+        real = ends > starts  # zero-width tokens (BOS, EOS added by the tokenizer) never train
+        trained = np.zeros(len(ids), dtype=bool)
+        cuts: list[int] = []  # token count that ends right after answer k (truncation points)
+        for k, span in enumerate(rendered.spans):
+            hit = real & (starts < span.end) & (ends > span.start)
+            where = np.flatnonzero(hit)
+            if not len(where):
+                raise self._fail(record, f"answer {k + 1} produced no tokens")
+            first, last = where[0], where[-1]
+            if ends[last] > span.end:
+                # Only legal when the overflow is the next answer's own trained text.
+                nxt = rendered.spans[k + 1] if k + 1 < len(rendered.spans) else None
+                if nxt is None or nxt.start != span.end or ends[last] > nxt.end:
+                    raise self._fail(
+                        record,
+                        f"token {text[starts[last] : ends[last]]!r} crosses the end of answer "
+                        f"{k + 1}'s STOP into untrained text",
+                    )
+            else:
+                cuts.append(int(last) + 1)
+            follows_answer = k > 0 and rendered.spans[k - 1].end == span.sep_start
+            leading = text[starts[first] : span.start]
+            if starts[first] < span.start and leading.strip() and not follows_answer:
+                raise self._fail(
+                    record,
+                    f"token {text[starts[first] : ends[first]]!r} merges untrained prompt text "
+                    f"into answer {k + 1}",
+                )
+            trained[where] = True
+        if (trained & (ids == self.image_token_id)).any():
+            raise self._fail(record, "an image token fell inside an answer")
+        labels = np.where(trained, ids, IGNORE_INDEX)
+        return labels, cuts
+
+    def _expand_and_truncate(
+        self, record: Conversation, ids: np.ndarray, labels: np.ndarray, cuts: list[int]
+    ) -> EncodedSample:
+        is_image = ids == self.image_token_id
+        num_images = int(is_image.sum())
+        if num_images != len(record.images):
+            raise BadSampleError(
+                record.source,
+                record.id,
+                "conversations",
+                f"the text holds {num_images} image token(s) for {len(record.images)} image(s) "
+                "(does a message contain the image token text literally?)",
+                "image_tag_mismatch",
+            )
+        extra = self.num_image_tokens - 1
+        expanded_len = len(ids) + extra * num_images
+        keep = len(ids)
+        truncated = expanded_len > self.model_max_length
+        if truncated:
+            images_before = np.concatenate([[0], np.cumsum(is_image)])
+            fitting = [c for c in cuts if c + extra * images_before[c] <= self.model_max_length]
+            if not fitting:
+                raise BadSampleError(
+                    record.source,
+                    record.id,
+                    "conversations",
+                    f"{expanded_len} tokens after image expansion and even the first answer "
+                    f"ends beyond model_max_length={self.model_max_length}",
+                    "no_trained_tokens",
+                )
+            keep = fitting[-1]
+            ids, labels, is_image = ids[:keep], labels[:keep], is_image[:keep]
+        if extra:
+            repeats = np.where(is_image, self.num_image_tokens, 1)
+            ids = np.repeat(ids, repeats)
+            labels = np.repeat(labels, repeats)
+        return EncodedSample(
+            id=record.id,
+            input_ids=ids,
+            labels=labels,
+            num_images=int(is_image.sum()),
+            num_trained=int((labels != IGNORE_INDEX).sum()),
+            truncated=truncated,
+        )

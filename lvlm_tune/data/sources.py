@@ -1,0 +1,400 @@
+"""Lazy, random-access record sources: JSON / JSONL files and Hugging Face datasets.
+
+:func:`open_source` detects the container and the record format and returns a
+:class:`RecordSource`: ``len``, ``get(i)`` (parse and validate one sample into a
+:class:`~lvlm_tune.data.record.Conversation`) and per-sample length estimates for a
+length-grouped sampler. Nothing holds a Python object per sample. A JSON or JSONL file is
+streamed once (bounded memory, also for one huge JSON array) into an Arrow IPC cache file - one
+compact JSON string per sample plus word and image counts - which every later open (every rank,
+every run) memory-maps. The cache key is the file's absolute path, size and mtime, so editing
+the data rebuilds it; files are written to a temp name and renamed, so ranks may race safely.
+Hugging Face data (``save_to_disk`` folders, ``.arrow``, ``.parquet``) is memory-mapped through
+``datasets`` and read row by row.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from lvlm_tune.data.readers import FORMATS, count_images, count_words, detect_format, normalize
+from lvlm_tune.data.record import Conversation
+
+CACHE_VERSION = "1"  # bump when the cache layout or the counting rules change
+SOURCE_FORMATS: tuple[str, ...] = ("auto", *FORMATS, "hf")
+HF_SUFFIXES = (".parquet", ".arrow")
+BATCH_ROWS = 10_000
+CHUNK_CHARS = 4 << 20
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def default_cache_dir() -> str:
+    """``$LVLM_TUNE_CACHE``, else ``~/.cache/lvlm-tune/records``."""
+    return os.environ.get("LVLM_TUNE_CACHE") or os.path.expanduser("~/.cache/lvlm-tune/records")
+
+
+def open_source(
+    path: str | os.PathLike, *, fmt: str = "auto", cache_dir: str | None = None
+) -> RecordSource:
+    """Open a data file or dataset folder as a lazy :class:`RecordSource`.
+
+    Args:
+        path: a ``.json`` (array or JSON Lines) / ``.jsonl`` file, a ``.parquet`` or ``.arrow``
+            file, or a folder written by ``datasets.Dataset.save_to_disk``.
+        fmt: ``"auto"`` (detect), ``"llava"``, ``"openai"``, ``"caption"`` (record format of a
+            JSON file, or of the rows of a dataset) or ``"hf"`` (a dataset, rows detected).
+        cache_dir: where record caches go; default :func:`default_cache_dir`.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: unknown ``fmt``, undetectable format, or malformed JSON (naming the line).
+    """
+    path = os.path.abspath(os.fspath(path))
+    if fmt not in SOURCE_FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}; choices: {SOURCE_FORMATS}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    cache_dir = cache_dir or default_cache_dir()
+    if fmt == "hf" or os.path.isdir(path) or path.endswith(HF_SUFFIXES):
+        return HFSource(path, "auto" if fmt == "hf" else fmt, cache_dir)
+    if fmt == "auto" and not path.endswith((".json", ".jsonl")):
+        raise ValueError(
+            f"{path}: cannot tell the format from the name; pass fmt= {SOURCE_FORMATS}"
+        )
+    return JsonSource(path, fmt, cache_dir)
+
+
+class RecordSource:
+    """Random access to the samples of one data file as :class:`Conversation` records.
+
+    Attributes:
+        path: the data file (named in every error message).
+        fmt: the record format, ``"llava"``, ``"openai"`` or ``"caption"``.
+    """
+
+    path: str
+    fmt: str
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def raw(self, index: int) -> Any:
+        """The unvalidated sample at ``index`` (a dict as the data holds it)."""
+        raise NotImplementedError
+
+    def _counts(self) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def get(self, index: int) -> Conversation:
+        """Parse and validate sample ``index``; raises ``BadSampleError`` naming the field."""
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"{self.path}: index {index} out of range for {len(self)} samples")
+        return normalize(self.raw(index), self.fmt, source=self.path, index=index)
+
+    def num_words(self) -> np.ndarray:
+        """Whitespace word count of all message texts, ``int32`` per sample."""
+        return self._counts()[0]
+
+    def num_images(self) -> np.ndarray:
+        """Number of images, ``int16`` per sample."""
+        return self._counts()[1]
+
+    def __getstate__(self) -> dict:  # re-open memory maps in DataLoader workers, never copy
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_open")}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r}, fmt={self.fmt!r}, n={len(self)})"
+
+
+class JsonSource(RecordSource):
+    """A JSON / JSONL file read through its memory-mapped Arrow record cache."""
+
+    def __init__(self, path: str, fmt: str, cache_dir: str) -> None:
+        self.path = path
+        self.cache_path = _cache_path(path, fmt, cache_dir, ".arrow")
+        try:
+            self._table()
+        except (FileNotFoundError, pa.ArrowInvalid):  # no cache yet, or an unreadable one
+            _build_json_cache(path, fmt, self.cache_path)
+            self._table()
+
+    def _table(self) -> pa.Table:
+        if "_open_table" not in self.__dict__:
+            table = pa.ipc.open_file(pa.memory_map(self.cache_path)).read_all()
+            self.fmt = json.loads(table.schema.metadata[b"lvlm_tune"])["format"]
+            self._open_chunks = table.column("json").chunks
+            self._open_starts = np.cumsum([0] + [len(c) for c in self._open_chunks]).tolist()
+            self._open_table = table
+        return self._open_table
+
+    def __len__(self) -> int:
+        return self._table().num_rows
+
+    def raw(self, index: int) -> Any:
+        self._table()
+        c = bisect.bisect_right(self._open_starts, index) - 1
+        return json.loads(self._open_chunks[c][index - self._open_starts[c]].as_py())
+
+    def _counts(self) -> tuple[np.ndarray, np.ndarray]:
+        table = self._table()
+        return (
+            table.column("num_words").to_numpy().astype(np.int32),
+            table.column("num_images").to_numpy().astype(np.int16),
+        )
+
+
+class HFSource(RecordSource):
+    """A Hugging Face dataset (``save_to_disk`` folder, ``.arrow`` or ``.parquet``), row by row."""
+
+    def __init__(self, path: str, fmt: str, cache_dir: str) -> None:
+        self.path, self.cache_dir = path, cache_dir
+        columns = self._dataset().column_names
+        self.fmt = fmt if fmt in FORMATS else detect_format(columns, path)
+        self.image_columns = [c for c in ("image", "images") if c in columns]
+
+    def _dataset(self) -> Any:
+        if "_open_ds" not in self.__dict__:
+            self._open_ds = _load_hf(self.path, self.cache_dir)
+        return self._open_ds
+
+    def __len__(self) -> int:
+        return len(self._dataset())
+
+    def raw(self, index: int) -> Any:
+        return self._dataset()[index]
+
+    def _counts(self) -> tuple[np.ndarray, np.ndarray]:
+        if "_open_counts" not in self.__dict__:
+            cache = _cache_path(self.path, f"counts-{self.fmt}", self.cache_dir, ".npz")
+            if not os.path.exists(cache):
+                words, images = _hf_counts(self._dataset(), self.fmt, self.image_columns)
+                _atomic_write(cache, lambda f: np.savez(f, words=words, images=images))
+            with np.load(cache) as counts:
+                self._open_counts = (counts["words"], counts["images"])
+        return self._open_counts
+
+
+def _file_state(path: str) -> list:
+    """What changes when the data changes: size and mtime of the file, or of a folder's files."""
+    if os.path.isdir(path):
+        return [
+            (e.name, *_file_state(e.path)) for e in sorted(os.scandir(path), key=lambda e: e.name)
+        ]
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _cache_path(path: str, tag: str, cache_dir: str, suffix: str) -> str:
+    """Cache file for (path, tag) at the data's current state; removes stale versions."""
+    ident = hashlib.sha1(f"{path}\0{tag}".encode()).hexdigest()[:12]
+    state = hashlib.sha1(repr((CACHE_VERSION, _file_state(path))).encode()).hexdigest()[:12]
+    prefix = f"{Path(path).name}-{ident}-"
+    os.makedirs(cache_dir, exist_ok=True)
+    for old in Path(cache_dir).glob(f"{_glob_escape(prefix)}*{suffix}"):
+        if old.name != f"{prefix}{state}{suffix}":
+            old.unlink(missing_ok=True)  # readers that mapped it keep their mapping
+    return os.path.join(cache_dir, f"{prefix}{state}{suffix}")
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def _atomic_write(target: str, write: Callable[[Any], None]) -> None:
+    """Write through ``write(binary file)`` to a temp file beside ``target``, then rename."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _build_json_cache(path: str, fmt: str, cache_path: str) -> None:
+    """Stream a JSON array / JSON Lines file into an Arrow IPC record cache."""
+
+    def write(f: Any) -> None:
+        nonlocal fmt
+        writer, texts, words, images = None, [], [], []
+
+        def flush() -> None:
+            arrays = [
+                pa.array(texts, pa.large_string()),
+                pa.array(words, pa.int32()),
+                pa.array(np.minimum(images, np.iinfo(np.int16).max), pa.int16()),
+            ]
+            writer.write_batch(pa.record_batch(arrays, schema=writer.schema))
+            texts.clear(), words.clear(), images.clear()
+
+        for text, obj in _iter_json(path):
+            if writer is None:
+                if fmt == "auto":
+                    fmt = detect_format(obj if isinstance(obj, dict) else [], f"{path}: record 0")
+                writer = _new_writer(f, fmt, path)
+            texts.append(text or json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
+            words.append(count_words(obj, fmt))
+            images.append(count_images(obj, fmt))
+            if len(texts) >= BATCH_ROWS:
+                flush()
+        if writer is None:
+            if fmt == "auto":
+                raise ValueError(f"{path}: no records, cannot detect the format")
+            writer = _new_writer(f, fmt, path)
+        if texts:
+            flush()
+        writer.close()
+
+    _atomic_write(cache_path, write)
+
+
+def _new_writer(sink: Any, fmt: str, path: str) -> pa.ipc.RecordBatchFileWriter:
+    meta = {"format": fmt, "source": path, "version": CACHE_VERSION}
+    schema = pa.schema(
+        [("json", pa.large_string()), ("num_words", pa.int32()), ("num_images", pa.int16())],
+        metadata={"lvlm_tune": json.dumps(meta)},
+    )
+    return pa.ipc.new_file(sink, schema)
+
+
+def _iter_json(path: str) -> Iterator[tuple[str | None, Any]]:
+    """Yield ``(line text or None, record)`` from a JSON array or a JSON Lines file."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        head = f.read(CHUNK_CHARS)
+        if not path.endswith(".jsonl") and head.lstrip().startswith("["):
+            yield from ((None, obj) for obj in _JsonArray(f, head, path).values())
+            return
+        f.seek(0)
+        for lineno, line in enumerate(f, 1):
+            text = line.strip()
+            if not text:
+                continue
+            try:
+                yield text, json.loads(text)
+            except json.JSONDecodeError as e:
+                hint = "" if path.endswith(".jsonl") else " (expected a JSON array or JSON Lines)"
+                where = f"line {lineno}, column {e.colno}"
+                raise ValueError(f"{path}: invalid JSON on {where}: {e.msg}{hint}") from None
+
+
+class _JsonArray:
+    """Streams the elements of one (possibly huge) JSON array over a rolling text buffer."""
+
+    def __init__(self, f: TextIO, head: str, path: str) -> None:
+        self.f, self.buf, self.path = f, head, path
+        self.pos = self.skipped_chars = self.skipped_lines = 0
+        self.decode = json.JSONDecoder().raw_decode
+
+    def fill(self, at_least: int = 0) -> bool:
+        """Drop the consumed text and read more; False (buffer untouched) at end of file."""
+        more = self.f.read(max(CHUNK_CHARS, at_least))
+        if not more:
+            return False
+        self.skipped_lines += self.buf.count("\n", 0, self.pos)
+        self.skipped_chars += self.pos
+        self.buf, self.pos = self.buf[self.pos :] + more, 0
+        return True
+
+    def peek(self) -> str:
+        """Skip whitespace; the next character, or "" at end of file."""
+        while True:
+            self.pos = _WS.match(self.buf, self.pos).end()
+            if self.pos < len(self.buf):
+                return self.buf[self.pos]
+            if not self.fill():
+                return ""
+
+    def error(self, problem: str, at: int) -> ValueError:
+        line = self.skipped_lines + self.buf.count("\n", 0, at) + 1
+        column = at - self.buf.rfind("\n", 0, at)
+        where = f"line {line}, column {column} (character {self.skipped_chars + at})"
+        return ValueError(f"{self.path}: invalid JSON at {where}: {problem}")
+
+    def values(self) -> Iterator[Any]:
+        if self.peek() != "[":
+            raise self.error("expected '[' to open a JSON array of records", self.pos)
+        self.pos += 1
+        sep = "]" if self.peek() == "]" else ","
+        if sep == "]":
+            self.pos += 1
+        while sep == ",":
+            if not self.peek():
+                raise self.error("unexpected end of file inside the array", self.pos)
+            try:
+                obj, end = self.decode(self.buf, self.pos)
+            except json.JSONDecodeError as e:
+                truncated = e.msg.startswith("Unterminated string") or e.pos >= len(self.buf) - 8
+                if truncated and self.fill(len(self.buf) - self.pos):
+                    continue  # the record goes on in the next chunk
+                raise self.error(e.msg, e.pos) from None
+            if end == len(self.buf) and self.fill():
+                continue  # a bare scalar might go on in the next chunk
+            yield obj
+            self.pos = end
+            sep = self.peek()
+            if sep not in (",", "]"):
+                raise self.error(f"expected ',' or ']' after a record, found {sep!r}", self.pos)
+            self.pos += 1
+        if self.peek():
+            raise self.error("extra data after the JSON array", self.pos)
+
+
+def _load_hf(path: str, cache_dir: str) -> Any:
+    """A memory-mapped ``datasets.Dataset`` for a dataset folder, ``.arrow`` or ``.parquet``."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    if os.path.isdir(path):
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            raise ValueError(f"{path}: holds splits {list(ds)}; point at one split's folder")
+        return ds
+    if path.endswith(".parquet"):  # convert once to a memory-mappable Arrow stream
+        cache = _cache_path(path, "parquet", cache_dir, ".arrow")
+        if not os.path.exists(cache):
+            pf = pq.ParquetFile(path)
+
+            def write(f: Any) -> None:
+                with pa.ipc.new_stream(f, pf.schema_arrow) as writer:
+                    for batch in pf.iter_batches(batch_size=BATCH_ROWS):
+                        writer.write_batch(batch)
+
+            _atomic_write(cache, write)
+        path = cache
+    try:
+        return datasets.Dataset.from_file(path)  # Arrow stream format (what datasets writes)
+    except pa.ArrowInvalid:
+        return datasets.Dataset(pa.ipc.open_file(pa.memory_map(path)).read_all())
+
+
+def _hf_counts(ds: Any, fmt: str, image_columns: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Word and image counts of every row, reading text columns as Python, images as Arrow."""
+    text_columns = [c for c in ("conversations", "messages", "caption") if c in ds.column_names]
+    words, parts, images = [], [], np.zeros(len(ds), np.int64)
+    start = 0
+    for batch in ds.with_format("arrow").iter(batch_size=BATCH_ROWS):
+        for row in batch.select(text_columns).to_pylist():
+            words.append(count_words(row, fmt))
+            parts.append(count_images(row, fmt))  # image parts inside openai messages
+        for column in image_columns:
+            col = batch.column(column)
+            is_list = pa.types.is_list(col.type) or pa.types.is_large_list(col.type)
+            n = pc.list_value_length(col) if is_list else pc.is_valid(col)
+            images[start : start + len(batch)] += n.cast(pa.int64()).fill_null(0).to_numpy()
+        start += len(batch)
+    parts = np.asarray(parts, np.int64)
+    images = np.where(parts > 0, parts, images)
+    return np.asarray(words, np.int32), np.minimum(images, np.iinfo(np.int16).max).astype(np.int16)

@@ -1,0 +1,91 @@
+"""Independent checks of an encoded sample (used by the encoder tests and property tests).
+
+They do not use offsets: trained tokens are decoded back to text with the tokenizer, and the
+ids are compared with a plain tokenizer call on the rendered text.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lvlm_tune.data.encoder import IGNORE_INDEX
+
+
+def squash(text: str) -> str:
+    return "".join(text.split())
+
+
+def decode(tokenizer, ids) -> str:
+    return tokenizer.convert_tokens_to_string(tokenizer.convert_ids_to_tokens(list(ids)))
+
+
+def trained_runs(sample) -> list[np.ndarray]:
+    """Contiguous runs of trained token ids."""
+    trained = sample.labels != IGNORE_INDEX
+    runs, current = [], []
+    for tok, is_trained in zip(sample.input_ids, trained, strict=True):
+        if is_trained:
+            current.append(tok)
+        elif current:
+            runs.append(np.array(current))
+            current = []
+    if current:
+        runs.append(np.array(current))
+    return runs
+
+
+def collapse_images(ids: np.ndarray, image_id: int, n: int) -> list[int]:
+    out, i = [], 0
+    while i < len(ids):
+        out.append(int(ids[i]))
+        if ids[i] == image_id:
+            assert (ids[i : i + n] == image_id).all(), "image run shorter than num_image_tokens"
+            i += n
+        else:
+            i += 1
+    return out
+
+
+def assert_exact(encoder, record, sample, index=0, epoch=0) -> None:
+    """The mask is exact: trained text == answers + STOPs, nothing else, ids == tokenizer's."""
+    tok = encoder.tokenizer
+    rendered = encoder.render(record, index, epoch)
+    text = rendered.text
+    add_special = not (encoder.bos and text.startswith(encoder.bos))
+    reference = tok(text, add_special_tokens=add_special)["input_ids"]
+    ids = sample.input_ids
+    assert (sample.labels[sample.labels != IGNORE_INDEX] == ids[sample.labels != IGNORE_INDEX]).all()
+    # image runs are exactly num_image_tokens long and never trained
+    image = ids == encoder.image_token_id
+    assert not (sample.labels[image] != IGNORE_INDEX).any(), "an image token is trained"
+    assert image.sum() == sample.num_images * encoder.num_image_tokens
+    collapsed = collapse_images(ids, encoder.image_token_id, encoder.num_image_tokens)
+    if not sample.truncated:
+        assert collapsed == reference, "input_ids differ from the tokenizer's output"
+    else:
+        assert collapsed == reference[: len(collapsed)]
+    if tok.bos_token_id is not None and ids[0] == tok.bos_token_id:
+        assert sample.labels[0] == IGNORE_INDEX, "BOS is trained"
+    # decoded trained text == each answer + STOP, in order
+    answers = [
+        text[span.start : span.end] for span in rendered.spans
+    ]  # answer + STOP as rendered
+    stop = encoder.template.stop_text(encoder.eos) if not encoder.chat_template else None
+    for k, turn in enumerate(record.turns[1::2]):
+        assert answers[k].startswith(turn.content)
+        if stop is not None:
+            assert answers[k] == turn.content + stop
+    runs = trained_runs(sample)
+    kept = answers[: len(runs)] if len(runs) == len(answers) else answers
+    decoded = "".join(decode(tok, run) for run in runs)
+    if not sample.truncated:
+        assert squash(decoded) == squash("".join(kept)), (decoded, kept)
+    else:
+        assert squash("".join(answers)).startswith(squash(decoded))
+        assert decoded.strip(), "a truncated sample kept no trained text"
+    # separate answers stay separate runs unless the template puts nothing untrained between
+    merged = any(a.end == b.sep_start == b.start for a, b in zip(rendered.spans, rendered.spans[1:]))
+    if not merged and not sample.truncated:
+        assert len(runs) == len(answers)
+        for run, answer in zip(runs, answers, strict=True):
+            assert squash(decode(tok, run)) == squash(answer)
