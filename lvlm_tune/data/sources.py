@@ -65,7 +65,7 @@ def open_source(
         raise ValueError(f"unknown data format {fmt!r}; choices: {SOURCE_FORMATS}")
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file not found: {path}")
-    cache_dir = cache_dir or default_cache_dir()
+    cache_dir = os.path.abspath(cache_dir or default_cache_dir())
     if fmt == "hf" or os.path.isdir(path) or path.endswith(HF_SUFFIXES):
         return HFSource(path, "auto" if fmt == "hf" else fmt, cache_dir)
     if fmt == "auto" and not path.endswith((".json", ".jsonl")):
@@ -218,6 +218,7 @@ def _atomic_write(target: str, write: Callable[[Any], None]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache must be readable by all
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -229,7 +230,7 @@ def _build_json_cache(path: str, fmt: str, cache_path: str) -> None:
 
     def write(f: Any) -> None:
         nonlocal fmt
-        writer, texts, words, images = None, [], [], []
+        writer, schema, texts, words, images = None, None, [], [], []
 
         def flush() -> None:
             arrays = [
@@ -237,14 +238,15 @@ def _build_json_cache(path: str, fmt: str, cache_path: str) -> None:
                 pa.array(words, pa.int32()),
                 pa.array(np.minimum(images, np.iinfo(np.int16).max), pa.int16()),
             ]
-            writer.write_batch(pa.record_batch(arrays, schema=writer.schema))
+            writer.write_batch(pa.record_batch(arrays, schema=schema))
             texts.clear(), words.clear(), images.clear()
 
         for text, obj in _iter_json(path):
             if writer is None:
                 if fmt == "auto":
                     fmt = detect_format(obj if isinstance(obj, dict) else [], f"{path}: record 0")
-                writer = _new_writer(f, fmt, path)
+                schema = _cache_schema(fmt, path)
+                writer = pa.ipc.new_file(f, schema)
             texts.append(text or json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
             words.append(count_words(obj, fmt))
             images.append(count_images(obj, fmt))
@@ -253,7 +255,7 @@ def _build_json_cache(path: str, fmt: str, cache_path: str) -> None:
         if writer is None:
             if fmt == "auto":
                 raise ValueError(f"{path}: no records, cannot detect the format")
-            writer = _new_writer(f, fmt, path)
+            writer = pa.ipc.new_file(f, _cache_schema(fmt, path))
         if texts:
             flush()
         writer.close()
@@ -261,13 +263,12 @@ def _build_json_cache(path: str, fmt: str, cache_path: str) -> None:
     _atomic_write(cache_path, write)
 
 
-def _new_writer(sink: Any, fmt: str, path: str) -> pa.ipc.RecordBatchFileWriter:
+def _cache_schema(fmt: str, path: str) -> pa.Schema:
     meta = {"format": fmt, "source": path, "version": CACHE_VERSION}
-    schema = pa.schema(
+    return pa.schema(
         [("json", pa.large_string()), ("num_words", pa.int32()), ("num_images", pa.int16())],
         metadata={"lvlm_tune": json.dumps(meta)},
     )
-    return pa.ipc.new_file(sink, schema)
 
 
 def _iter_json(path: str) -> Iterator[tuple[str | None, Any]]:
@@ -346,7 +347,8 @@ class _JsonArray:
             self.pos = end
             sep = self.peek()
             if sep not in (",", "]"):
-                raise self.error(f"expected ',' or ']' after a record, found {sep!r}", self.pos)
+                found = repr(sep) if sep else "the end of the file"
+                raise self.error(f"expected ',' or ']' after a record, found {found}", self.pos)
             self.pos += 1
         if self.peek():
             raise self.error("extra data after the JSON array", self.pos)

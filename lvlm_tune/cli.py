@@ -1,0 +1,31 @@
+"""The ``lvlm-tune`` command: dispatches ``lvlm-tune <command> ...`` to ``lvlm_tune.commands``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "inspect": ("lvlm_tune.commands.inspect", "show exactly which tokens a recipe or data file trains"),
+}
+
+USAGE = "usage: lvlm-tune {" + ",".join(COMMANDS) + "} ...\n\n" + "\n".join(
+    f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"lvlm-tune: unknown command {name!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

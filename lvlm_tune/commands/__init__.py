@@ -1,0 +1,1 @@
+"""The user-facing commands (``lvlm-tune inspect`` and friends), one module each."""

@@ -1,0 +1,177 @@
+"""``lvlm-tune inspect``: show exactly which tokens a data file trains, before any GPU is spent.
+
+Human view: each shown sample decoded with trained spans marked (green on a terminal,
+``[[...]]`` otherwise) and image runs collapsed to ``<image x N>``, then statistics over the
+first ``--limit`` samples. ``--json`` prints one object per sample per line:
+``{"id", "input_ids", "labels", "image_token_id"}`` (labels are -100 where masked).
+``lvlm-tune inspect RECIPE.yaml`` reads the same settings from a training recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import numpy as np
+import yaml
+
+from lvlm_tune.data.encoder import IGNORE_INDEX, ConversationEncoder, EncodedSample
+from lvlm_tune.data.errors import BadSampleError, SkipLedger
+from lvlm_tune.data.record import IMAGE_TAG
+from lvlm_tune.templates import template_names
+from lvlm_tune.templates.render import IMAGE_POSITIONS
+
+GREEN, RESET = "\033[32m", "\033[0m"
+# recipe key -> inspect option; the first tokenizer key present in a recipe wins
+RECIPE_KEYS = {
+    "data_path": "data",
+    "image_folder": "image_folder",
+    "template": "template",
+    "image_position": "image_position",
+    "num_image_tokens": "num_image_tokens",
+    "seed": "seed",
+    "model_max_length": "model_max_length",
+    "data_format": "data_format",
+}
+TOKENIZER_KEYS = ("tokenizer_name_or_path", "llm_name_or_path", "model_name_or_path")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lvlm-tune inspect", description=__doc__.split("\n\n")[0])
+    p.add_argument("recipe", nargs="?", help="a training recipe (YAML) to read settings from")
+    p.add_argument("--data", help="data file (LLaVA JSON/JSONL, captions, messages, HF dataset)")
+    p.add_argument("--data-format", default="auto", help="auto | llava | openai | caption | hf")
+    p.add_argument("--tokenizer", help="tokenizer folder (or the LLM folder)")
+    p.add_argument("--template", help=f"one of: {', '.join(template_names())}")
+    p.add_argument("--image-folder", help="folder image paths are relative to")
+    p.add_argument("--image-position", choices=IMAGE_POSITIONS, help="default: before")
+    p.add_argument("--num-image-tokens", type=int, help="image tokens per image (default 1)")
+    p.add_argument("--model-max-length", type=int, help="truncation length (default 2048)")
+    p.add_argument("--seed", type=int, help="seed of the per-sample random choices (default 0)")
+    p.add_argument("--limit", type=int, default=1000, help="samples to encode (default 1000)")
+    p.add_argument("--show", type=int, default=3, help="samples to print in full (human view)")
+    p.add_argument("--on-bad-sample", choices=("error", "skip"), default="error")
+    p.add_argument("--json", action="store_true", help="one JSON object per sample per line")
+    return p
+
+
+def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Command-line options over recipe values over defaults."""
+    settings: dict[str, Any] = {
+        "data": None, "tokenizer": None, "template": None, "image_folder": None,
+        "image_position": "before", "num_image_tokens": 1, "model_max_length": 2048, "seed": 0,
+        "data_format": "auto",
+    }  # fmt: skip
+    if args.recipe:
+        with open(args.recipe, encoding="utf-8") as f:
+            recipe = yaml.safe_load(f) or {}
+        for key, name in RECIPE_KEYS.items():
+            if recipe.get(key) is not None:
+                settings[name] = recipe[key]
+        settings["tokenizer"] = next((recipe[k] for k in TOKENIZER_KEYS if recipe.get(k)), None)
+    for name in settings:
+        value = getattr(args, name, None)
+        if value is not None and not (name == "data_format" and value == "auto" and args.recipe):
+            settings[name] = value
+    missing = [n for n in ("data", "tokenizer", "template") if not settings[n]]
+    if missing:
+        raise SystemExit(f"lvlm-tune inspect: missing {', '.join('--' + m for m in missing)}")
+    return settings
+
+
+def load_tokenizer(path: str) -> Any:
+    """Load a tokenizer and add ``<image>`` as a special token when missing (as training does)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if IMAGE_TAG not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TAG]})
+    return tokenizer
+
+
+def render_sample(tokenizer: Any, sample: EncodedSample, image_id: int, color: bool) -> str:
+    """Decode a sample with trained spans marked and image runs collapsed."""
+    trained = sample.labels != IGNORE_INDEX
+    ids, out, i = sample.input_ids, [], 0
+    while i < len(ids):
+        j = i
+        if ids[i] == image_id:
+            while j < len(ids) and ids[j] == image_id:
+                j += 1
+            out.append(f"<image x {j - i}>")
+        else:
+            while j < len(ids) and ids[j] != image_id and trained[j] == trained[i]:
+                j += 1
+            text = tokenizer.decode(ids[i:j].tolist())
+            if trained[i]:
+                text = f"{GREEN}{text}{RESET}" if color else f"[[{text}]]"
+            out.append(text)
+        i = j
+    return "".join(out)
+
+
+def stats_report(samples: list[EncodedSample], ledger: SkipLedger) -> str:
+    lengths = np.array([len(s.input_ids) for s in samples]) if samples else np.zeros(1)
+    trained = sum(s.num_trained for s in samples)
+    total = max(int(lengths.sum()), 1)
+    p50, p90, p99 = np.percentile(lengths, [50, 90, 99])
+    return "\n".join(
+        [
+            f"samples encoded: {len(samples)}",
+            f"trained tokens: {trained} of {total} ({trained / total:.1%})",
+            f"length p50/p90/p99/max: {p50:.0f}/{p90:.0f}/{p99:.0f}/{lengths.max()}",
+            f"truncated: {sum(s.truncated for s in samples)}",
+            ledger.summary(),
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lvlm_tune.data.sources import open_source
+
+    args = build_parser().parse_args(argv)
+    cfg = resolve_settings(args)
+    tokenizer = load_tokenizer(cfg["tokenizer"])
+    encoder = ConversationEncoder(
+        tokenizer,
+        cfg["template"],
+        num_image_tokens=int(cfg["num_image_tokens"]),
+        model_max_length=int(cfg["model_max_length"]),
+        image_position=cfg["image_position"],
+        seed=int(cfg["seed"]),
+    )
+    source = open_source(cfg["data"], fmt=cfg["data_format"])
+    ledger = SkipLedger()
+    color = sys.stdout.isatty()
+    samples: list[EncodedSample] = []
+    for index in range(min(args.limit, len(source))):
+        try:
+            sample = encoder.encode(source.get(index), index)
+        except BadSampleError as err:
+            if args.on_bad_sample == "error":
+                print(f"lvlm-tune inspect: {err}", file=sys.stderr)
+                return 1
+            ledger.add(err.reason)
+            print(f"skipped: {err}", file=sys.stderr)
+            continue
+        samples.append(sample)
+        if args.json:
+            row = {
+                "id": sample.id,
+                "input_ids": sample.input_ids.tolist(),
+                "labels": sample.labels.tolist(),
+                "image_token_id": encoder.image_token_id,
+            }
+            print(json.dumps(row, ensure_ascii=False))
+        elif len(samples) <= args.show:
+            print(f"=== sample {sample.id!r} ({len(sample.input_ids)} tokens) ===")
+            print(render_sample(tokenizer, sample, encoder.image_token_id, color))
+            print()
+    print(stats_report(samples, ledger), file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""Build or load a LLaVA as a standard ``transformers.LlavaForConditionalGeneration``.
+
+Owns: composing a new LLaVA from a vision-tower folder (CLIP or SigLIP, vision-only or full
+dual-encoder) and a LLaMA-family LLM folder, joined by a fresh projector; preparing the tokenizer
+(``<image>`` and pad tokens, embeddings resized) and the ``LlavaProcessor`` (PIL image processor,
+no torchvision needed); loading an existing HF LLaVA folder; the number of image tokens one image
+expands to; the attention-implementation check and gradient checkpointing. The parts' weights
+are used as loaded (same tensors, never re-initialised); only the projector and the rows of newly
+added tokens are new.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AddedToken,
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    AutoProcessor,
+    AutoTokenizer,
+    CLIPVisionModel,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    SiglipVisionModel,
+)
+from transformers.utils import is_flash_attn_2_available
+
+from lvlm_tune.models.projectors import new_projector, projector_config_kwargs
+
+IMAGE_TOKEN = "<image>"
+PAD_TOKEN = "<pad>"
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+SELECT_STRATEGIES = ("default", "full")
+
+
+@dataclass(frozen=True)
+class VisionTowerKind:
+    """How to load one kind of vision tower and how many non-patch tokens it emits."""
+
+    model_class: type[PreTrainedModel]
+    num_prefix_tokens: int  # tokens before the patches (CLIP: 1 CLS token, SigLIP: none)
+
+
+# Keyed by the ``model_type`` in the tower folder's config.json (full model or vision-only).
+VISION_TOWERS: dict[str, VisionTowerKind] = {
+    "clip": VisionTowerKind(CLIPVisionModel, 1),
+    "clip_vision_model": VisionTowerKind(CLIPVisionModel, 1),
+    "siglip": VisionTowerKind(SiglipVisionModel, 0),
+    "siglip_vision_model": VisionTowerKind(SiglipVisionModel, 0),
+}
+
+
+def vision_tower_kind(model_type: str) -> VisionTowerKind:
+    """Look up a vision tower by config ``model_type``; raises ``KeyError`` naming the choices."""
+    try:
+        return VISION_TOWERS[model_type]
+    except KeyError:
+        raise KeyError(
+            f"unsupported vision tower model_type {model_type!r}; "
+            f"supported: {', '.join(VISION_TOWERS)}"
+        ) from None
+
+
+def check_attn_implementation(attn_implementation: str) -> str:
+    """Validate ``attn_implementation``; ``flash_attention_2`` needs the ``flash-attn`` package."""
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown attn_implementation {attn_implementation!r}; "
+            f"choose one of: {', '.join(ATTN_IMPLEMENTATIONS)}"
+        )
+    if attn_implementation == "flash_attention_2" and not is_flash_attn_2_available():
+        raise ImportError(
+            "attn_implementation='flash_attention_2' needs the flash-attn package and a CUDA GPU "
+            "(pip install 'lvlm-tune[flash]'); use attn_implementation='sdpa' otherwise"
+        )
+    return attn_implementation
+
+
+def num_image_tokens(model_or_config: Any) -> int:
+    """Image tokens one image becomes, i.e. how often the collator repeats ``<image>``.
+
+    ``(image_size // patch_size) ** 2`` patches, plus the tower's prefix tokens (CLIP's CLS)
+    under the ``"full"`` strategy; ``"default"`` drops the first token (the CLS for CLIP).
+
+    Args:
+        model_or_config: a LLaVA model (possibly PEFT-wrapped) or its ``LlavaConfig``.
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    vision = config.vision_config
+    count = (vision.image_size // vision.patch_size) ** 2
+    count += vision_tower_kind(vision.model_type).num_prefix_tokens
+    if config.vision_feature_select_strategy == "default":
+        count -= 1
+    return count
+
+
+def prepare_tokenizer(
+    tokenizer: PreTrainedTokenizerBase, extra_special_tokens: Sequence[str] = ()
+) -> list[str]:
+    """Add ``<image>``, a pad token and ``extra_special_tokens`` to ``tokenizer`` in place.
+
+    ``<image>`` is added as a special, non-normalised token so it is always exactly one id. When
+    the tokenizer has no pad token, a new ``<pad>`` is added (as in ``llava-hf`` checkpoints)
+    rather than reusing ``<unk>``: a pad id that no real text produces keeps padding unambiguous.
+
+    Returns:
+        The tokens that were new to the vocabulary (the embeddings must grow by that many).
+    """
+    vocab = tokenizer.get_vocab()
+    wanted = [IMAGE_TOKEN, *extra_special_tokens]
+    new = [t for t in dict.fromkeys(wanted) if t not in vocab]
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in new], True)
+    if tokenizer.pad_token is None:
+        if PAD_TOKEN not in vocab:
+            new.append(PAD_TOKEN)
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    return new
+
+
+def _sync_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Grow the embeddings to the tokenizer and record the pad id in the configs."""
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.text_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def build_llava(
+    vision_tower: str | Path,
+    llm: str | Path,
+    projector_type: str = "mlp2x_gelu",
+    vision_feature_layer: int | list[int] = -2,
+    vision_feature_select_strategy: str = "default",
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    chat_template: str | None = None,
+    extra_special_tokens: Sequence[str] = (),
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Compose a new LLaVA from a vision tower, an LLM and a fresh projector.
+
+    Args:
+        vision_tower: folder or hub id of a CLIP/SigLIP vision model or full CLIP/SigLIP model
+            (only its vision part is used); must hold its ``preprocessor_config.json``.
+        llm: folder or hub id of a LLaMA-family ``AutoModelForCausalLM`` with its tokenizer.
+        projector_type: ``"linear"`` (LLaVA-1) or ``"mlp2x_gelu"`` (LLaVA-1.5).
+        vision_feature_layer: vision hidden-state layer(s) fed to the projector (-2: penultimate).
+        vision_feature_select_strategy: ``"default"`` drops the CLS token, ``"full"`` keeps all.
+        dtype: parameter dtype of the whole model.
+        attn_implementation: ``"sdpa"``, ``"eager"`` or ``"flash_attention_2"`` (needs flash-attn).
+        chat_template: Jinja chat template stored with the processor (optional).
+        extra_special_tokens: more special tokens to add (e.g. a template's markers).
+
+    Returns:
+        ``(model, processor)``; ``model.save_pretrained`` + ``processor.save_pretrained`` into one
+        folder give a checkpoint that plain ``LlavaForConditionalGeneration.from_pretrained`` and
+        ``AutoProcessor.from_pretrained`` load.
+    """
+    check_attn_implementation(attn_implementation)
+    if vision_feature_select_strategy not in SELECT_STRATEGIES:
+        raise ValueError(
+            f"unknown vision_feature_select_strategy {vision_feature_select_strategy!r}; "
+            f"choose one of: {', '.join(SELECT_STRATEGIES)}"
+        )
+    kind = vision_tower_kind(AutoConfig.from_pretrained(vision_tower).model_type)
+    if kind.num_prefix_tokens == 0 and vision_feature_select_strategy == "default":
+        raise ValueError(
+            f"vision tower {vision_tower} has no CLS token: 'default' would drop a real patch; "
+            "set vision_feature_select_strategy='full'"
+        )
+    load = {"dtype": dtype, "attn_implementation": attn_implementation}
+    vision = kind.model_class.from_pretrained(vision_tower, **load)
+    language = AutoModelForCausalLM.from_pretrained(llm, **load)
+    tokenizer = AutoTokenizer.from_pretrained(llm)
+    prepare_tokenizer(tokenizer, extra_special_tokens)
+
+    config = LlavaConfig(
+        vision_config=vision.config,
+        text_config=language.config,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        tie_word_embeddings=language.config.tie_word_embeddings,
+        **projector_config_kwargs(projector_type),
+    )
+    config.image_seq_length = num_image_tokens(config)
+    with torch.device("meta"):  # a skeleton: every submodule is replaced just below
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower = vision
+    model.model.language_model = language.base_model
+    model.lm_head = language.get_output_embeddings()
+    model.model.multi_modal_projector = new_projector(config, language.device, dtype)
+    model.generation_config = language.generation_config
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"composed LLaVA still has uninitialised tensors: {left[:5]}")
+    _sync_vocab(model, tokenizer)
+
+    processor = LlavaProcessor(
+        image_processor=AutoImageProcessor.from_pretrained(vision_tower, backend="pil"),
+        tokenizer=tokenizer,
+        patch_size=vision.config.patch_size,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        num_additional_image_tokens=kind.num_prefix_tokens,
+        image_token=IMAGE_TOKEN,
+        chat_template=chat_template,
+    )
+    return model, processor
+
+
+def load_llava(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Load an existing HF LLaVA folder or hub id (e.g. ``llava-hf/llava-1.5-7b-hf``).
+
+    A pad token is added if the tokenizer lacks one. Raises ``ValueError`` when the processor's
+    image token is not the model's ``image_token_index``.
+
+    Returns:
+        ``(model, processor)``.
+    """
+    check_attn_implementation(attn_implementation)
+    model = LlavaForConditionalGeneration.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn_implementation
+    )
+    processor = AutoProcessor.from_pretrained(path)
+    tokenizer = processor.tokenizer
+    image_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+    if image_id != model.config.image_token_index:
+        raise ValueError(
+            f"{path}: processor image token {processor.image_token!r} has id {image_id}, "
+            f"but the model config has image_token_index={model.config.image_token_index}"
+        )
+    prepare_tokenizer(tokenizer)
+    _sync_vocab(model, tokenizer)
+    return model, processor
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel, use_reentrant: bool = False) -> None:
+    """Turn on gradient checkpointing and make embedding outputs require grad.
+
+    ``enable_input_require_grads`` lets gradients reach trainable layers (LoRA, the projector
+    path) through checkpointed blocks even when the embeddings themselves are frozen. The KV
+    cache is switched off, as it is useless in training and conflicts with checkpointing.
+    """
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    model.enable_input_require_grads()
+    config: PretrainedConfig = model.config
+    config.use_cache = False
+    text_config = config.get_text_config()
+    text_config.use_cache = False

@@ -1,0 +1,84 @@
+"""The model-family registry: one frozen entry per family, looked up by its explicit name.
+
+An entry says how to build a new model from parts, how to load an existing checkpoint, and
+where the family's parts live inside the model (module names relative to the unwrapped HF
+model, as in ``named_parameters()``). Freezing policies, LoRA targeting, the optimizer's
+parameter groups and checkpoint saving all find the projector, vision tower and language
+model through these names, never by guessing from a path. Adding a family (MiniGPT-4,
+MiniGPT-5) is adding one entry to ``MODEL_FAMILIES``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import PretrainedConfig
+
+from lvlm_tune.models.llava import build_llava, load_llava
+from lvlm_tune.models.projectors import fixed_projector_parameters
+
+
+def _no_fixed_parameters(config: PretrainedConfig) -> tuple[str, ...]:
+    return ()
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """A model family and where its parts live.
+
+    Attributes:
+        name: registry key, saved with every checkpoint.
+        build: composes a new model from parts; returns ``(model, processor)``.
+        load: loads an existing checkpoint folder; returns ``(model, processor)``.
+        projector_modules: module names of the vision-to-language projector(s).
+        vision_modules: module (or parameter) names of the frozen-by-default vision side.
+        language_modules: module names of the LLM, including embeddings and ``lm_head``.
+        lora_modules: modules whose linear layers LoRA targets by default (the LLM body,
+            without ``lm_head``).
+        fixed_projector_parameters: given the model config, projector parameter names
+            (relative to the projector module) that never train.
+    """
+
+    name: str
+    build: Callable[..., tuple[Any, Any]]
+    load: Callable[..., tuple[Any, Any]]
+    projector_modules: tuple[str, ...]
+    vision_modules: tuple[str, ...]
+    language_modules: tuple[str, ...]
+    lora_modules: tuple[str, ...]
+    fixed_projector_parameters: Callable[[PretrainedConfig], tuple[str, ...]] = (
+        _no_fixed_parameters
+    )
+
+
+LLAVA = ModelFamily(
+    name="llava",
+    build=build_llava,
+    load=load_llava,
+    projector_modules=("model.multi_modal_projector",),
+    vision_modules=("model.vision_tower",),
+    language_modules=("model.language_model", "lm_head"),
+    lora_modules=("model.language_model",),
+    fixed_projector_parameters=fixed_projector_parameters,
+)
+
+MODEL_FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (LLAVA,)}
+
+
+def family_names() -> list[str]:
+    """All registered model-family names."""
+    return list(MODEL_FAMILIES)
+
+
+def get_model_family(name: str | ModelFamily) -> ModelFamily:
+    """Look up a family by name (an entry passes through); raises ``KeyError`` naming the choices."""
+    if isinstance(name, ModelFamily):
+        return name
+    try:
+        return MODEL_FAMILIES[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown model family {name!r}; choose one of: {', '.join(family_names())}"
+        ) from None

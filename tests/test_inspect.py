@@ -1,0 +1,94 @@
+"""``lvlm-tune inspect``: the JSON interface other tools rely on, the human view, recipes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from lvlm_tune.commands import inspect as inspect_cmd
+
+DATA = [
+    {
+        "id": "a1",
+        "image": "x.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is the square?"},
+            {"from": "gpt", "value": "red"},
+            {"from": "human", "value": "And the shape?"},
+            {"from": "gpt", "value": "a square"},
+        ],
+    },
+    {"id": "t2", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
+]
+
+
+@pytest.fixture
+def data_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("LVLM_TUNE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(DATA))
+    return path
+
+
+def run_json(capsys, *args):
+    assert inspect_cmd.main([*args, "--json"]) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+@pytest.mark.parametrize("template", ["llava_v0", "vicuna_v1", "plain", "minigpt4"])
+def test_json_interface(capsys, data_file, sp_tokenizer_dir, template):
+    from transformers import AutoTokenizer
+
+    rows = run_json(
+        capsys, "--data", str(data_file), "--tokenizer", str(sp_tokenizer_dir), "--template", template,
+        "--num-image-tokens", "5", "--image-position", "after", "--seed", "1",
+    )  # fmt: skip
+    assert [r["id"] for r in rows] == ["a1", "t2"]
+    tok = AutoTokenizer.from_pretrained(sp_tokenizer_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    for row in rows:
+        assert set(row) == {"id", "input_ids", "labels", "image_token_id"}
+        assert row["image_token_id"] == tok.convert_tokens_to_ids("<image>")
+        assert len(row["input_ids"]) == len(row["labels"])
+        assert all(lab in (-100, tid) for lab, tid in zip(row["labels"], row["input_ids"], strict=True))
+    images = [t for t in rows[0]["input_ids"] if t == rows[0]["image_token_id"]]
+    assert len(images) == 5
+    trained = tok.decode([t for t in rows[0]["labels"] if t != -100])
+    stop = {"llava_v0": "###", "vicuna_v1": "</s>", "plain": "\n", "minigpt4": "###"}[template]
+    assert "".join(trained.split()) == "".join(f"red{stop}a square{stop}".split())
+
+
+def test_human_view_marks_trained_spans_and_prints_stats(capsys, data_file, sp_tokenizer_dir):
+    code = inspect_cmd.main(["--data", str(data_file), "--tokenizer", str(sp_tokenizer_dir), "--template", "vicuna_v1", "--num-image-tokens", "3"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "<image x 3>" in out and "[[" in out and "]]" in out
+    assert "samples encoded: 2" in out and "trained tokens:" in out and "truncated: 0" in out
+    assert "skipped samples: none" in out
+
+
+def test_recipe_settings_and_bad_data(capsys, tmp_path, data_file, sp_tokenizer_dir):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"data_path": str(data_file), "llm_name_or_path": str(sp_tokenizer_dir), "template": "llava_v0", "num_image_tokens": 2}))
+    rows = run_json(capsys, str(recipe))
+    assert len(rows) == 2 and rows[0]["input_ids"].count(rows[0]["image_token_id"]) == 2
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"id": "z9", "conversations": [{"from": "gpt", "value": "x"}]}]))
+    assert inspect_cmd.main(["--data", str(bad), "--tokenizer", str(sp_tokenizer_dir), "--template", "plain"]) == 1
+    err = capsys.readouterr().err
+    assert "bad.json" in err and "z9" in err and "conversations[0].from" in err
+
+
+def test_console_script(tmp_path, data_file, sp_tokenizer_dir):
+    exe = os.path.join(os.path.dirname(sys.executable), "lvlm-tune")
+    out = subprocess.run(
+        [exe, "inspect", "--data", str(data_file), "--tokenizer", str(sp_tokenizer_dir), "--template", "minigpt4", "--json", "--limit", "1"],
+        capture_output=True, text=True, check=True, env={**os.environ, "LVLM_TUNE_CACHE": str(tmp_path / "c2")},
+    )  # fmt: skip
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(rows) == 1 and rows[0]["id"] == "a1"
