@@ -83,7 +83,12 @@ def test_llava_bad_roles(turns, field):
 
 @pytest.mark.parametrize("value", ["", "   \n", None, 42, ["a"]])
 def test_llava_empty_message(value):
-    bad(llava(("human", "q"), ("gpt", value), id="s7"), "llava", "empty_message", "conversations[1].value")
+    bad(
+        llava(("human", "q"), ("gpt", value), id="s7"),
+        "llava",
+        "empty_message",
+        "conversations[1].value",
+    )
 
 
 @pytest.mark.parametrize(
@@ -105,7 +110,10 @@ def test_llava_image_tag_mismatch(turns, image, field):
     [
         ({"id": "s7", "conversations": "human: hi"}, "conversations"),
         ({"id": "s7"}, "conversations"),
-        ({"id": "s7", "conversations": [{"from": "human", "value": "q"}, "gpt: a"]}, "conversations[1]"),
+        (
+            {"id": "s7", "conversations": [{"from": "human", "value": "q"}, "gpt: a"]},
+            "conversations[1]",
+        ),
         (llava(("human", "q"), ("gpt", "a"), id="s7", image=7), "image"),
         (llava(("human", "q"), ("gpt", "a"), id="s7", image=["a.jpg", ""]), "image[1]"),
     ],
@@ -130,7 +138,9 @@ def test_dataset_image_values_pass_through():
 
 
 def test_caption_pair():
-    conv = normalize({"image": "cc3m/1.jpg", "caption": "A red bus."}, "caption", source=SRC, index=9)
+    conv = normalize(
+        {"image": "cc3m/1.jpg", "caption": "A red bus."}, "caption", source=SRC, index=9
+    )
     assert conv.id == "9" and conv.images == ["cc3m/1.jpg"]
     assert conv.turns == [Turn("user", ""), Turn("assistant", "A red bus.")]
     assert conv.instruction_pool == "brief" and conv.extra == {"caption": "A red bus."}
@@ -185,7 +195,12 @@ def test_openai_placeholder_parts_take_top_level_images():
     )
     conv = normalize(raw, "openai", source=SRC, index=0)
     assert conv.images == ["cat.jpg", "dog.jpg"]
-    assert [t.content for t in conv.turns] == ["<image>\nWhat is this?", "A cat.", "And this?\n<image>", "A dog."]
+    assert [t.content for t in conv.turns] == [
+        "<image>\nWhat is this?",
+        "A cat.",
+        "And this?\n<image>",
+        "A dog.",
+    ]
 
 
 def test_openai_string_content_with_top_level_images():
@@ -201,12 +216,37 @@ def test_openai_string_content_with_top_level_images():
         ([("user", "q"), ("gpt", "a")], {}, "bad_roles", "messages[1].role"),
         ([("user", "q"), ("assistant", "a"), ("user", "q")], {}, "bad_roles", "messages[2].role"),
         ([("user", "q"), ("assistant", "")], {}, "empty_message", "messages[1].content"),
-        ([("user", [{"type": "text", "text": 5}]), ("assistant", "a")], {}, "empty_message", "messages[0].content[0].text"),
-        ([("user", [{"type": "audio"}]), ("assistant", "a")], {}, "bad_field", "messages[0].content[0]"),
+        (
+            [("user", [{"type": "text", "text": 5}]), ("assistant", "a")],
+            {},
+            "empty_message",
+            "messages[0].content[0].text",
+        ),
+        (
+            [("user", [{"type": "audio"}]), ("assistant", "a")],
+            {},
+            "bad_field",
+            "messages[0].content[0]",
+        ),
         ([("user", [{"type": "image"}]), ("assistant", "a")], {}, "image_tag_mismatch", "images"),
-        ([("user", [{"type": "image"}]), ("assistant", "a")], {"images": ["a", "b"]}, "image_tag_mismatch", "images"),
-        ([("user", "<image><image>"), ("assistant", "a")], {"images": ["a"]}, "image_tag_mismatch", "images"),
-        ([("user", "q"), ("assistant", "<image>")], {"images": ["a"]}, "image_tag_mismatch", "messages[1].content"),
+        (
+            [("user", [{"type": "image"}]), ("assistant", "a")],
+            {"images": ["a", "b"]},
+            "image_tag_mismatch",
+            "images",
+        ),
+        (
+            [("user", "<image><image>"), ("assistant", "a")],
+            {"images": ["a"]},
+            "image_tag_mismatch",
+            "images",
+        ),
+        (
+            [("user", "q"), ("assistant", "<image>")],
+            {"images": ["a"]},
+            "image_tag_mismatch",
+            "messages[1].content",
+        ),
     ],
 )
 def test_openai_errors(messages, top, reason, field):
@@ -242,10 +282,22 @@ def test_counts():
     assert (count_words(raw, "openai"), count_images(raw, "openai")) == (3, 2)
     raw = openai(("user", "<image> hi"), ("assistant", "ok"), images=["a"])
     assert (count_words(raw, "openai"), count_images(raw, "openai")) == (3, 1)
-    assert (count_words({"caption": "a b c", "image": "x"}, "caption"), count_images({"image": "x"}, "caption")) == (3, 1)
+    assert (
+        count_words({"caption": "a b c", "image": "x"}, "caption"),
+        count_images({"image": "x"}, "caption"),
+    ) == (3, 1)
 
 
-@pytest.mark.parametrize("raw", [None, [], {"conversations": 5}, {"conversations": [None, {"value": 3}]}, {"messages": [{"content": [1, None]}]}])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        None,
+        [],
+        {"conversations": 5},
+        {"conversations": [None, {"value": 3}]},
+        {"messages": [{"content": [1, None]}]},
+    ],
+)
 @pytest.mark.parametrize("fmt", ["llava", "openai", "caption"])
 def test_counts_never_raise(raw, fmt):
     assert count_words(raw, fmt) >= 0 and count_images(raw, fmt) >= 0

@@ -275,6 +275,8 @@ def _iter_json(path: str) -> Iterator[tuple[str | None, Any]]:
     """Yield ``(line text or None, record)`` from a JSON array or a JSON Lines file."""
     with open(path, encoding="utf-8-sig", newline="") as f:
         head = f.read(CHUNK_CHARS)
+        while head.isspace() and (more := f.read(CHUNK_CHARS)):
+            head += more
         if not path.endswith(".jsonl") and head.lstrip().startswith("["):
             yield from ((None, obj) for obj in _JsonArray(f, head, path).values())
             return
@@ -297,6 +299,7 @@ class _JsonArray:
     def __init__(self, f: TextIO, head: str, path: str) -> None:
         self.f, self.buf, self.path = f, head, path
         self.pos = self.skipped_chars = self.skipped_lines = 0
+        self.last_error, self.line_start = -1, 0
         self.decode = json.JSONDecoder().raw_decode
 
     def fill(self, at_least: int = 0) -> bool:
@@ -305,6 +308,7 @@ class _JsonArray:
         if not more:
             return False
         self.skipped_lines += self.buf.count("\n", 0, self.pos)
+        self.line_start = self._line_start(self.pos)
         self.skipped_chars += self.pos
         self.buf, self.pos = self.buf[self.pos :] + more, 0
         return True
@@ -318,9 +322,14 @@ class _JsonArray:
             if not self.fill():
                 return ""
 
+    def _line_start(self, at: int) -> int:
+        """Offset in the file of the line that holds buffer position ``at``."""
+        newline = self.buf.rfind("\n", 0, at)
+        return self.skipped_chars + newline + 1 if newline >= 0 else self.line_start
+
     def error(self, problem: str, at: int) -> ValueError:
         line = self.skipped_lines + self.buf.count("\n", 0, at) + 1
-        column = at - self.buf.rfind("\n", 0, at)
+        column = self.skipped_chars + at - self._line_start(at) + 1
         where = f"line {line}, column {column} (character {self.skipped_chars + at})"
         return ValueError(f"{self.path}: invalid JSON at {where}: {problem}")
 
@@ -337,12 +346,16 @@ class _JsonArray:
             try:
                 obj, end = self.decode(self.buf, self.pos)
             except json.JSONDecodeError as e:
-                truncated = e.msg.startswith("Unterminated string") or e.pos >= len(self.buf) - 8
-                if truncated and self.fill(len(self.buf) - self.pos):
-                    continue  # the record goes on in the next chunk
+                # Retry with more text while the record may just be cut off by the buffer end:
+                # a real error stays at the same place once more text is there.
+                at = self.skipped_chars + e.pos
+                moved, self.last_error = at != self.last_error, at
+                cut = e.msg.startswith("Unterminated") or e.pos > len(self.buf) - 16
+                if (cut or moved) and self.fill(len(self.buf) - self.pos):
+                    continue
                 raise self.error(e.msg, e.pos) from None
-            if end == len(self.buf) and self.fill():
-                continue  # a bare scalar might go on in the next chunk
+            if end > len(self.buf) - 16 and self.fill():
+                continue  # a bare scalar ("1." of "1.5") might go on in the next chunk
             yield obj
             self.pos = end
             sep = self.peek()

@@ -193,6 +193,8 @@ def build_llava(
         **projector_config_kwargs(projector_type),
     )
     config.image_seq_length = num_image_tokens(config)
+    # LlavaConfig resets the shared sub-configs' attention choice; set it again for all three.
+    config._attn_implementation = attn_implementation
     with torch.device("meta"):  # a skeleton: every submodule is replaced just below
         model = LlavaForConditionalGeneration(config)
     model.model.vision_tower = vision
@@ -254,7 +256,9 @@ def enable_gradient_checkpointing(model: PreTrainedModel, use_reentrant: bool = 
     path) through checkpointed blocks even when the embeddings themselves are frozen. The KV
     cache is switched off, as it is useless in training and conflicts with checkpointing.
     """
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": use_reentrant}
+    )
     model.enable_input_require_grads()
     config: PretrainedConfig = model.config
     config.use_cache = False

@@ -48,9 +48,7 @@ class ModelFamily:
     vision_modules: tuple[str, ...]
     language_modules: tuple[str, ...]
     lora_modules: tuple[str, ...]
-    fixed_projector_parameters: Callable[[PretrainedConfig], tuple[str, ...]] = (
-        _no_fixed_parameters
-    )
+    fixed_projector_parameters: Callable[[PretrainedConfig], tuple[str, ...]] = _no_fixed_parameters
 
 
 LLAVA = ModelFamily(
