@@ -21,11 +21,54 @@ from lvlm_tune.data.record import Conversation, Turn
 from lvlm_tune.data.sampler import grouped_order
 from lvlm_tune.tokenizers import train_sentencepiece
 
-WORDS = (
-    "the a red blue green yellow square circle triangle star image picture shows left right top "
-    "bottom what which color is are shape there how many describe in detail small large object "
-    "person dog cat car tree sky road building window table chair people standing sitting"
-).split()
+WORDS = [
+    "the",
+    "a",
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "square",
+    "circle",
+    "triangle",
+    "star",
+    "image",
+    "picture",
+    "shows",
+    "left",
+    "right",
+    "top",
+    "bottom",
+    "what",
+    "which",
+    "color",
+    "is",
+    "are",
+    "shape",
+    "there",
+    "how",
+    "many",
+    "describe",
+    "in",
+    "detail",
+    "small",
+    "large",
+    "object",
+    "person",
+    "dog",
+    "cat",
+    "car",
+    "tree",
+    "sky",
+    "road",
+    "building",
+    "window",
+    "table",
+    "chair",
+    "people",
+    "standing",
+    "sitting",
+]
 
 
 def sentence(rng: random.Random, lo: int, hi: int) -> str:
@@ -39,7 +82,10 @@ def synthetic(n: int, seed: int = 0) -> list[Conversation]:
         turns = []
         for k in range(rng.randint(1, 5)):
             q = sentence(rng, 4, 20)
-            turns += [Turn("user", ("<image>\n" if k == 0 else "") + q), Turn("assistant", sentence(rng, 5, 60))]
+            turns += [
+                Turn("user", ("<image>\n" if k == 0 else "") + q),
+                Turn("assistant", sentence(rng, 5, 60)),
+            ]
         images = ["x.jpg"] if rng.random() < 0.8 else []
         if not images:
             turns[0] = Turn("user", turns[0].content.replace("<image>\n", ""))
@@ -106,7 +152,9 @@ def main() -> None:
     random_eff = padding_efficiency(lengths, rng.permutation(len(lengths)), args.batch)
     grouped = grouped_order(modality, args.batch, seed=0, epoch=0)
     grouped_eff = padding_efficiency(lengths, grouped, args.batch)
-    print(f"padding efficiency, batch {args.batch}: random {random_eff:.3f}  grouped {grouped_eff:.3f} (goal >= 0.9)")
+    print(
+        f"padding efficiency, batch {args.batch}: random {random_eff:.3f}  grouped {grouped_eff:.3f} (goal >= 0.9)"
+    )
 
 
 if __name__ == "__main__":

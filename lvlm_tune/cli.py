@@ -6,11 +6,17 @@ import importlib
 import sys
 
 COMMANDS = {
-    "inspect": ("lvlm_tune.commands.inspect", "show exactly which tokens a recipe or data file trains"),
+    "inspect": (
+        "lvlm_tune.commands.inspect",
+        "show exactly which tokens a recipe or data file trains",
+    ),
 }
 
-USAGE = "usage: lvlm-tune {" + ",".join(COMMANDS) + "} ...\n\n" + "\n".join(
-    f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()
+USAGE = (
+    "usage: lvlm-tune {"
+    + ",".join(COMMANDS)
+    + "} ...\n\n"
+    + "\n".join(f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items())
 )
 
 

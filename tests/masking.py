@@ -54,7 +54,9 @@ def assert_exact(encoder, record, sample, index=0, epoch=0) -> None:
     add_special = not (encoder.bos and text.startswith(encoder.bos))
     reference = tok(text, add_special_tokens=add_special)["input_ids"]
     ids = sample.input_ids
-    assert (sample.labels[sample.labels != IGNORE_INDEX] == ids[sample.labels != IGNORE_INDEX]).all()
+    assert (
+        sample.labels[sample.labels != IGNORE_INDEX] == ids[sample.labels != IGNORE_INDEX]
+    ).all()
     # image runs are exactly num_image_tokens long and never trained
     image = ids == encoder.image_token_id
     assert not (sample.labels[image] != IGNORE_INDEX).any(), "an image token is trained"
@@ -67,9 +69,7 @@ def assert_exact(encoder, record, sample, index=0, epoch=0) -> None:
     if tok.bos_token_id is not None and ids[0] == tok.bos_token_id:
         assert sample.labels[0] == IGNORE_INDEX, "BOS is trained"
     # decoded trained text == each answer + STOP, in order
-    answers = [
-        text[span.start : span.end] for span in rendered.spans
-    ]  # answer + STOP as rendered
+    answers = [text[span.start : span.end] for span in rendered.spans]  # answer + STOP as rendered
     stop = encoder.template.stop_text(encoder.eos) if not encoder.chat_template else None
     for k, turn in enumerate(record.turns[1::2]):
         assert answers[k].startswith(turn.content)
@@ -84,7 +84,10 @@ def assert_exact(encoder, record, sample, index=0, epoch=0) -> None:
         assert squash("".join(answers)).startswith(squash(decoded))
         assert decoded.strip(), "a truncated sample kept no trained text"
     # separate answers stay separate runs unless the template puts nothing untrained between
-    merged = any(a.end == b.sep_start == b.start for a, b in zip(rendered.spans, rendered.spans[1:]))
+    merged = any(
+        a.end == b.sep_start == b.start
+        for a, b in zip(rendered.spans, rendered.spans[1:], strict=False)
+    )
     if not merged and not sample.truncated:
         assert len(runs) == len(answers)
         for run, answer in zip(runs, answers, strict=True):

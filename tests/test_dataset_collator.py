@@ -29,7 +29,9 @@ class ListSource:
         return self.records[i]
 
     def num_words(self):
-        return np.array([sum(len(t.content.split()) for t in r.turns) for r in self.records], dtype=np.int32)
+        return np.array(
+            [sum(len(t.content.split()) for t in r.turns) for r in self.records], dtype=np.int32
+        )
 
     def num_images(self):
         return np.array([len(r.images) for r in self.records], dtype=np.int16)
@@ -52,13 +54,20 @@ def image_dir(tmp_path):
 def record(i, image=None, n_turns=1):
     turns = []
     for k in range(n_turns):
-        turns += [Turn("user", ("<image>\n" if image and k == 0 else "") + "what is it?"), Turn("assistant", f"a shape {i}")]
-    return Conversation(id=f"id{i}", turns=turns, images=[image] if image else [], source="data.json", index=i)
+        turns += [
+            Turn("user", ("<image>\n" if image and k == 0 else "") + "what is it?"),
+            Turn("assistant", f"a shape {i}"),
+        ]
+    return Conversation(
+        id=f"id{i}", turns=turns, images=[image] if image else [], source="data.json", index=i
+    )
 
 
 def make_dataset(tokenizer, records, folder, policy="error", n_tokens=16):
     enc = ConversationEncoder(tokenizer, "vicuna_v1", num_image_tokens=n_tokens)
-    return SupervisedDataset(ListSource(records), enc, ImageLoader(image_processor(), folder), policy)
+    return SupervisedDataset(
+        ListSource(records), enc, ImageLoader(image_processor(), folder), policy
+    )
 
 
 def test_pad_to_square_uses_the_mean_colour():
@@ -70,7 +79,12 @@ def test_pad_to_square_uses_the_mean_colour():
 
 
 def test_dataset_items_and_batch_forward_through_llava(sp_tokenizer, image_dir):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     records = [record(0, "red.png"), record(1), record(2, "blue.png", n_turns=2)]
     ds = make_dataset(sp_tokenizer, records, image_dir)
@@ -86,8 +100,22 @@ def test_dataset_items_and_batch_forward_through_llava(sp_tokenizer, image_dir):
         assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
     image_id = sp_tokenizer.convert_tokens_to_ids("<image>")
     config = LlavaConfig(
-        text_config=LlamaConfig(vocab_size=len(sp_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4),
-        vision_config=CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+        text_config=LlamaConfig(
+            vocab_size=len(sp_tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+        ),
+        vision_config=CLIPVisionConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+        ),
         image_token_index=image_id,
         vision_feature_layer=-2,
     )
@@ -102,8 +130,16 @@ def test_dataset_items_and_batch_forward_through_llava(sp_tokenizer, image_dir):
 @pytest.mark.parametrize(
     ("image", "reason", "message"),
     [
-        ("missing.png", "missing_image", r"data.json: sample 'id1': field image: image file not found: .*missing.png"),
-        ("corrupt.png", "corrupt_image", r"data.json: sample 'id1': field image: cannot decode image"),
+        (
+            "missing.png",
+            "missing_image",
+            r"data.json: sample 'id1': field image: image file not found: .*missing.png",
+        ),
+        (
+            "corrupt.png",
+            "corrupt_image",
+            r"data.json: sample 'id1': field image: cannot decode image",
+        ),
     ],
 )
 def test_bad_images_error_then_skip(sp_tokenizer, image_dir, image, reason, message):
@@ -130,7 +166,9 @@ def test_too_long_sample_is_skipped_and_counted_never_trained(sp_tokenizer, imag
 def test_skip_ledger_is_shared_with_dataloader_workers(sp_tokenizer, image_dir):
     records = [record(i, "missing.png" if i % 3 == 0 else "red.png") for i in range(12)]
     ds = make_dataset(sp_tokenizer, records, image_dir, policy="skip")
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, collate_fn=MultimodalCollator(0))
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=4, num_workers=2, collate_fn=MultimodalCollator(0)
+    )
     batches = list(loader)
     assert sum(b["input_ids"].shape[0] for b in batches) == 12
     assert ds.ledger.as_dict() == {"missing_image": 4}
@@ -152,7 +190,9 @@ def test_grouped_sampler_groups_by_modality_and_length():
     groups = order.reshape(-1, 8)
     assert all(len(set(np.sign(lengths[g]))) == 1 for g in groups)
     spread = np.mean([np.ptp(np.abs(lengths[g])) for g in groups])
-    random_spread = np.mean([np.ptp(np.abs(lengths[g])) for g in rng.permutation(1003)[:1000].reshape(-1, 8)])
+    random_spread = np.mean(
+        [np.ptp(np.abs(lengths[g])) for g in rng.permutation(1003)[:1000].reshape(-1, 8)]
+    )
     assert spread < random_spread / 4
     assert (order == grouped_order(lengths, 8, seed=1, epoch=0)).all()
     assert not (order == grouped_order(lengths, 8, seed=1, epoch=1)).all()

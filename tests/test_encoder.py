@@ -21,7 +21,10 @@ def conversation(n_turns: int, images: int = 1, tag: str = "<image>\n") -> Conve
     turns = []
     for k in range(n_turns):
         q = f"what color is shape {k}?"
-        turns += [Turn("user", (tag * images if k == 0 else "") + q), Turn("assistant", f"red square {k}")]
+        turns += [
+            Turn("user", (tag * images if k == 0 else "") + q),
+            Turn("assistant", f"red square {k}"),
+        ]
     return Conversation(id=f"s{n_turns}", turns=turns, images=[f"{i}.png" for i in range(images)])
 
 
@@ -68,8 +71,15 @@ def conversations(draw):
     return Conversation(id="h", turns=turns, images=["x.png"] * images, system=system)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(record=conversations(), template=st.sampled_from(TEMPLATES), position=st.sampled_from(POSITIONS), index=st.integers(0, 99))
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    record=conversations(),
+    template=st.sampled_from(TEMPLATES),
+    position=st.sampled_from(POSITIONS),
+    index=st.integers(0, 99),
+)
 def test_property_random_conversations(tokenizer, record, template, position, index):
     enc = ConversationEncoder(tokenizer, template, num_image_tokens=2, image_position=position)
     sample = enc.encode(record, index=index)
@@ -80,15 +90,24 @@ def test_random_position_is_reproducible_and_balanced(sp_tokenizer):
     enc = ConversationEncoder(sp_tokenizer, "vicuna_v1", image_position="random", seed=3)
     record = conversation(1)
     firsts = [enc.prepare_turns(record, i, 0)[0].content.startswith("<image>") for i in range(400)]
-    assert firsts == [enc.prepare_turns(record, i, 0)[0].content.startswith("<image>") for i in range(400)]
+    assert firsts == [
+        enc.prepare_turns(record, i, 0)[0].content.startswith("<image>") for i in range(400)
+    ]
     assert 0.4 < np.mean(firsts) < 0.6
-    other_epoch = [enc.prepare_turns(record, i, 1)[0].content.startswith("<image>") for i in range(400)]
+    other_epoch = [
+        enc.prepare_turns(record, i, 1)[0].content.startswith("<image>") for i in range(400)
+    ]
     assert other_epoch != firsts
 
 
 def test_caption_record_draws_an_instruction(sp_tokenizer):
     enc = ConversationEncoder(sp_tokenizer, "vicuna_v1", seed=1)
-    record = Conversation(id="c", turns=[Turn("user", ""), Turn("assistant", "a red circle")], images=["a.png"], instruction_pool="brief")
+    record = Conversation(
+        id="c",
+        turns=[Turn("user", ""), Turn("assistant", "a red circle")],
+        images=["a.png"],
+        instruction_pool="brief",
+    )
     prompts = {enc.prepare_turns(record, i, 0)[0].content for i in range(50)}
     assert len(prompts) > 3 and all(p.startswith("<image>\n") for p in prompts)
     assert_exact(enc, record, enc.encode(record, index=7), index=7)
@@ -98,7 +117,9 @@ def test_truncation_cuts_whole_turns_and_counts_image_expansion(sp_tokenizer):
     record = conversation(5)
     full = ConversationEncoder(sp_tokenizer, "vicuna_v1", num_image_tokens=16).encode(record)
     limit = len(full.input_ids) - 5
-    enc = ConversationEncoder(sp_tokenizer, "vicuna_v1", num_image_tokens=16, model_max_length=limit)
+    enc = ConversationEncoder(
+        sp_tokenizer, "vicuna_v1", num_image_tokens=16, model_max_length=limit
+    )
     cut = enc.encode(record)
     assert cut.truncated and len(cut.input_ids) <= limit
     assert (cut.input_ids == full.input_ids[: len(cut.input_ids)]).all()
@@ -109,7 +130,12 @@ def test_truncation_cuts_whole_turns_and_counts_image_expansion(sp_tokenizer):
 
 
 def test_truncation_never_splits_an_image_run_and_drops_later_images(sp_tokenizer):
-    turns = [Turn("user", "<image>\nq1"), Turn("assistant", "a1"), Turn("user", "<image>\nq2"), Turn("assistant", "a2")]
+    turns = [
+        Turn("user", "<image>\nq1"),
+        Turn("assistant", "a1"),
+        Turn("user", "<image>\nq2"),
+        Turn("assistant", "a2"),
+    ]
     record = Conversation(id="m", turns=turns, images=["1.png", "2.png"])
     enc = ConversationEncoder(sp_tokenizer, "vicuna_v1", num_image_tokens=50, image_position="keep")
     full = enc.encode(record)
@@ -145,7 +171,9 @@ def test_tokenizer_without_needed_special_tokens(sp_tokenizer_dir):
     with pytest.raises(ValueError, match="no special token '<image>'"):
         ConversationEncoder(bare, "vicuna_v1")
     bare.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    with pytest.raises(ValueError, match="no special token '<\\|im_start\\|>', needed by template 'chatml'"):
+    with pytest.raises(
+        ValueError, match="no special token '<\\|im_start\\|>', needed by template 'chatml'"
+    ):
         ConversationEncoder(bare, "chatml")
     assert bare.pad_token is None  # no pad token: encoding works, the collator pads with unk
     ConversationEncoder(bare, "vicuna_v1").encode(conversation(1))

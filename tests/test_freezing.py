@@ -102,6 +102,7 @@ def test_lora_targets_every_llm_linear_layer_and_nothing_else(folders: dict) -> 
     linear_in_lm = {
         n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(LANGUAGE[0])
     }
+    projector_names = _names(model, PROJECTOR)
     peft_model = apply_stage(model, "finetune_lora", lora=TINY_LORA)
     assert isinstance(peft_model, PeftModel)
     wrapped = {
@@ -112,7 +113,7 @@ def test_lora_targets_every_llm_linear_layer_and_nothing_else(folders: dict) -> 
 
     trainable = {canonical_name(n) for n in trainable_parameter_names(peft_model)}
     projector = {n for n in trainable if n.startswith(PROJECTOR)}
-    assert projector == _names(model, PROJECTOR)  # the projector copy trains fully
+    assert projector == projector_names  # the projector copy trains fully
     lora = trainable - projector
     assert all(n.startswith(LANGUAGE[0]) and ".lora_" in n for n in lora)
     assert len(lora) == 2 * len(linear_in_lm)
@@ -150,10 +151,11 @@ def test_lora_unknown_target_names_the_choices(folders: dict) -> None:
 
 def test_lora_with_unfrozen_vision_tower_saves_it_too(folders: dict) -> None:
     model, _ = _load(folders)
+    vision_names = _names(model, VISION)
     peft_model = apply_stage(model, "finetune_lora", lora=TINY_LORA, unfreeze_vision_tower=True)
     assert "model.vision_tower" in peft_model.peft_config["default"].modules_to_save
     trainable = {canonical_name(n) for n in trainable_parameter_names(peft_model)}
-    assert _names(model, VISION) <= trainable
+    assert vision_names <= trainable
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

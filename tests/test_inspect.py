@@ -23,7 +23,10 @@ DATA = [
             {"from": "gpt", "value": "a square"},
         ],
     },
-    {"id": "t2", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
+    {
+        "id": "t2",
+        "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}],
+    },
 ]
 
 
@@ -55,7 +58,9 @@ def test_json_interface(capsys, data_file, sp_tokenizer_dir, template):
         assert set(row) == {"id", "input_ids", "labels", "image_token_id"}
         assert row["image_token_id"] == tok.convert_tokens_to_ids("<image>")
         assert len(row["input_ids"]) == len(row["labels"])
-        assert all(lab in (-100, tid) for lab, tid in zip(row["labels"], row["input_ids"], strict=True))
+        assert all(
+            lab in (-100, tid) for lab, tid in zip(row["labels"], row["input_ids"], strict=True)
+        )
     images = [t for t in rows[0]["input_ids"] if t == rows[0]["image_token_id"]]
     assert len(images) == 5
     trained = tok.decode([t for t in rows[0]["labels"] if t != -100])
@@ -64,7 +69,18 @@ def test_json_interface(capsys, data_file, sp_tokenizer_dir, template):
 
 
 def test_human_view_marks_trained_spans_and_prints_stats(capsys, data_file, sp_tokenizer_dir):
-    code = inspect_cmd.main(["--data", str(data_file), "--tokenizer", str(sp_tokenizer_dir), "--template", "vicuna_v1", "--num-image-tokens", "3"])
+    code = inspect_cmd.main(
+        [
+            "--data",
+            str(data_file),
+            "--tokenizer",
+            str(sp_tokenizer_dir),
+            "--template",
+            "vicuna_v1",
+            "--num-image-tokens",
+            "3",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "<image x 3>" in out and "[[" in out and "]]" in out
@@ -74,12 +90,26 @@ def test_human_view_marks_trained_spans_and_prints_stats(capsys, data_file, sp_t
 
 def test_recipe_settings_and_bad_data(capsys, tmp_path, data_file, sp_tokenizer_dir):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"data_path": str(data_file), "llm_name_or_path": str(sp_tokenizer_dir), "template": "llava_v0", "num_image_tokens": 2}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "data_path": str(data_file),
+                "llm_name_or_path": str(sp_tokenizer_dir),
+                "template": "llava_v0",
+                "num_image_tokens": 2,
+            }
+        )
+    )
     rows = run_json(capsys, str(recipe))
     assert len(rows) == 2 and rows[0]["input_ids"].count(rows[0]["image_token_id"]) == 2
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"id": "z9", "conversations": [{"from": "gpt", "value": "x"}]}]))
-    assert inspect_cmd.main(["--data", str(bad), "--tokenizer", str(sp_tokenizer_dir), "--template", "plain"]) == 1
+    assert (
+        inspect_cmd.main(
+            ["--data", str(bad), "--tokenizer", str(sp_tokenizer_dir), "--template", "plain"]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "bad.json" in err and "z9" in err and "conversations[0].from" in err
 

@@ -81,12 +81,19 @@ def test_image_placement(name, position, first_user):
 
 
 def test_minigpt4_single_turn_exact():
-    turns = place_images([Turn("user", "q1"), Turn("assistant", "a1")], 1, "before", get_template("minigpt4"))
+    turns = place_images(
+        [Turn("user", "q1"), Turn("assistant", "a1")], 1, "before", get_template("minigpt4")
+    )
     assert marked("minigpt4", turns) == "###Human: <Img><image></Img> q1 ###Assistant: [[a1###]]"
 
 
 def test_plain_drops_the_question_and_keeps_the_image():
-    turns = place_images([Turn("user", "Describe.\n<image>"), Turn("assistant", "a red square")], 1, "keep", get_template("plain"))
+    turns = place_images(
+        [Turn("user", "Describe.\n<image>"), Turn("assistant", "a red square")],
+        1,
+        "keep",
+        get_template("plain"),
+    )
     assert marked("plain", turns) == "<image>[[a red square\n]]"
 
 
@@ -97,7 +104,7 @@ def test_keep_position_replaces_tags_in_place():
 
 
 def test_unknown_template_names_the_choices():
-    with pytest.raises(KeyError, match="llava_v0.*vicuna_v1.*tokenizer"):
+    with pytest.raises(KeyError, match=r"llava_v0.*vicuna_v1.*tokenizer"):
         get_template("vicuna")
     assert "tokenizer" in template_names()
 
@@ -112,7 +119,8 @@ def test_tokenizer_chat_template_incremental(bpe_tokenizer):
     text = out.text
     assert [text[s.start : s.end] for s in out.spans] == ["a1<|im_end|>", "a2<|im_end|>"]
     assert text == bpe_tokenizer.apply_chat_template(
-        [{"role": "system", "content": "SYS"}] + [{"role": t.role, "content": t.content} for t in TURNS],
+        [{"role": "system", "content": "SYS"}]
+        + [{"role": t.role, "content": t.content} for t in TURNS],
         tokenize=False,
     )
 
@@ -120,7 +128,7 @@ def test_tokenizer_chat_template_incremental(bpe_tokenizer):
 def test_tokenizer_chat_template_that_rewrites_history_is_refused(bpe_tokenizer):
     class Rewriting:
         chat_template = "x"
-        all_special_tokens = ["<|im_end|>"]
+        all_special_tokens = ("<|im_end|>",)
 
         def apply_chat_template(self, messages, tokenize, add_generation_prompt):
             n = len(messages)

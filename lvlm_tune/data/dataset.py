@@ -46,7 +46,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
         on_bad_sample: str = "error",
     ) -> None:
         if on_bad_sample not in BAD_SAMPLE_POLICIES:
-            raise ValueError(f"on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, got {on_bad_sample!r}")
+            raise ValueError(
+                f"on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, got {on_bad_sample!r}"
+            )
         if len(source) == 0:
             raise ValueError(f"{source.path}: the data file holds no samples")
         self.source = source

@@ -171,7 +171,9 @@ class ConversationEncoder:
         first = 0
         for k, span in enumerate(rendered.spans):
             # First token overlapping the span (zero-width tokens such as BOS never train).
-            while first < n and (offsets[first][1] <= span.start or offsets[first][0] == offsets[first][1]):
+            while first < n and (
+                offsets[first][1] <= span.start or offsets[first][0] == offsets[first][1]
+            ):
                 first += 1
             last = first
             while last < n and offsets[last][0] < span.end:
@@ -191,7 +193,11 @@ class ConversationEncoder:
             else:
                 cuts.append(last)
             follows_answer = k > 0 and rendered.spans[k - 1].end == span.sep_start
-            if token_start < span.start and text[token_start : span.start].strip() and not follows_answer:
+            if (
+                token_start < span.start
+                and text[token_start : span.start].strip()
+                and not follows_answer
+            ):
                 raise self._fail(
                     record,
                     f"token {text[token_start : offsets[first][1]]!r} merges untrained prompt "

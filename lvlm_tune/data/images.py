@@ -49,12 +49,14 @@ class ImageLoader:
         aspect_ratio: str = "none",
     ) -> None:
         if aspect_ratio not in ASPECT_RATIOS:
-            raise ValueError(f"image_aspect_ratio must be one of {ASPECT_RATIOS}, got {aspect_ratio!r}")
+            raise ValueError(
+                f"image_aspect_ratio must be one of {ASPECT_RATIOS}, got {aspect_ratio!r}"
+            )
         self.processor = image_processor
         self.folder = os.fspath(image_folder) if image_folder is not None else ""
         self.aspect_ratio = aspect_ratio
         mean = getattr(image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
-        self.background = tuple(int(round(255 * m)) for m in mean)
+        self.background = tuple(round(255 * m) for m in mean)
 
     def open(self, ref: ImageRef, record: Conversation, k: int) -> Image.Image:
         """Decode image ``k`` of ``record`` as RGB."""

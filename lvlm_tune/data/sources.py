@@ -15,7 +15,9 @@ Hugging Face data (``save_to_disk`` folders, ``.arrow``, ``.parquet``) is memory
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -227,38 +229,25 @@ def _atomic_write(target: str, write: Callable[[Any], None]) -> None:
 
 def _build_json_cache(path: str, fmt: str, cache_path: str) -> None:
     """Stream a JSON array / JSON Lines file into an Arrow IPC record cache."""
+    records = _iter_json(path)
+    first = next(records, None)
+    if fmt == "auto":
+        if first is None:
+            raise ValueError(f"{path}: no records, cannot detect the format")
+        fmt = detect_format(first[1] if isinstance(first[1], dict) else [], f"{path}: record 0")
+    schema = _cache_schema(fmt, path)
+    rows = itertools.chain([first] if first else [], records)
+    dump = functools.partial(json.dumps, ensure_ascii=False, separators=(",", ":"))
 
     def write(f: Any) -> None:
-        nonlocal fmt
-        writer, schema, texts, words, images = None, None, [], [], []
-
-        def flush() -> None:
-            arrays = [
-                pa.array(texts, pa.large_string()),
-                pa.array(words, pa.int32()),
-                pa.array(np.minimum(images, np.iinfo(np.int16).max), pa.int16()),
-            ]
-            writer.write_batch(pa.record_batch(arrays, schema=schema))
-            texts.clear(), words.clear(), images.clear()
-
-        for text, obj in _iter_json(path):
-            if writer is None:
-                if fmt == "auto":
-                    fmt = detect_format(obj if isinstance(obj, dict) else [], f"{path}: record 0")
-                schema = _cache_schema(fmt, path)
-                writer = pa.ipc.new_file(f, schema)
-            texts.append(text or json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
-            words.append(count_words(obj, fmt))
-            images.append(count_images(obj, fmt))
-            if len(texts) >= BATCH_ROWS:
-                flush()
-        if writer is None:
-            if fmt == "auto":
-                raise ValueError(f"{path}: no records, cannot detect the format")
-            writer = pa.ipc.new_file(f, _cache_schema(fmt, path))
-        if texts:
-            flush()
-        writer.close()
+        with pa.ipc.new_file(f, schema) as writer:
+            while batch := list(itertools.islice(rows, BATCH_ROWS)):
+                columns = (
+                    [text or dump(obj) for text, obj in batch],
+                    [count_words(obj, fmt) for _, obj in batch],
+                    [min(count_images(obj, fmt), 2**15 - 1) for _, obj in batch],
+                )
+                writer.write_batch(pa.record_batch(list(columns), schema=schema))
 
     _atomic_write(cache_path, write)
 

@@ -256,9 +256,11 @@ def enable_gradient_checkpointing(model: PreTrainedModel, use_reentrant: bool = 
     path) through checkpointed blocks even when the embeddings themselves are frozen. The KV
     cache is switched off, as it is useless in training and conflicts with checkpointing.
     """
-    model.gradient_checkpointing_enable(
-        gradient_checkpointing_kwargs={"use_reentrant": use_reentrant}
-    )
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.enable_input_require_grads()
     config: PretrainedConfig = model.config
     config.use_cache = False

@@ -49,9 +49,7 @@ def place_images(
         raise ValueError(f"image position must be before, after or keep here, got {position!r}")
     out = list(turns)
     if position == "keep":
-        return [
-            Turn(t.role, t.content.replace(IMAGE_TAG, template.image_format)) for t in out
-        ]
+        return [Turn(t.role, t.content.replace(IMAGE_TAG, template.image_format)) for t in out]
     if num_images == 0:
         return out
     first = out[0]
