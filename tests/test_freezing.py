@@ -100,14 +100,14 @@ def test_unfreeze_vision_tower_adds_exactly_the_tower(folders: dict, stage: str)
 def test_lora_targets_every_llm_linear_layer_and_nothing_else(folders: dict) -> None:
     model, _ = _load(folders)
     linear_in_lm = {
-        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(LANGUAGE[0])
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and n.startswith(LANGUAGE[0])
     }
     projector_names = _names(model, PROJECTOR)
     peft_model = apply_stage(model, "finetune_lora", lora=TINY_LORA)
     assert isinstance(peft_model, PeftModel)
-    wrapped = {
-        canonical_name(n) for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)
-    }
+    wrapped = {canonical_name(n) for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
     assert wrapped == linear_in_lm
     assert {n.rsplit(".", 1)[-1] for n in wrapped} == LM_LINEAR
 
@@ -126,9 +126,7 @@ def test_lora_target_subset_never_touches_the_vision_tower(folders: dict) -> Non
     model, _ = _load(folders)
     options = LoraOptions(r=4, alpha=8, target_modules=("q_proj", "v_proj"))
     peft_model = apply_stage(model, "finetune_lora", lora=options)
-    wrapped = {
-        canonical_name(n) for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)
-    }
+    wrapped = {canonical_name(n) for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
     assert wrapped and all(n.startswith(LANGUAGE[0]) for n in wrapped)
     assert {n.rsplit(".", 1)[-1] for n in wrapped} == {"q_proj", "v_proj"}
 

@@ -167,6 +167,14 @@ def test_load_llava_round_trip(parts: dict, tmp_path) -> None:
     assert processor.tokenizer.pad_token == "<pad>"
     assert torch.isfinite(model(**_inputs(processor)).loss)
 
+    markers = ("<|im_start|>", "<|im_end|>")
+    model, processor = load_llava(folder, extra_special_tokens=markers)
+    tokenizer = processor.tokenizer
+    ids = tokenizer("<|im_start|>user<|im_end|>", add_special_tokens=False).input_ids
+    assert ids[0] == tokenizer.convert_tokens_to_ids(markers[0])
+    assert ids[-1] == tokenizer.convert_tokens_to_ids(markers[1])
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer)
+
 
 def test_dtype_and_attn_implementation_reach_every_part(parts: dict) -> None:
     model, _ = build_llava(

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from lvlm_tune.data import sources
+from lvlm_tune.data import jsonstream, sources
 from lvlm_tune.data.errors import BadSampleError
 from lvlm_tune.data.sources import open_source
 
@@ -61,7 +61,7 @@ def builds(monkeypatch):
 
 @pytest.mark.parametrize("indent", [None, 2])
 def test_json_array_with_unicode_and_brackets_in_strings(tmp_path, cache, monkeypatch, indent):
-    monkeypatch.setattr(sources, "CHUNK_CHARS", 7)  # force records across many buffer refills
+    monkeypatch.setattr(jsonstream, "CHUNK_CHARS", 7)  # force records across many buffer refills
     records = [llava_record(i, TRICKY * i) for i in range(30)]
     path = write_json(tmp_path / "data.json", records, indent=indent, ensure_ascii=bool(indent))
     src = open_source(path, cache_dir=cache)
@@ -94,9 +94,9 @@ json_values = st.recursive(
     chunk=st.integers(1, 9),
 )
 def test_json_array_stream_matches_json_load(tmp_path, monkeypatch, records, indent, chunk):
-    monkeypatch.setattr(sources, "CHUNK_CHARS", chunk)
+    monkeypatch.setattr(jsonstream, "CHUNK_CHARS", chunk)
     path = write_json(tmp_path / "prop.json", records, indent=indent, ensure_ascii=chunk % 2 == 0)
-    assert [obj for _, obj in sources._iter_json(path)] == records
+    assert [obj for _, obj in jsonstream.iter_json(path)] == records
 
 
 def test_jsonl_and_json_lines_in_a_json_file(tmp_path, cache):
@@ -232,7 +232,7 @@ def test_pickles_without_data(tmp_path, cache):
     ],
 )
 def test_malformed_json_names_file_and_position(tmp_path, cache, monkeypatch, name, text, where):
-    monkeypatch.setattr(sources, "CHUNK_CHARS", 4)
+    monkeypatch.setattr(jsonstream, "CHUNK_CHARS", 4)
     (tmp_path / name).write_text(text)
     with pytest.raises(ValueError, match=rf"{name}: invalid JSON (at|on) {where}"):
         open_source(tmp_path / name, fmt="caption", cache_dir=cache)

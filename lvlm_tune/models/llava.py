@@ -119,7 +119,8 @@ def prepare_tokenizer(
     vocab = tokenizer.get_vocab()
     wanted = [IMAGE_TOKEN, *extra_special_tokens]
     new = [t for t in dict.fromkeys(wanted) if t not in vocab]
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in new], True)
+    added = [AddedToken(t, special=True, normalized=False) for t in new]
+    tokenizer.add_tokens(added, special_tokens=True)
     if tokenizer.pad_token is None:
         if PAD_TOKEN not in vocab:
             new.append(PAD_TOKEN)
@@ -223,11 +224,13 @@ def load_llava(
     path: str | Path,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
+    extra_special_tokens: Sequence[str] = (),
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Load an existing HF LLaVA folder or hub id (e.g. ``llava-hf/llava-1.5-7b-hf``).
 
-    A pad token is added if the tokenizer lacks one. Raises ``ValueError`` when the processor's
-    image token is not the model's ``image_token_index``.
+    A pad token and ``extra_special_tokens`` are added if missing (embeddings grow to match).
+    Raises ``ValueError`` when the processor's image token is not the model's
+    ``image_token_index``.
 
     Returns:
         ``(model, processor)``.
@@ -244,7 +247,7 @@ def load_llava(
             f"{path}: processor image token {processor.image_token!r} has id {image_id}, "
             f"but the model config has image_token_index={model.config.image_token_index}"
         )
-    prepare_tokenizer(tokenizer)
+    prepare_tokenizer(tokenizer, extra_special_tokens)
     _sync_vocab(model, tokenizer)
     return model, processor
 
