@@ -6,6 +6,7 @@ import importlib
 import sys
 
 COMMANDS = {
+    "train": ("lvlm_tune.train", "train one stage from a YAML recipe (--key value overrides)"),
     "inspect": (
         "lvlm_tune.commands.inspect",
         "show exactly which tokens a recipe or data file trains",

@@ -128,3 +128,77 @@ def bpe_tokenizer(bpe_tokenizer_dir):
 @pytest.fixture(scope="session", params=["sentencepiece", "bytelevel_bpe"])
 def tokenizer(request, sp_tokenizer, bpe_tokenizer):
     return sp_tokenizer if request.param == "sentencepiece" else bpe_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_parts(tmp_path_factory):
+    """A tiny SentencePiece tokenizer + LLaMA + CLIP vision tower, saved as HF folders."""
+    from lvlm_tune.models.tiny import (
+        write_tiny_llama,
+        write_tiny_tokenizer,
+        write_tiny_vision_tower,
+    )
+
+    root = tmp_path_factory.mktemp("parts")
+    tok = write_tiny_tokenizer(root / "llm", corpus(2000), vocab_size=400)
+    llm = write_tiny_llama(root / "llm", tok, hidden_size=32, num_layers=2, num_heads=4)
+    vision = write_tiny_vision_tower(root / "vision", image_size=32, patch_size=8, hidden_size=32)
+    return {"llm": str(llm), "vision": str(vision), "root": root}
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A small LLaVA JSON (image and text-only samples) and its image folder."""
+    import json
+
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("data")
+    colours = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
+    samples = []
+    for i in range(16):
+        name, rgb = list(colours.items())[i % 3]
+        if i % 4 == 3:
+            samples.append(
+                {
+                    "id": f"t{i}",
+                    "conversations": [
+                        {"from": "human", "value": "Say hello."},
+                        {"from": "gpt", "value": "hello"},
+                    ],
+                }
+            )
+            continue
+        Image.new("RGB", (32, 32), rgb).save(root / f"{i}.png")
+        samples.append({"id": f"s{i}", "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat color is the image?"}, {"from": "gpt", "value": name},
+            {"from": "human", "value": "Is it a picture?"}, {"from": "gpt", "value": "yes"}]})  # fmt: skip
+    (root / "train.json").write_text(json.dumps(samples))
+    return {"data_path": str(root / "train.json"), "image_folder": str(root)}
+
+
+def tiny_recipe(parts, data, out, **overrides):
+    """A recipe dict for a tiny run (CPU, fp32, a few steps)."""
+    recipe = {
+        "vision_tower": parts["vision"],
+        "llm_name_or_path": parts["llm"],
+        "data_path": data["data_path"],
+        "image_folder": data["image_folder"],
+        "template": "vicuna_v1",
+        "output_dir": str(out),
+        "per_device_train_batch_size": 4,
+        "max_steps": 2,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "dataloader_num_workers": 0,
+        "seed": 7,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "disable_tqdm": True,
+    }
+    recipe.update(overrides)
+    return recipe

@@ -55,6 +55,7 @@ class ConversationEncoder:
         image_position: ``before`` | ``after`` | ``random`` | ``keep``.
         seed: seed of the per-sample random choices (image position, instruction).
         image_token: the placeholder string, a single token of ``tokenizer``.
+        system: system prompt for records that carry none (default: the template's).
     """
 
     def __init__(
@@ -67,6 +68,7 @@ class ConversationEncoder:
         image_position: str = "before",
         seed: int = 0,
         image_token: str = IMAGE_TAG,
+        system: str | None = None,
     ) -> None:
         if image_position not in IMAGE_POSITIONS:
             raise ValueError(
@@ -82,6 +84,7 @@ class ConversationEncoder:
         self.model_max_length = model_max_length
         self.image_position = image_position
         self.seed = seed
+        self.system = system
         self.image_token_id = self._single_token_id(image_token, "the image token")
         for token in self.template.required_special_tokens:
             self._single_token_id(token, f"template {template!r}")
@@ -129,9 +132,10 @@ class ConversationEncoder:
     def render(self, record: Conversation, index: int = 0, epoch: int = 0) -> Rendered:
         """Render one record for training."""
         turns = self.prepare_turns(record, index, epoch)
+        system = self.system if record.system is None else record.system
         if self.chat_template:
-            return render_chat_template(self.tokenizer, turns, system=record.system)
-        return render(self.template, turns, system=record.system, bos=self.bos, eos=self.eos)
+            return render_chat_template(self.tokenizer, turns, system=system)
+        return render(self.template, turns, system=system, bos=self.bos, eos=self.eos)
 
     # ---- encoding ----------------------------------------------------------------------
 

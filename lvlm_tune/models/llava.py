@@ -129,9 +129,20 @@ def prepare_tokenizer(
 
 
 def _sync_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Grow the embeddings to the tokenizer and record the pad id in the configs."""
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
+    """Grow the embeddings to the tokenizer and record the pad id in the configs.
+
+    New rows are the mean of the old rows (deterministic, unlike transformers' sampled default),
+    so an adapter checkpoint's base model can be rebuilt bit for bit from its parts.
+    """
+    old = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > old:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            for weight in (
+                model.get_input_embeddings().weight,
+                model.get_output_embeddings().weight,
+            ):
+                weight[old:] = weight[:old].mean(dim=0, keepdim=True)
     model.config.text_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 

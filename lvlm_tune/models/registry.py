@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from transformers import PretrainedConfig
 
 from lvlm_tune.models.llava import build_llava, load_llava
@@ -22,6 +23,12 @@ from lvlm_tune.models.projectors import fixed_projector_parameters
 
 def _no_fixed_parameters(config: PretrainedConfig) -> tuple[str, ...]:
     return ()
+
+
+def _llava_image_features(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Vision tower + projector on ``pixel_values``; one tensor of all image features."""
+    out = model.model.get_image_features(pixel_values=pixel_values)
+    return torch.cat([f.reshape(-1) for f in out.pooler_output])
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,9 @@ class ModelFamily:
             without ``lm_head``).
         fixed_projector_parameters: given the model config, projector parameter names
             (relative to the projector module) that never train.
+        image_features: runs the vision path (vision tower + projector) of an unwrapped
+            model on ``pixel_values``; the trainer calls it on a blank image for text-only
+            batches so every rank runs the same modules.
     """
 
     name: str
@@ -49,6 +59,7 @@ class ModelFamily:
     language_modules: tuple[str, ...]
     lora_modules: tuple[str, ...]
     fixed_projector_parameters: Callable[[PretrainedConfig], tuple[str, ...]] = _no_fixed_parameters
+    image_features: Callable[[Any, torch.Tensor], torch.Tensor] = _llava_image_features
 
 
 LLAVA = ModelFamily(

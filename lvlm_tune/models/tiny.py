@@ -9,14 +9,12 @@ are random but reproducible (``seed``) and the global RNG is left untouched.
 
 from __future__ import annotations
 
-import json
 import random
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import sentencepiece as spm
 import torch
 from transformers import (
     AutoTokenizer,
@@ -31,6 +29,7 @@ from transformers import (
 )
 
 from lvlm_tune.models.llava import build_llava
+from lvlm_tune.tokenizers import train_sentencepiece
 
 _WORDS = (
     "the a an is are what which where how many image picture shows there of in on at left right "
@@ -62,26 +61,8 @@ def write_tiny_tokenizer(
         vocab_size: SentencePiece vocabulary size (>= 259 + distinct characters).
         seed: seed for the default text.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(lines) if lines is not None else _default_lines(3000, seed)),
-        model_prefix=str(out / "tokenizer"),
-        model_type="bpe",
-        vocab_size=vocab_size,
-        byte_fallback=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        minloglevel=2,
-    )
-    (out / "tokenizer.vocab").unlink()
-    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False}
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    return out
+    text = list(lines) if lines is not None else _default_lines(3000, seed)
+    return train_sentencepiece(text, out_dir, vocab_size=vocab_size)
 
 
 def write_tiny_llama(

@@ -1,0 +1,192 @@
+"""Run configuration: the recipe's dataclasses, and reading a flat YAML recipe plus CLI overrides.
+
+A recipe is one flat YAML mapping. Its keys are the fields of :class:`ModelArguments`,
+:class:`DataArguments` and :class:`LvlmTrainingArguments` (which extends
+``transformers.TrainingArguments``, so every Trainer option is a recipe key). Command-line
+``--key value`` pairs override the file. An unknown key fails, naming the closest valid one.
+Cross-field checks live in ``__post_init__`` and name the offending key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+from lvlm_tune.data.dataset import BAD_SAMPLE_POLICIES
+from lvlm_tune.data.images import ASPECT_RATIOS
+from lvlm_tune.templates.registry import template_names
+from lvlm_tune.templates.render import IMAGE_POSITIONS
+
+STAGES = ("pretrain", "finetune", "finetune_lora")
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class ModelArguments:
+    """Which model to build or load, and which parts train (the stage)."""
+
+    family: str = _help("model family: llava (MiniGPT-4/5 when installed)", default="llava")
+    model_name_or_path: str | None = _help(
+        "an existing checkpoint of the family (e.g. llava-hf/llava-1.5-7b-hf); "
+        "leave empty to compose a new model from vision_tower + llm_name_or_path",
+        default=None,
+    )
+    vision_tower: str | None = _help(
+        "vision encoder (CLIP/SigLIP folder or hub id) for a new model", default=None
+    )
+    llm_name_or_path: str | None = _help(
+        "LLaMA-family causal LM (folder or hub id, with its tokenizer) for a new model",
+        default=None,
+    )
+    projector_type: str = _help("linear (LLaVA-1) | mlp2x_gelu (LLaVA-1.5)", default="mlp2x_gelu")
+    vision_feature_layer: int = _help("vision layer fed to the projector", default=-2)
+    vision_feature_select_strategy: str = _help("default (drop CLS) | full", default="default")
+    attn_implementation: str = _help("sdpa | eager | flash_attention_2", default="sdpa")
+    stage: str = _help(
+        "pretrain (projector only) | finetune (projector + LLM) | finetune_lora", default="finetune"
+    )
+    pretrained_projector: str | None = _help(
+        "a stage-1 run folder (or its projector.safetensors) to start the projector from",
+        default=None,
+    )
+    unfreeze_vision_tower: bool = _help("also train the vision tower", default=False)
+    lora_r: int = _help("LoRA rank", default=128)
+    lora_alpha: int = _help("LoRA alpha", default=256)
+    lora_dropout: float = _help("LoRA dropout", default=0.05)
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "LLM linear layer names for LoRA (e.g. [q_proj, v_proj]); empty = all"},
+    )
+    use_dora: bool = _help("weight-decomposed LoRA (DoRA)", default=False)
+    use_rslora: bool = _help("rank-stabilised LoRA scaling alpha/sqrt(r)", default=False)
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage: unknown {self.stage!r}; choose one of: {', '.join(STAGES)}")
+        if not self.model_name_or_path and not (self.vision_tower and self.llm_name_or_path):
+            raise ValueError(
+                "model_name_or_path: set it to an existing checkpoint, or set both vision_tower "
+                "and llm_name_or_path to compose a new model"
+            )
+
+
+@dataclass
+class DataArguments:
+    """Where the data is and how conversations become tokens."""
+
+    data_path: str | None = _help(
+        "training data: LLaVA JSON/JSONL, caption pairs, OpenAI messages or an HF dataset",
+        default=None,
+    )
+    data_format: str = _help("auto | llava | openai | caption | hf", default="auto")
+    image_folder: str | None = _help("folder that image paths are relative to", default=None)
+    template: str = _help(
+        f"conversation template: {', '.join(template_names())}", default="vicuna_v1"
+    )
+    image_position: str = _help(
+        "image in the first user turn: before | after | random | keep", default="before"
+    )
+    image_aspect_ratio: str = _help(
+        "none | pad (pad to square with the mean colour)", default="none"
+    )
+    model_max_length: int = _help("maximum tokens per sample after image expansion", default=2048)
+    on_bad_sample: str = _help(
+        "error (stop, naming the sample) | skip (count and skip)", default="error"
+    )
+    system_prompt: str | None = _help("override the template's default system prompt", default=None)
+
+    def __post_init__(self) -> None:
+        checks = {
+            "template": (self.template, template_names()),
+            "image_position": (self.image_position, IMAGE_POSITIONS),
+            "image_aspect_ratio": (self.image_aspect_ratio, ASPECT_RATIOS),
+            "on_bad_sample": (self.on_bad_sample, BAD_SAMPLE_POLICIES),
+        }
+        for key, (value, choices) in checks.items():
+            if value not in choices:
+                raise ValueError(f"{key}: unknown {value!r}; choose one of: {', '.join(choices)}")
+        if self.model_max_length < 1:
+            raise ValueError("model_max_length: must be positive")
+
+
+@dataclass
+class LvlmTrainingArguments(TrainingArguments):
+    """``transformers.TrainingArguments`` plus the few options multimodal tuning needs."""
+
+    projector_lr: float | None = _help(
+        "learning rate of the projector (default: learning_rate)", default=None
+    )
+    group_by_modality_length: bool = _help(
+        "batches hold only image or only text samples, of similar length", default=False
+    )
+    loss_curve: bool = _help("write loss_curve.png into output_dir at the end", default=True)
+
+
+RecipeArgs = tuple[ModelArguments, DataArguments, LvlmTrainingArguments]
+ARG_CLASSES = (ModelArguments, DataArguments, LvlmTrainingArguments)
+
+
+def valid_keys() -> list[str]:
+    return [f.name for cls in ARG_CLASSES for f in fields(cls) if f.init]
+
+
+def _cli_pairs(argv: list[str]) -> dict[str, Any]:
+    """``--key value`` / ``--key=value`` / ``--flag`` pairs, values parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise SystemExit(f"unexpected argument {arg!r}; overrides look like --key value")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value, i = argv[i + 1], i + 1
+            else:
+                value = "true"
+        out[key] = yaml.safe_load(value) if value != "" else ""
+        i += 1
+    return out
+
+
+def _check_keys(values: dict[str, Any], where: str) -> None:
+    keys = valid_keys()
+    for key in values:
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise SystemExit(f"{where}: unknown key {key!r}{hint}")
+
+
+def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a flat YAML recipe into a dict (raises naming the file when it is not flat)."""
+    with open(path, encoding="utf-8") as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise SystemExit(f"{path}: a recipe is a flat YAML mapping of key: value")
+    return values
+
+
+def parse_recipe(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RecipeArgs:
+    """Recipe file + ``--key value`` overrides -> (model, data, training) arguments."""
+    values = load_recipe(path) if path else {}
+    _check_keys(values, str(path))
+    cli = _cli_pairs(list(overrides or []))
+    _check_keys(cli, "command line")
+    values.update(cli)
+    values.setdefault("output_dir", "runs/default")
+    values["recipe_path"] = os.fspath(path) if path else None
+    recipe_path = values.pop("recipe_path")
+    parser = HfArgumentParser(ARG_CLASSES)
+    model_args, data_args, train_args = parser.parse_dict(values, allow_extra_keys=False)
+    train_args.recipe_path = recipe_path  # recorded with every checkpoint
+    return model_args, data_args, train_args

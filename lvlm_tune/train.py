@@ -1,0 +1,184 @@
+"""``lvlm-tune train RECIPE [--key value ...]``: one training stage from a YAML recipe.
+
+Also runnable as ``python -m lvlm_tune.train`` and ``accelerate launch -m lvlm_tune.train``,
+``deepspeed --module lvlm_tune.train`` and ``torchrun -m lvlm_tune.train``. Reads top to
+bottom: parse -> build the model -> freeze for the stage -> data -> train -> save.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import set_seed
+
+from lvlm_tune.config import DataArguments, LvlmTrainingArguments, ModelArguments, parse_recipe
+from lvlm_tune.data.collator import MultimodalCollator, pad_token_id
+from lvlm_tune.data.dataset import SupervisedDataset
+from lvlm_tune.data.encoder import ConversationEncoder
+from lvlm_tune.data.images import ImageLoader
+from lvlm_tune.data.sources import open_source
+from lvlm_tune.models.llava import enable_gradient_checkpointing, num_image_tokens
+from lvlm_tune.models.parts import load_projector, save_projector
+from lvlm_tune.models.registry import ModelFamily, get_model_family
+from lvlm_tune.templates.registry import TOKENIZER_TEMPLATE, get_template
+from lvlm_tune.training.freezing import LoraOptions, apply_stage, parameter_summary
+from lvlm_tune.training.loss_curve import write_loss_curve
+from lvlm_tune.training.run_card import make_run_card, write_run_card
+from lvlm_tune.training.trainer import LvlmTrainer
+
+logger = logging.getLogger("lvlm_tune.train")
+
+
+def model_dtype(args: LvlmTrainingArguments) -> torch.dtype:
+    """bf16 runs hold bf16 weights; fp16 runs keep fp32 master weights (AMP); else fp32."""
+    return torch.bfloat16 if args.bf16 else torch.float32
+
+
+def build_model(
+    model_args: ModelArguments, data_args: DataArguments, train_args: LvlmTrainingArguments
+) -> tuple[Any, Any, ModelFamily]:
+    """Build or load the model and processor, load a stage-1 projector, freeze for the stage."""
+    family = get_model_family(model_args.family)
+    extra = (
+        ()
+        if data_args.template == TOKENIZER_TEMPLATE
+        else get_template(data_args.template).required_special_tokens
+    )
+    common = {
+        "dtype": model_dtype(train_args),
+        "attn_implementation": model_args.attn_implementation,
+        "extra_special_tokens": extra,
+    }
+    if model_args.model_name_or_path:
+        model, processor = family.load(model_args.model_name_or_path, **common)
+    else:
+        model, processor = family.build(
+            model_args.vision_tower,
+            model_args.llm_name_or_path,
+            projector_type=model_args.projector_type,
+            vision_feature_layer=model_args.vision_feature_layer,
+            vision_feature_select_strategy=model_args.vision_feature_select_strategy,
+            **common,
+        )
+    if model_args.pretrained_projector:
+        source = load_projector(model, model_args.pretrained_projector, family)
+        logger.info("projector loaded from %s", source)
+    lora = LoraOptions(
+        r=model_args.lora_r,
+        alpha=model_args.lora_alpha,
+        dropout=model_args.lora_dropout,
+        target_modules=tuple(model_args.lora_target_modules)
+        if model_args.lora_target_modules
+        else None,
+        use_dora=model_args.use_dora,
+        use_rslora=model_args.use_rslora,
+    )
+    model = apply_stage(
+        model,
+        model_args.stage,
+        family,
+        lora=lora,
+        unfreeze_vision_tower=model_args.unfreeze_vision_tower,
+    )
+    if train_args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+        train_args.gradient_checkpointing = (
+            False  # done above, with input grads for frozen embeddings
+        )
+    logger.info(parameter_summary(model))
+    return model, processor, family
+
+
+def build_dataset(
+    data_args: DataArguments, processor: Any, model: Any, seed: int
+) -> SupervisedDataset:
+    """Source -> encoder (template, image tokens, max length) -> dataset with images."""
+    if not data_args.data_path:
+        raise SystemExit("data_path: a training recipe needs data")
+    encoder = ConversationEncoder(
+        processor.tokenizer,
+        data_args.template,
+        num_image_tokens=num_image_tokens(model),
+        model_max_length=data_args.model_max_length,
+        image_position=data_args.image_position,
+        seed=seed,
+        system=data_args.system_prompt,
+    )
+    images = ImageLoader(
+        processor.image_processor, data_args.image_folder, data_args.image_aspect_ratio
+    )
+    source = open_source(data_args.data_path, fmt=data_args.data_format)
+    return SupervisedDataset(source, encoder, images, on_bad_sample=data_args.on_bad_sample)
+
+
+def blank_pixels(processor: Any) -> torch.Tensor:
+    """A blank image through the processor: the vision input of text-only batches."""
+    return processor.image_processor(images=[Image.new("RGB", (8, 8))], return_tensors="pt")[
+        "pixel_values"
+    ]
+
+
+def resume_arg(value: Any) -> bool | str | None:
+    if value in (None, "", False, "false", "False"):
+        return None
+    return True if value in (True, "true", "True") else str(value)
+
+
+def run(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    train_args: LvlmTrainingArguments,
+    callbacks: list[Any] | None = None,
+) -> LvlmTrainer:
+    """Train one stage; returns the trainer (state, log history, output folder)."""
+    set_seed(train_args.seed)
+    model, processor, family = build_model(model_args, data_args, train_args)
+    dataset = build_dataset(data_args, processor, model, train_args.seed)
+    card = make_run_card(
+        model_args, data_args, train_args, num_image_tokens=num_image_tokens(model)
+    )
+    trainer = LvlmTrainer(
+        model=model,
+        args=train_args,
+        train_dataset=dataset,
+        data_collator=MultimodalCollator(pad_token_id(processor.tokenizer)),
+        processing_class=processor,
+        family=family,
+        run_card=card,
+        blank_pixel_values=blank_pixels(processor),
+        callbacks=callbacks,
+    )
+    trainer.train(resume_from_checkpoint=resume_arg(train_args.resume_from_checkpoint))
+    trainer.save_model()
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        write_run_card(train_args.output_dir, card)
+        if train_args.loss_curve:
+            write_loss_curve(trainer.state.log_history, train_args.output_dir)
+    if model_args.stage == "pretrain":
+        save_projector(trainer.model, train_args.output_dir, family)
+    logger.info("%s", dataset.ledger.summary())
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(
+            "usage: lvlm-tune train RECIPE.yaml [--key value ...]   (any recipe key can be overridden)"
+        )
+        return 0
+    recipe, overrides = (None, argv) if argv[0].startswith("--") else (argv[0], argv[1:])
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO
+    )
+    run(*parse_recipe(recipe, overrides))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
