@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -158,6 +159,34 @@ def _cli_pairs(argv: list[str]) -> dict[str, Any]:
     return out
 
 
+def _field_types() -> dict[str, Any]:
+    hints: dict[str, Any] = {}
+    for cls in ARG_CLASSES:
+        hints.update(typing.get_type_hints(cls))
+    return hints
+
+
+def _coerce(values: dict[str, Any]) -> dict[str, Any]:
+    """Convert string values of numeric/bool fields (YAML reads ``2e-5`` as a string)."""
+    hints = _field_types()
+    out = {}
+    for key, value in values.items():
+        kinds = set(typing.get_args(hints.get(key)) or (hints.get(key),)) - {type(None)}
+        if isinstance(value, str) and value != "" and len(kinds) == 1:
+            (kind,) = kinds
+            try:
+                if kind is bool:
+                    value = {"true": True, "false": False}[value.lower()]
+                elif kind in (int, float):
+                    value = kind(float(value)) if kind is int and "." in value else kind(value)
+            except (KeyError, ValueError):
+                raise SystemExit(f"{key}: expected {kind.__name__}, got {value!r}") from None
+        elif isinstance(value, int) and not isinstance(value, bool) and float in kinds:
+            value = float(value)
+        out[key] = value
+    return out
+
+
 def _check_keys(values: dict[str, Any], where: str) -> None:
     keys = valid_keys()
     for key in values:
@@ -183,6 +212,7 @@ def parse_recipe(path: str | os.PathLike | None, overrides: list[str] | None = N
     cli = _cli_pairs(list(overrides or []))
     _check_keys(cli, "command line")
     values.update(cli)
+    values = _coerce(values)
     values.setdefault("output_dir", "runs/default")
     values["recipe_path"] = os.fspath(path) if path else None
     recipe_path = values.pop("recipe_path")

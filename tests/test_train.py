@@ -11,6 +11,7 @@ import torch
 import yaml
 from conftest import tiny_recipe
 from transformers import TrainerCallback, set_seed
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from lvlm_tune.config import parse_recipe
 from lvlm_tune.models.parts import canonical_name, is_under
@@ -170,8 +171,10 @@ def test_every_recipe_parses_and_builds_with_tiny_stand_ins(tmp_path, tiny_parts
     )
     assert recipes
     for path in recipes:
-        model_args, data_args, train_args = parse_recipe(path)  # real ids: parsed, not downloaded
+        # real hub ids: parsed and validated, not downloaded (use_cpu: bf16 needs it on CPU)
+        model_args, data_args, train_args = parse_recipe(path, ["--use_cpu=true"])
         assert train_args.output_dir and data_args.template
+        unset_hf_deepspeed_config()  # parsing a ZeRO-3 recipe switches transformers to ZeRO-3 init
         if model_args.family != "llava":
             continue
         stand_in = {
@@ -184,6 +187,7 @@ def test_every_recipe_parses_and_builds_with_tiny_stand_ins(tmp_path, tiny_parts
             "deepspeed": "",
             "bf16": False,
             "use_cpu": True,
+            "pretrained_projector": "",
         }
         overrides = [f"--{k}={v}" for k, v in stand_in.items()]
         args = parse_recipe(path, overrides)
@@ -199,3 +203,46 @@ def test_unknown_recipe_key_names_the_closest(tmp_path, tiny_parts, tiny_data):
         parse(tiny_recipe(tiny_parts, tiny_data, tmp_path, learning_rat=1), tmp_path)
     with pytest.raises(ValueError, match="stage: unknown 'stage3'"):
         parse(tiny_recipe(tiny_parts, tiny_data, tmp_path, stage="stage3"), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        ["{bin}/lvlm-tune", "train"],
+        ["{bin}/python", "-m", "lvlm_tune.train"],
+        [
+            "{bin}/accelerate",
+            "launch",
+            "--cpu",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "lvlm_tune.train",
+        ],
+    ],
+    ids=["lvlm-tune", "python-m", "accelerate"],
+)
+def test_launchers(tmp_path, tiny_parts, tiny_data, launcher):
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            tiny_recipe(tiny_parts, tiny_data, tmp_path / "out", stage="pretrain", max_steps=1)
+        )
+    )
+    bin_dir = os.path.dirname(sys.executable)
+    cmd = [part.format(bin=bin_dir) for part in launcher] + [str(recipe), "--learning_rate", "1e-4"]
+    env = {**os.environ, "LVLM_TUNE_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    args = json.loads((tmp_path / "out" / "training_args.json").read_text())
+    assert args["learning_rate"] == 1e-4
+    assert (tmp_path / "out" / "projector.safetensors").exists()
