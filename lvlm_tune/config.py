@@ -22,6 +22,7 @@ from lvlm_tune.data.dataset import BAD_SAMPLE_POLICIES
 from lvlm_tune.data.images import ASPECT_RATIOS
 from lvlm_tune.templates.registry import template_names
 from lvlm_tune.templates.render import IMAGE_POSITIONS
+from lvlm_tune.training.distributed import check_deepspeed_config
 
 STAGES = ("pretrain", "finetune", "finetune_lora")
 
@@ -130,6 +131,10 @@ class LvlmTrainingArguments(TrainingArguments):
     )
     loss_curve: bool = _help("write loss_curve.png into output_dir at the end", default=True)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_deepspeed_config(self)  # fail before the model is built, naming the block
+
 
 RecipeArgs = tuple[ModelArguments, DataArguments, LvlmTrainingArguments]
 ARG_CLASSES = (ModelArguments, DataArguments, LvlmTrainingArguments)
@@ -140,7 +145,11 @@ def valid_keys() -> list[str]:
 
 
 def _cli_pairs(argv: list[str]) -> dict[str, Any]:
-    """``--key value`` / ``--key=value`` / ``--flag`` pairs, values parsed as YAML scalars."""
+    """``--key value`` / ``--key=value`` / ``--flag`` pairs; ``[a, b]`` values are lists.
+
+    Scalars stay strings here (so ``--save_strategy no`` is not YAML's ``False``) and are
+    converted to each field's type by :func:`_coerce`.
+    """
     out: dict[str, Any] = {}
     i = 0
     while i < len(argv):
@@ -154,7 +163,7 @@ def _cli_pairs(argv: list[str]) -> dict[str, Any]:
                 value, i = argv[i + 1], i + 1
             else:
                 value = "true"
-        out[key] = yaml.safe_load(value) if value != "" else ""
+        out[key] = yaml.safe_load(value) if value.startswith(("[", "{")) else value
         i += 1
     return out
 

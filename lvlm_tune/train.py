@@ -25,6 +25,7 @@ from lvlm_tune.models.llava import enable_gradient_checkpointing, num_image_toke
 from lvlm_tune.models.parts import load_projector, save_projector
 from lvlm_tune.models.registry import ModelFamily, get_model_family
 from lvlm_tune.templates.registry import TOKENIZER_TEMPLATE, get_template
+from lvlm_tune.training.distributed import zero3_init_paused
 from lvlm_tune.training.freezing import LoraOptions, apply_stage, parameter_summary
 from lvlm_tune.training.loss_curve import write_loss_curve
 from lvlm_tune.training.run_card import make_run_card, write_run_card
@@ -53,17 +54,21 @@ def build_model(
         "attn_implementation": model_args.attn_implementation,
         "extra_special_tokens": extra,
     }
-    if model_args.model_name_or_path:
-        model, processor = family.load(model_args.model_name_or_path, **common)
-    else:
-        model, processor = family.build(
-            model_args.vision_tower,
-            model_args.llm_name_or_path,
-            projector_type=model_args.projector_type,
-            vision_feature_layer=model_args.vision_feature_layer,
-            vision_feature_select_strategy=model_args.vision_feature_select_strategy,
-            **common,
-        )
+    # Whole on every rank even under ZeRO-3 (DeepSpeed partitions it when training starts):
+    # composing fills a meta skeleton and PEFT copies the projector, and neither works on
+    # zero.Init-partitioned parameters.
+    with zero3_init_paused():
+        if model_args.model_name_or_path:
+            model, processor = family.load(model_args.model_name_or_path, **common)
+        else:
+            model, processor = family.build(
+                model_args.vision_tower,
+                model_args.llm_name_or_path,
+                projector_type=model_args.projector_type,
+                vision_feature_layer=model_args.vision_feature_layer,
+                vision_feature_select_strategy=model_args.vision_feature_select_strategy,
+                **common,
+            )
     if model_args.pretrained_projector:
         source = load_projector(model, model_args.pretrained_projector, family)
         logger.info("projector loaded from %s", source)
@@ -167,6 +172,8 @@ def run(
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # The deepspeed launcher puts --local_rank=N first; LOCAL_RANK in the environment says the same.
+    argv = [arg for arg in argv if not arg.startswith("--local_rank=")]
     if not argv or argv[0] in ("-h", "--help"):
         print(
             "usage: lvlm-tune train RECIPE.yaml [--key value ...]   (any recipe key can be overridden)"

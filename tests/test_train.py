@@ -246,3 +246,22 @@ def test_launchers(tmp_path, tiny_parts, tiny_data, launcher):
     args = json.loads((tmp_path / "out" / "training_args.json").read_text())
     assert args["learning_rate"] == 1e-4
     assert (tmp_path / "out" / "projector.safetensors").exists()
+
+
+def test_text_only_batch_still_runs_the_vision_path(tmp_path, tiny_parts, tiny_data):
+    from lvlm_tune.data.collator import MultimodalCollator
+    from lvlm_tune.train import blank_pixels, build_dataset
+    from lvlm_tune.training.trainer import LvlmTrainer
+
+    args = parse(tiny_recipe(tiny_parts, tiny_data, tmp_path / "t", stage="finetune"), tmp_path)
+    model, processor, family = build_model(*args)
+    dataset = build_dataset(args[1], processor, model, seed=0)
+    text_only = [dataset[i] for i in range(len(dataset)) if dataset[i]["pixel_values"] is None][:2]
+    batch = MultimodalCollator(0)(text_only)
+    assert "pixel_values" not in batch
+    trainer = LvlmTrainer(model=model, args=args[2], family=family, run_card={}, blank_pixel_values=blank_pixels(processor))
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    for name, param in model.named_parameters():
+        if is_under(name, PROJECTOR + VISION) and param.requires_grad:
+            assert param.grad is not None and not param.grad.any(), name  # touched, zero effect

@@ -129,13 +129,27 @@ class ConversationEncoder:
             position = "before" if before else "after"
         return place_images(turns, num_images, position, self.template)
 
-    def render(self, record: Conversation, index: int = 0, epoch: int = 0) -> Rendered:
-        """Render one record for training."""
+    def render(
+        self, record: Conversation, index: int = 0, epoch: int = 0, *, prompt: bool = False
+    ) -> Rendered:
+        """Render one record for training, or (``prompt=True``, the record ending with a user
+        turn) the generation prompt: the same text up to where the answer starts."""
         turns = self.prepare_turns(record, index, epoch)
         system = self.system if record.system is None else record.system
         if self.chat_template:
-            return render_chat_template(self.tokenizer, turns, system=system)
-        return render(self.template, turns, system=system, bos=self.bos, eos=self.eos)
+            return render_chat_template(
+                self.tokenizer, turns, system=system, add_generation_prompt=prompt
+            )
+        return render(
+            self.template, turns, system=system, bos=self.bos, eos=self.eos,
+            add_generation_prompt=prompt,
+        )  # fmt: skip
+
+    def encode_prompt(self, record: Conversation, index: int = 0) -> np.ndarray:
+        """Token ids of the generation prompt, image tokens expanded (inference)."""
+        ids, _ = self.tokenize(self.render(record, index, prompt=True).text)
+        repeats = [self.num_image_tokens if t == self.image_token_id else 1 for t in ids]
+        return np.repeat(np.asarray(ids, dtype=np.int64), repeats)
 
     # ---- encoding ----------------------------------------------------------------------
 

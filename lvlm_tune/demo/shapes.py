@@ -1,14 +1,16 @@
 """Synthetic coloured-shapes data for the demo: PNG images, captions, questions, a held-out split.
 
-A scene is 1-3 shapes (circle / square / triangle) in distinct colours (red / green / blue /
-yellow), each in its own quadrant (``top left`` ... ``bottom right``), on a light, slightly noisy
-background. Every question has one exact answer by construction: on a one-shape image the
-question says "the shape"; with several shapes a colour or shape question names the quadrant and
-a position question names the (unique) colour. :func:`make_shapes_dataset` writes caption pairs
-for stage 1, multi-turn LLaVA conversations for stage 2, a held-out split with one question per
-image whose answers are balanced within each question kind, the same held-out questions on
-background-only images (the blank-image ablation), and a text corpus for the tokenizer and the
-LLM's pre-training. Everything is a pure function of the seed.
+A scene is 1-3 shapes (circle / square / triangle; red / green / blue / yellow), each in its own
+quadrant (``top left`` ... ``bottom right``), on a light, slightly noisy background. In half of
+the scenes all shapes share one colour, and (independently) in half they share one shape. A
+question is only asked where its exact answer is defined without pointing at one shape: colour
+when all shapes share a colour, shape when all share a shape, position when there is one shape,
+count always. (Questions that name one of several shapes, "the shape in the top left", need a
+binding the demo's tiny models do not learn in minutes.) :func:`make_shapes_dataset` writes
+caption pairs for stage 1, multi-turn LLaVA conversations for stage 2, a held-out split with
+one question per image whose answers are balanced within each question kind, the same held-out
+questions on background-only images (the blank-image ablation), and a text corpus for the
+tokenizer and the LLM's pre-training. Everything is a pure function of the seed.
 """
 
 from __future__ import annotations
@@ -67,23 +69,31 @@ class Scene:
     noise_seed: int
 
 
-def random_scene(rng: random.Random, max_shapes: int = MAX_SHAPES, count: int = 0) -> Scene:
-    """Draw a scene: ``count`` shapes (1..``max_shapes`` uniformly when 0), distinct colours and
-    quadrants, shapes uniform."""
+def random_scene(
+    rng: random.Random,
+    max_shapes: int = MAX_SHAPES,
+    *,
+    count: int = 0,
+    colour: str | None = None,
+    shape: str | None = None,
+) -> Scene:
+    """Draw a scene with ``count`` shapes (uniform in 1..``max_shapes`` when 0) in distinct
+    quadrants. All shapes get ``colour`` / ``shape`` when given; otherwise, with probability 1/2
+    each, one drawn colour / shape is shared by all, else each shape draws its own."""
     n = count or rng.randint(1, max_shapes)
-    colours = rng.sample(list(COLORS), n)
-    positions = sorted(rng.sample(range(len(POSITIONS)), n))
+    shared_colour = colour or (rng.choice(list(COLORS)) if rng.random() < 0.5 else None)
+    shared_shape = shape or (rng.choice(SHAPES) if rng.random() < 0.5 else None)
     items = tuple(
         Item(
-            shape=rng.choice(SHAPES),
-            colour=colour,
+            shape=shared_shape or rng.choice(SHAPES),
+            colour=shared_colour or rng.choice(list(COLORS)),
             position=POSITIONS[p],
             size=rng.uniform(0.55, 0.8),
             dx=rng.uniform(-1, 1),
             dy=rng.uniform(-1, 1),
             tint=tuple(rng.randint(-15, 15) for _ in range(3)),
         )
-        for colour, p in zip(colours, positions, strict=True)
+        for p in sorted(rng.sample(range(len(POSITIONS)), n))
     )
     grey = rng.randint(195, 240)
     background = tuple(min(255, grey + rng.randint(-12, 12)) for _ in range(3))
@@ -126,42 +136,34 @@ def caption(scene: Scene) -> str:
     return f"{COUNTS[len(parts) - 1]} {noun}: {listed}"
 
 
-def question(scene: Scene, kind: str, item: Item) -> tuple[str, str]:
-    """The ``kind`` question about ``item`` of ``scene`` and its exact answer."""
-    single = len(scene.items) == 1
-    if kind == "count":
-        return "How many shapes are there?", COUNTS[len(scene.items) - 1]
-    if kind == "colour":
-        where = "" if single else f" in the {item.position}"
-        return f"What color is the shape{where}?", item.colour
-    if kind == "shape":
-        return ("What shape is it?" if single else f"What shape is in the {item.position}?"), (
-            item.shape
+def questions(scene: Scene) -> dict[str, tuple[str, str]]:
+    """Every question with an exact answer about ``scene``: kind -> (question, answer)."""
+    items, single = scene.items, len(scene.items) == 1
+    found = {"count": ("How many shapes are there?", COUNTS[len(items) - 1])}
+    if len({i.colour for i in items}) == 1:
+        found["colour"] = (
+            "What color is the shape?" if single else "What color are the shapes?",
+            items[0].colour,
         )
-    if kind == "position":
-        which = "the shape" if single else f"the {item.colour} shape"
-        return f"Where is {which}?", item.position
-    raise KeyError(f"unknown question kind {kind!r}; choose one of: {', '.join(KINDS)}")
+    if len({i.shape for i in items}) == 1:
+        found["shape"] = ("What shape is it?" if single else "What shape are they?", items[0].shape)
+    if single:
+        found["position"] = ("Where is the shape?", items[0].position)
+    return {kind: found[kind] for kind in KINDS if kind in found}
 
 
-def forced_scene(
-    rng: random.Random, kind: str, answer: str, max_shapes: int = MAX_SHAPES
-) -> tuple[Scene, Item]:
-    """A random scene and a shape in it whose ``kind`` question has answer ``answer``."""
+def forced_scene(rng: random.Random, kind: str, answer: str, max_shapes: int = MAX_SHAPES) -> Scene:
+    """A random scene whose ``kind`` question exists and has answer ``answer``."""
     if kind == "count":
-        scene = random_scene(rng, max_shapes, count=COUNTS.index(answer) + 1)
-        return scene, scene.items[0]
-    field = {"colour": "colour", "shape": "shape", "position": "position"}[kind]
-    scene = random_scene(rng, max_shapes)
-    items = list(scene.items)
-    k = rng.randrange(len(items))
-    for j, other in enumerate(items):  # keep colours and quadrants distinct: swap, not copy
-        if j != k and field != "shape" and getattr(other, field) == answer:
-            items[j] = replace(other, **{field: getattr(items[k], field)})
-    items[k] = replace(items[k], **{field: answer})
-    items.sort(key=lambda i: POSITIONS.index(i.position))
-    scene = replace(scene, items=tuple(items))
-    return scene, next(i for i in items if getattr(i, field) == answer)
+        return random_scene(rng, max_shapes, count=COUNTS.index(answer) + 1)
+    if kind == "colour":
+        return random_scene(rng, max_shapes, colour=answer)
+    if kind == "shape":
+        return random_scene(rng, max_shapes, shape=answer)
+    if kind == "position":
+        scene = random_scene(rng, count=1)
+        return replace(scene, items=(replace(scene.items[0], position=answer),))
+    raise KeyError(f"unknown question kind {kind!r}; choose one of: {', '.join(KINDS)}")
 
 
 def _turn_line(template_name: str, q: str, a: str, first: bool) -> str:
@@ -179,7 +181,7 @@ def _write_json(path: Path, records: list[dict]) -> Path:
 
 def make_shapes_dataset(
     out_dir: str | os.PathLike,
-    n_train: int = 4000,
+    n_train: int = 3000,
     n_test: int = 400,
     seed: int = 0,
     image_size: int = 32,
@@ -196,7 +198,7 @@ def make_shapes_dataset(
         seed: the only source of randomness.
         image_size: image side in pixels.
         max_shapes: 1..3 shapes per image.
-        turns: questions per training conversation (kinds drawn without repetition first).
+        turns: at most this many questions per training conversation (random order).
 
     Returns:
         Paths: ``root``, ``captions_train``, ``instruct_train``, ``instruct_test``,
@@ -214,10 +216,10 @@ def make_shapes_dataset(
         render(scene, image_size).save(root / image)
         captions.append({"id": f"cap-{n:05d}", "image": image, "caption": caption(scene)})
         corpus.append(caption(scene))
-        kinds = rng.sample(KINDS, len(KINDS)) + [rng.choice(KINDS) for _ in range(turns)]
+        asked = list(questions(scene).values())
+        rng.shuffle(asked)
         conversation = []
-        for k, kind in enumerate(kinds[:turns]):
-            q, a = question(scene, kind, rng.choice(scene.items))
+        for k, (q, a) in enumerate(asked[:turns]):
             conversation += [
                 {"from": "human", "value": ("<image>\n" if k == 0 else "") + q},
                 {"from": "gpt", "value": a},
@@ -228,11 +230,11 @@ def make_shapes_dataset(
     for n in range(n_test):
         kind = KINDS[n % len(KINDS)]
         answers = ANSWERS[kind][: max_shapes if kind == "count" else None]
-        scene, item = forced_scene(rng, kind, answers[(n // len(KINDS)) % len(answers)], max_shapes)
-        q, a = question(scene, kind, item)
-        for records, name, shapes in ((test, "test", True), (blank, "blank", False)):
+        scene = forced_scene(rng, kind, answers[(n // len(KINDS)) % len(answers)], max_shapes)
+        q, a = questions(scene)[kind]
+        for records, name, drawn in ((test, "test", True), (blank, "blank", False)):
             image = f"images/{name}-{n:05d}.png"
-            render(scene, image_size, with_shapes=shapes).save(root / image)
+            render(scene, image_size, with_shapes=drawn).save(root / image)
             records.append({
                 "id": f"{name}-{n:05d}",
                 "image": image,

@@ -6,25 +6,42 @@ What it adds, and nothing else:
   parameter with fewer than 2 dimensions) get no weight decay;
 * the modality-and-length grouped sampler (``group_by_modality_length``): each forward pass
   across all ranks holds only image or only text-only samples of similar length;
-* text-only batches still run the vision path on a blank image (times zero), so every rank
-  runs the same modules in every step and multi-rank runs cannot hang;
+* text-only batches still run the vision path on a blank image (times zero), right after the
+  token embeddings as image batches do, so every rank runs the same modules in the same order
+  in every step (ZeRO-2/3 collectives match) and multi-rank runs cannot hang;
 * every save (intermediate checkpoints too) also writes the run card (family, stage, template,
-  recipe, parts), the processor, and for stage 1 a projector-only file.
+  recipe, parts), the processor, and for stage 1 a projector-only file; under ZeRO-3 all
+  ranks gather and rank 0 writes;
+* checkpoints are written to a staging folder and published with one rename, and
+  ``resume_from_checkpoint: true`` (or ``auto``: resume when possible) picks the newest
+  complete one (:mod:`lvlm_tune.training.checkpoints`);
+* DeepSpeed: a config with its own optimizer or scheduler is refused (it would drop the
+  projector group); with ZeRO-Offload the groups go to ``DeepSpeedCPUAdam``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from lvlm_tune.data.sampler import ModalityLengthGroupedSampler
 from lvlm_tune.models.parts import canonical_name, is_under, save_projector, unwrap_model
 from lvlm_tune.models.registry import ModelFamily
+from lvlm_tune.training.checkpoints import (
+    complete_checkpoint_steps,
+    publish_checkpoint,
+    staging_root,
+)
+from lvlm_tune.training.distributed import check_deepspeed_config, offloads_optimizer
 from lvlm_tune.training.run_card import write_run_card
 
 logger = logging.getLogger(__name__)
@@ -49,9 +66,11 @@ class LvlmTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        check_deepspeed_config(self.args)
         self.family = family
         self.run_card = run_card
         self.blank_pixel_values = blank_pixel_values
+        self._staging = False
 
     # ---- optimizer ---------------------------------------------------------------------
 
@@ -78,9 +97,28 @@ class LvlmTrainer(Trainer):
             if is_projector:
                 group["lr"] = projector_lr
             param_groups.append(group)
-        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        optimizer_cls, optimizer_kwargs = self._optimizer_cls_and_kwargs(opt_model)
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return self.optimizer
+
+    def _optimizer_cls_and_kwargs(self, model: Any) -> tuple[Any, dict[str, Any]]:
+        """The Trainer's choice, or ``DeepSpeedCPUAdam`` when ZeRO-Offload holds the states."""
+        if not offloads_optimizer(self.args):
+            return self.get_optimizer_cls_and_kwargs(self.args, model)
+        if "adamw" not in str(self.args.optim):
+            raise ValueError(
+                f"optim: {self.args.optim} cannot run on ZeRO-Offload's CPU optimizer states; "
+                "use an adamw optimizer (it becomes DeepSpeedCPUAdam) or a config without offload"
+            )
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        kwargs = {
+            "lr": self.args.learning_rate,
+            "betas": (self.args.adam_beta1, self.args.adam_beta2),
+            "eps": self.args.adam_epsilon,
+            "adamw_mode": True,
+        }
+        return DeepSpeedCPUAdam, kwargs
 
     # ---- data --------------------------------------------------------------------------
 
@@ -98,29 +136,121 @@ class LvlmTrainer(Trainer):
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any
     ) -> Any:
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         if "pixel_values" in inputs or self.blank_pixel_values is None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        with self._blank_vision_path(model) as fired:
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        if fired:
             return result
+        # The family's forward never embedded tokens: touch the vision path afterwards instead.
         loss = result[0] if return_outputs else result
-        blank = self.blank_pixel_values.to(device=loss.device)
-        dtype = next(unwrap_model(model).parameters()).dtype
-        features = self.family.image_features(
-            unwrap_model(self.accelerator.unwrap_model(model)), blank.to(dtype)
-        )
-        loss = loss + 0.0 * features.sum()
+        loss = loss + 0.0 * self._blank_features(model, loss).sum()
         return (loss, result[1]) if return_outputs else loss
+
+    def _blank_features(self, model: Any, like: torch.Tensor) -> torch.Tensor:
+        base = unwrap_model(self.accelerator.unwrap_model(model))
+        dtype = next(base.parameters()).dtype
+        blank = self.blank_pixel_values.to(device=like.device, dtype=dtype)
+        return self.family.image_features(base, blank)
+
+    @contextlib.contextmanager
+    def _blank_vision_path(self, model: Any) -> Iterator[list[bool]]:
+        """Run the vision path on the blank image right after the token embeddings.
+
+        An image batch runs embeddings -> vision tower -> projector -> LLM; a text-only batch
+        run this way calls the same modules in the same order, which ZeRO-3 (parameter
+        gathers) and ZeRO-2/3 (gradient buckets) need on every rank. Yields a list that holds
+        ``True`` once the vision path ran.
+        """
+        fired: list[bool] = []
+        embeddings = unwrap_model(self.accelerator.unwrap_model(model)).get_input_embeddings()
+
+        def add_vision_path(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
+            if fired:
+                return output
+            fired.append(True)
+            return output + 0.0 * self._blank_features(model, output).sum().to(output.dtype)
+
+        handle = embeddings.register_forward_hook(add_vision_path)
+        try:
+            yield fired
+        finally:
+            handle.remove()
 
     # ---- saving ------------------------------------------------------------------------
 
     def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
         super()._save(output_dir, state_dict=state_dict)
         output_dir = output_dir or self.args.output_dir
-        # Trainer pickles its arguments; keep a JSON copy instead (nothing to unpickle later).
-        pickled = os.path.join(output_dir, TRAINING_ARGS_NAME)
-        if os.path.exists(pickled):
-            os.remove(pickled)
+        if self.args.should_save:
+            # Trainer pickles its arguments; keep a JSON copy instead (nothing to unpickle later).
+            pickled = os.path.join(output_dir, TRAINING_ARGS_NAME)
+            if os.path.exists(pickled):
+                os.remove(pickled)
             with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as f:
                 f.write(self.args.to_json_string())
-        write_run_card(output_dir, self.run_card)
+            write_run_card(output_dir, self.run_card)
         if self.run_card.get("stage") == "pretrain":
+            # every rank: gathers ZeRO-3 partitions; rank 0 writes
             save_projector(self.model, output_dir, self.family)
+
+    # ---- checkpoints -------------------------------------------------------------------
+
+    def _get_output_dir(self, trial: Any) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return staging_root(run_dir) if self._staging else run_dir
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """Write ``checkpoint-N`` into the staging folder, then publish it with one rename."""
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged = os.path.join(staging_root(run_dir), name)
+        if self.args.should_save:
+            shutil.rmtree(staging_root(run_dir), ignore_errors=True)  # leftovers of a crash
+        self.accelerator.wait_for_everyone()
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        self.accelerator.wait_for_everyone()  # every rank's shards are on disk
+        if self.args.should_save:
+            best = self.state.best_model_checkpoint
+            if best and best.startswith(staging_root(run_dir)):
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+                self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+            publish_checkpoint(staged, os.path.join(run_dir, name))
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        """``Trainer.train``; ``resume_from_checkpoint=True`` takes the newest complete checkpoint.
+
+        ``"auto"`` does the same when there is one and starts afresh otherwise (for jobs that
+        are requeued after preemption).
+        """
+        if resume_from_checkpoint is True or resume_from_checkpoint == "auto":
+            found = self._newest_common_checkpoint()
+            if found is None and resume_from_checkpoint is True:
+                raise ValueError(
+                    f"resume_from_checkpoint: no complete checkpoint in {self.args.output_dir}"
+                )
+            logger.info("resuming from %s", found or "scratch: no checkpoint yet")
+            resume_from_checkpoint = found
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _newest_common_checkpoint(self) -> str | None:
+        """The newest checkpoint complete on every rank (nodes may not share a filesystem)."""
+        steps = set(complete_checkpoint_steps(self.args.output_dir))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            everyone: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(everyone, sorted(steps))
+            steps = set.intersection(*(set(s) for s in everyone))
+        if not steps:
+            return None
+        return os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{max(steps)}")

@@ -1,0 +1,92 @@
+"""Answer questions with a trained model, rendering prompts with the training renderer.
+
+The prompt is the training rendering cut where the answer starts (``ConversationEncoder``
+with ``prompt=True``), so the model sees at inference exactly the prefix it learned on.
+Generation is greedy by default, batched with left padding, and stops at the template's STOP
+(the EOS token, or a STOP string such as ``###``, which is cut from the answer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lvlm_tune.data.encoder import ConversationEncoder
+from lvlm_tune.data.images import ImageLoader
+from lvlm_tune.data.record import Conversation
+
+
+class Answerer:
+    """Batched question answering for a model + processor + the training template.
+
+    Args:
+        model: a model of the family (plain or PEFT-wrapped) in eval mode.
+        processor: its processor (tokenizer + image processor).
+        encoder: the conversation encoder with the training template and image settings.
+        images: the image loader (processor, folder, aspect ratio) used in training.
+    """
+
+    def __init__(
+        self, model: Any, processor: Any, encoder: ConversationEncoder, images: ImageLoader
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.encoder = encoder
+        self.images = images
+        tokenizer = processor.tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.stop = (
+            encoder.template.stop_text(encoder.eos).strip() if not encoder.chat_template else ""
+        )
+
+    def stop_kwargs(self) -> dict[str, Any]:
+        """``generate`` arguments that end an answer at the template's STOP."""
+        tokenizer = self.processor.tokenizer
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        kwargs: dict[str, Any] = {"eos_token_id": eos or None, "pad_token_id": self.pad_id}
+        if self.stop and self.stop != tokenizer.eos_token:
+            kwargs.update(stop_strings=[self.stop], tokenizer=tokenizer)
+        return kwargs
+
+    def clean(self, text: str) -> str:
+        """Cut the generated text at the STOP and strip the separator."""
+        if self.stop and self.stop in text:
+            text = text[: text.index(self.stop)]
+        return text.strip()
+
+    @torch.no_grad()
+    def answer(
+        self,
+        records: Sequence[Conversation],
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+    ) -> list[str]:
+        """Answer each record's last user turn (records hold the conversation so far)."""
+        prompts = [torch.as_tensor(self.encoder.encode_prompt(r, i)) for i, r in enumerate(records)]
+        length = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), length), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(prompts):  # left padding: generation continues every row
+            input_ids[row, length - len(ids) :] = ids
+            attention_mask[row, length - len(ids) :] = 1
+        inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        pixels = [self.images.pixel_values(r) for r in records]
+        pixels = [p for p in pixels if p is not None]
+        device = next(self.model.parameters()).device
+        dtype = next(self.model.parameters()).dtype
+        if pixels:
+            inputs["pixel_values"] = torch.cat(pixels).to(dtype)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        sampling = (
+            {"do_sample": True, "temperature": temperature}
+            if temperature > 0
+            else {"do_sample": False}
+        )
+        out = self.model.generate(
+            **inputs, max_new_tokens=max_new_tokens, **sampling, **self.stop_kwargs()
+        )
+        new = out[:, length:]
+        texts = self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return [self.clean(t) for t in texts]

@@ -1,0 +1,192 @@
+"""The demo's offline parts: the synthetic shapes dataset and the tiny pre-trained base models.
+
+Answers are checked against the drawn pixels (not against the generator's own bookkeeping), the
+files must load through the same reader as real data, and the base models must load back through
+``from_pretrained`` and compose into a LLaVA.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+
+from lvlm_tune.data.sources import open_source
+from lvlm_tune.demo import shapes
+from lvlm_tune.demo.pretrain import (
+    LanguageModelConfig,
+    VisionTowerConfig,
+    pretrain_language_model,
+    pretrain_vision_tower,
+)
+from lvlm_tune.models.llava import build_llava
+
+JSON_FILES = ("captions_train", "instruct_train", "instruct_test", "instruct_test_blank")
+REFERENCE = np.array(list(shapes.COLORS.values()), dtype=float)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    # 64 px so that the fill ratio of a shape's bounding box tells its kind reliably.
+    out = tmp_path_factory.mktemp("shapes")
+    return shapes.make_shapes_dataset(out, n_train=60, n_test=48, seed=3, image_size=64)
+
+
+def load(paths: dict[str, Path], name: str) -> list[dict]:
+    return json.loads(paths[name].read_text())
+
+
+def shape_pixels(path: Path) -> np.ndarray:
+    """Boolean mask of strongly coloured pixels (the background is light grey)."""
+    rgb = np.asarray(Image.open(path).convert("RGB"), dtype=float)
+    return (rgb.max(-1) - rgb.min(-1)) > 100
+
+
+def measured(path: Path) -> dict[str, str]:
+    """Colour (if one), shape (if one), quadrant (if one shape) and count, read from pixels."""
+    rgb = np.asarray(Image.open(path).convert("RGB"), dtype=float)
+    mask = shape_pixels(path)
+    half = mask.shape[0] // 2
+    quadrants = [mask[r * half : (r + 1) * half, c * half : (c + 1) * half] for r in (0, 1) for c in (0, 1)]  # fmt: skip
+    occupied = [q for q, m in enumerate(quadrants) if m.sum() > 10]
+    nearest = ((rgb[mask][:, None, :] - REFERENCE[None]) ** 2).sum(-1).argmin(1)
+    colours = {list(shapes.COLORS)[c] for c in np.unique(nearest)}
+    kinds = set()
+    for q in occupied:
+        ys, xs = np.nonzero(quadrants[q])
+        fill = len(ys) / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+        kinds.add("square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle")
+    found = {"count": shapes.COUNTS[len(occupied) - 1]}
+    if len(colours) == 1:
+        found["colour"] = colours.pop()
+    if len(kinds) == 1:
+        found["shape"] = kinds.pop()
+    if len(occupied) == 1:
+        found["position"] = shapes.POSITIONS[occupied[0]]
+    return found
+
+
+def qa_pairs(record: dict) -> list[tuple[str, str]]:
+    turns = record["conversations"]
+    return [(q["value"], a["value"]) for q, a in zip(turns[::2], turns[1::2], strict=True)]
+
+
+def test_same_seed_same_bytes_other_seed_other_data(tmp_path: Path) -> None:
+    first = shapes.make_shapes_dataset(tmp_path / "a", n_train=10, n_test=8, seed=7)
+    again = shapes.make_shapes_dataset(tmp_path / "b", n_train=10, n_test=8, seed=7)
+    other = shapes.make_shapes_dataset(tmp_path / "c", n_train=10, n_test=8, seed=8)
+    for name in (*JSON_FILES, "text_corpus", "info"):
+        assert first[name].read_bytes() == again[name].read_bytes(), name
+    for png in sorted((tmp_path / "a" / "images").iterdir()):
+        assert png.read_bytes() == (tmp_path / "b" / "images" / png.name).read_bytes(), png.name
+    assert first["instruct_train"].read_bytes() != other["instruct_train"].read_bytes()
+
+
+def test_answers_agree_with_the_pixels(dataset: dict[str, Path]) -> None:
+    checked = 0
+    for name in ("instruct_train", "instruct_test"):
+        for record in load(dataset, name):
+            seen = measured(dataset["root"] / record["image"])
+            for question, answer in qa_pairs(record):
+                kind = next(k for k in shapes.KINDS if answer in shapes.ANSWERS[k])
+                assert seen.get(kind) == answer, (record["id"], question, answer, seen)
+                checked += 1
+    assert checked > 150
+
+
+def test_captions_agree_with_the_pixels(dataset: dict[str, Path]) -> None:
+    for record in load(dataset, "captions_train"):
+        seen = measured(dataset["root"] / record["image"])
+        assert record["caption"].startswith(seen["count"] + " shape")
+        if "colour" in seen:
+            assert all(f"a {seen['colour']} " in part for part in record["caption"].split(" and "))
+
+
+def test_questions_are_well_defined_and_image_tag_first() -> None:
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        scene = shapes.random_scene(rng)
+        asked = shapes.questions(scene)
+        assert "count" in asked
+        assert ("colour" in asked) == (len({i.colour for i in scene.items}) == 1)
+        assert ("shape" in asked) == (len({i.shape for i in scene.items}) == 1)
+        assert ("position" in asked) == (len(scene.items) == 1)
+        assert len({i.position for i in scene.items}) == len(scene.items)
+
+
+def test_test_split_is_balanced_and_blank_twin_matches(dataset: dict[str, Path]) -> None:
+    test, blank = load(dataset, "instruct_test"), load(dataset, "instruct_test_blank")
+    for kind in shapes.KINDS:
+        answers = [r["conversations"][1]["value"] for r in test if r["kind"] == kind]
+        counts = {a: answers.count(a) for a in shapes.ANSWERS[kind]}
+        assert len(answers) == 12 and max(counts.values()) - min(counts.values()) <= 1, counts
+    assert [(r["kind"], r["conversations"]) for r in test] == [
+        (r["kind"], r["conversations"]) for r in blank
+    ]
+    assert all(not shape_pixels(dataset["root"] / r["image"]).any() for r in blank)
+    assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in test)
+    info = json.loads(dataset["info"].read_text())
+    assert info["chance"]["colour"] == 0.25 and info["chance"]["colour_shape"] == 0.2917
+
+
+def test_files_load_with_the_project_reader(dataset: dict[str, Path], tmp_path: Path) -> None:
+    for name in JSON_FILES:
+        source = open_source(dataset[name], cache_dir=str(tmp_path))
+        raw = load(dataset, name)
+        assert len(source) == len(raw)
+        record = source.get(0)
+        assert record.images == [raw[0]["image"]]
+        assert (dataset["root"] / record.images[0]).is_file()
+        assert record.turns[-1].role == "assistant"
+
+
+def test_corpus_holds_every_answer_and_question(dataset: dict[str, Path]) -> None:
+    corpus = dataset["text_corpus"].read_text()
+    for record in load(dataset, "instruct_test"):
+        for question, answer in qa_pairs(record):
+            assert question.removeprefix("<image>\n") in corpus
+            assert f"ASSISTANT: {answer}\n" in corpus
+    assert "A chat between a curious user" in corpus  # vicuna_v1 system prompt
+
+
+def test_base_models_save_load_and_compose(dataset: dict[str, Path], tmp_path: Path) -> None:
+    rng_state = torch.random.get_rng_state()
+    vision_config = VisionTowerConfig(num_images=16, steps=2, batch_size=4)
+    report = pretrain_vision_tower(tmp_path / "vision", vision_config)
+    pretrain_vision_tower(tmp_path / "vision_again", vision_config)
+    llm_report = pretrain_language_model(
+        dataset["text_corpus"], tmp_path / "llm", LanguageModelConfig(steps=2, batch_size=4)
+    )
+    assert torch.equal(torch.random.get_rng_state(), rng_state)
+    assert 0.0 <= report["acc_local_colour"] <= 1.0 and llm_report["vocab_size"] > 259
+
+    vision = CLIPVisionModel.from_pretrained(tmp_path / "vision")
+    again = CLIPVisionModel.from_pretrained(tmp_path / "vision_again")
+    for (name, a), (_, b) in zip(vision.state_dict().items(), again.state_dict().items(), strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "vision", backend="pil")
+    image = Image.open(dataset["root"] / load(dataset, "instruct_test")[0]["image"])
+    pixels = processor(images=[image], return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, 32, 32)  # 64 px data resized to the tower's 32 px
+    hidden = vision(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+    assert hidden.shape == (1, 1 + 16, vision_config.hidden_size)
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "llm")
+    lm = AutoModelForCausalLM.from_pretrained(tmp_path / "llm")
+    assert lm.config.vocab_size == len(tokenizer)
+    assert tokenizer.decode(tokenizer(" ASSISTANT: red")["input_ids"], skip_special_tokens=True)
+
+    model, llava_processor = build_llava(tmp_path / "vision", tmp_path / "llm")
+    inputs = llava_processor(
+        text=["<image>\nWhat color is the shape? red"], images=[image], return_tensors="pt"
+    )
+    assert (inputs["input_ids"] == model.config.image_token_index).sum() == 16
+    out = model(**inputs, labels=inputs["input_ids"])
+    assert torch.isfinite(out.loss)
