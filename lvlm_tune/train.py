@@ -7,6 +7,7 @@ bottom: parse -> build the model -> freeze for the stage -> data -> train -> sav
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 from typing import Any
@@ -184,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO
     )
     run(*parse_recipe(recipe, overrides))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Free the engine (and any collective handles it holds) and the process groups while
+        # Python is whole: gloo may otherwise abort a rank in interpreter teardown.
+        gc.collect()
+        torch.distributed.destroy_process_group()
     return 0
 
 

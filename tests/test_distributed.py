@@ -1,117 +1,38 @@
 """Multi-process DeepSpeed on CPU (gloo): ZeRO-2/3 through torchrun, accelerate launch, the
-deepspeed launcher and a 2-node torchrun job; parity with one process; SIGKILL and resume.
+deepspeed launcher and a 2-node torchrun job; parity with one process; SIGKILL and resume;
+ZeRO-3 saving (gathered on all ranks, written by rank 0) and frozen parameters.
 
-Every launch is a real subprocess with its own MASTER_PORT and LVLM_TUNE_CACHE, in its own
-process group, under a hard timeout that kills the group and fails naming the command. Runs
-are module fixtures shared between assertions to keep the wall time low. Run as a script
-(``torchrun ... tests/test_distributed.py [--audit DIR] [--hang-at STEP] RECIPE``) this file
-is the worker: it records which files each rank writes, or stops forever just before
-publishing a checkpoint so that the test can SIGKILL the job mid-save.
+Runs are module fixtures shared between assertions to keep the wall time low (about 3.5
+minutes on 2 cores in all); launching, timeouts and the worker are in dist_launch.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import tiny_recipe
+from dist_launch import (
+    BIN,
+    LAUNCH_TIMEOUT,
+    accelerate_config,
+    finish,
+    free_port,
+    kill,
+    losses,
+    module,
+    start,
+    tail,
+    torchrun,
+    worker,
+    write_recipe,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-LAUNCH_TIMEOUT = 300
-pytestmark = pytest.mark.timeout(900)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(tmp: Path) -> dict[str, str]:
-    return {**os.environ, "LVLM_TUNE_CACHE": str(tmp / "cache"), "HF_HUB_OFFLINE": "1",
-            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # fmt: skip
-
-
-def start(cmd: list[str], tmp: Path, log: str = "log.txt") -> subprocess.Popen:
-    """Start ``cmd`` in its own process group, output to ``tmp/log``."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    with open(tmp / log, "w") as out:
-        return subprocess.Popen(cmd, cwd=ROOT, env=_env(tmp), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-
-
-def kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def finish(procs: list[subprocess.Popen], tmp: Path, log: str = "log.txt") -> None:
-    """Wait for ``procs``; on a timeout or failure kill them all and fail with the log tail."""
-    deadline = time.monotonic() + LAUNCH_TIMEOUT
-    try:
-        for proc in procs:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            kill(proc)
-        pytest.fail(f"timed out after {LAUNCH_TIMEOUT}s: {procs[0].args}\n{tail(tmp / log)}")
-    for proc in procs:
-        assert proc.returncode == 0, f"{proc.args} failed:\n{tail(tmp / log)}"
-
-
-def tail(path: Path, chars: int = 4000) -> str:
-    text = path.read_text(errors="replace") if path.exists() else ""
-    return "\n".join(line for line in text.splitlines() if "Warning" not in line)[-chars:]
-
-
-def torchrun(target: list[str], nproc: int = 2, **rdzv: str) -> list[str]:
-    port = rdzv.pop("port", None) or str(free_port())
-    extra = [f"--{k}={v}" for k, v in rdzv.items()]
-    return [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={port}", *extra, *target]  # fmt: skip
-
-
-def module(*args: str) -> list[str]:
-    return ["-m", "lvlm_tune.train", *args]
-
-
-def worker(*args: str) -> list[str]:
-    return [str(Path(__file__)), *args]
-
-
-def accelerate_config(zero: int, tmp: Path) -> Path:
-    """The shipped accelerate config, switched to 2 CPU processes."""
-    config = yaml.safe_load((ROOT / f"ds_configs/accelerate_zero{zero}.yaml").read_text())
-    config.update(use_cpu=True, num_processes=2, main_process_port=free_port())
-    config["deepspeed_config"]["deepspeed_config_file"] = str(ROOT / f"ds_configs/zero{zero}.json")
-    path = tmp / "accelerate.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def write_recipe(tmp: Path, parts, data, **overrides) -> str:
-    tmp.mkdir(parents=True, exist_ok=True)
-    recipe = tiny_recipe(parts, data, tmp / "out", **{"per_device_train_batch_size": 2, **overrides})
-    if recipe.get("deepspeed"):
-        recipe["deepspeed"] = str(ROOT / recipe["deepspeed"])
-    (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    return str(tmp / "recipe.yaml")
-
-
-def losses(out: Path) -> list[float]:
-    state = json.loads((out / "trainer_state.json").read_text())
-    return [h["loss"] for h in state["log_history"] if "loss" in h]
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
@@ -124,16 +45,31 @@ def mixed_data(tiny_data, tmp_path_factory):
     return {"data_path": str(path), "image_folder": tiny_data["image_folder"]}
 
 
-STAGE2 = {"stage": "finetune_lora", "max_steps": 10, "save_strategy": "steps", "save_steps": 3,
-          "lr_scheduler_type": "cosine", "projector_lr": 3e-3}  # fmt: skip
+STAGE2 = {
+    "stage": "finetune_lora",
+    "max_steps": 10,
+    "save_strategy": "steps",
+    "save_steps": 3,
+    "lr_scheduler_type": "cosine",
+    "projector_lr": 3e-3,
+    "gradient_checkpointing": True,
+}
 
 
 @pytest.fixture(scope="module")
 def stage1(tiny_parts, tiny_data, tmp_path_factory):
     """2-process ZeRO-3 projector-only run with an intermediate checkpoint, writes audited."""
     tmp = tmp_path_factory.mktemp("stage1")
-    recipe = write_recipe(tmp, tiny_parts, tiny_data, stage="pretrain", max_steps=3,
-                          save_strategy="steps", save_steps=2, deepspeed="ds_configs/zero3.json")  # fmt: skip
+    recipe = write_recipe(
+        tmp,
+        tiny_parts,
+        tiny_data,
+        stage="pretrain",
+        max_steps=3,
+        save_strategy="steps",
+        save_steps=2,
+        deepspeed="ds_configs/zero3.json",
+    )
     finish([start(torchrun(worker("--audit", str(tmp / "audit"), recipe)), tmp)], tmp)
     return {"out": tmp / "out", "recipe": recipe, "audit": tmp / "audit"}
 
@@ -142,13 +78,18 @@ def stage1(tiny_parts, tiny_data, tmp_path_factory):
 def stage2(stage1, tiny_parts, tiny_data, tmp_path_factory):
     """2-process ZeRO-3 LoRA run from the stage-1 projector: 10 steps, checkpoints 3, 6, 9."""
     tmp = tmp_path_factory.mktemp("stage2")
-    recipe = write_recipe(tmp, tiny_parts, tiny_data, pretrained_projector=str(stage1["out"]),
-                          deepspeed="ds_configs/zero3.json", **STAGE2)  # fmt: skip
+    recipe = write_recipe(
+        tmp,
+        tiny_parts,
+        tiny_data,
+        pretrained_projector=str(stage1["out"]),
+        deepspeed="ds_configs/zero3.json",
+        **STAGE2,
+    )
     finish([start(torchrun(module(recipe)), tmp)], tmp)
     return {"out": tmp / "out", "recipe": recipe, "tmp": tmp}
 
 
-@pytest.mark.distributed
 def test_zero3_stage1_trains_only_the_projector_and_rank0_alone_writes(stage1):
     from safetensors.torch import load_file
     from transformers import LlavaForConditionalGeneration, set_seed
@@ -175,12 +116,16 @@ def test_zero3_stage1_trains_only_the_projector_and_rank0_alone_writes(stage1):
     assert names[1] and all("rank_1" in n or n == "rng_state_1.pth" for n in names[1]), names[1]
 
 
-@pytest.mark.distributed
 def test_zero3_two_processes_match_one_process_and_load_the_stage1_projector(
     stage1, stage2, tiny_parts, tiny_data, tmp_path
 ):
-    recipe = write_recipe(tmp_path, tiny_parts, tiny_data, pretrained_projector=str(stage1["out"]),
-                          **{**STAGE2, "save_strategy": "no", "per_device_train_batch_size": 4})  # fmt: skip
+    recipe = write_recipe(
+        tmp_path,
+        tiny_parts,
+        tiny_data,
+        pretrained_projector=str(stage1["out"]),
+        **{**STAGE2, "save_strategy": "no", "per_device_train_batch_size": 4},
+    )
     finish([start([sys.executable, *module(recipe)], tmp_path)], tmp_path)
     two, one = losses(stage2["out"]), losses(tmp_path / "out")
     assert len(two) == len(one) == 10
@@ -189,12 +134,19 @@ def test_zero3_two_processes_match_one_process_and_load_the_stage1_projector(
     assert steps == [3, 6, 9, 10]  # published whole, last step included
 
 
-@pytest.mark.distributed
-def test_sigkill_mid_checkpoint_then_resume_reproduces_the_run(stage1, stage2, tiny_parts, tiny_data, tmp_path):  # fmt: skip
+def test_sigkill_mid_checkpoint_then_resume_reproduces_the_run(
+    stage1, stage2, tiny_parts, tiny_data, tmp_path
+):
     from safetensors.torch import load_file
 
-    recipe = write_recipe(tmp_path, tiny_parts, tiny_data, pretrained_projector=str(stage1["out"]),
-                          deepspeed="ds_configs/zero3.json", **STAGE2)  # fmt: skip
+    recipe = write_recipe(
+        tmp_path,
+        tiny_parts,
+        tiny_data,
+        pretrained_projector=str(stage1["out"]),
+        deepspeed="ds_configs/zero3.json",
+        **STAGE2,
+    )
     out, marker = tmp_path / "out", tmp_path / "hanging"
     job = start(torchrun(worker("--hang-at", "9", str(marker), recipe)), tmp_path, "killed.txt")
     deadline = time.monotonic() + LAUNCH_TIMEOUT
@@ -208,7 +160,8 @@ def test_sigkill_mid_checkpoint_then_resume_reproduces_the_run(stage1, stage2, t
     shutil.copytree(out / "checkpoint-6", out / "checkpoint-12")  # a damaged "newest" one
     shutil.rmtree(out / "checkpoint-12" / "global_step6")
     (tmp_path / "recipe.yaml").write_text(
-        (tmp_path / "recipe.yaml").read_text() + "resume_from_checkpoint: true\n")  # fmt: skip
+        (tmp_path / "recipe.yaml").read_text() + "resume_from_checkpoint: true\n"
+    )
     finish([start(torchrun(module(recipe)), tmp_path, "resumed.txt")], tmp_path, "resumed.txt")
     assert "resuming from" in tail(tmp_path / "resumed.txt", 10**6)
     assert losses(out) == pytest.approx(losses(stage2["out"]), rel=1e-5)
@@ -231,93 +184,78 @@ GRID = [
 ]
 
 
-@pytest.mark.distributed
-@pytest.mark.parametrize(("launcher", "zero", "stage"), GRID, ids=["-".join(map(str, g)) for g in GRID])  # fmt: skip
-def test_launchers_zero_stages_and_mixed_batches(launcher, zero, stage, tiny_parts, mixed_data, tmp_path):  # fmt: skip
+@pytest.mark.parametrize(
+    ("launcher", "zero", "stage"), GRID, ids=["-".join(map(str, g)) for g in GRID]
+)
+def test_launchers_zero_stages_and_mixed_batches(
+    launcher, zero, stage, tiny_parts, mixed_data, tmp_path
+):
     """Two ranks, one sample each: every step one rank has an image and the other none."""
     ds = f"ds_configs/zero{zero}{'_offload' if 'offload' in launcher else ''}.json"
-    recipe = write_recipe(tmp_path, tiny_parts, mixed_data, stage=stage, max_steps=2,
-                          per_device_train_batch_size=1, save_strategy="steps", save_steps=2,
-                          deepspeed="" if launcher == "accelerate" else ds)  # fmt: skip
+    recipe = write_recipe(
+        tmp_path,
+        tiny_parts,
+        mixed_data,
+        stage=stage,
+        max_steps=2,
+        per_device_train_batch_size=1,
+        save_strategy="steps",
+        save_steps=2,
+        deepspeed="" if launcher == "accelerate" else ds,
+        resume_from_checkpoint="auto" if launcher == "deepspeed" else None,
+    )
     if launcher == "accelerate":
         config = accelerate_config(zero, tmp_path)
         cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(config), *module(recipe)]
     elif launcher == "deepspeed":
-        cmd = [str(BIN / "deepspeed"), "--num_gpus=2", f"--master_port={free_port()}",
-               "--module", "lvlm_tune.train", recipe]  # fmt: skip
+        cmd = [
+            str(BIN / "deepspeed"),
+            "--num_gpus=2",
+            f"--master_port={free_port()}",
+            "--module",
+            "lvlm_tune.train",
+            recipe,
+        ]
     else:
         cmd = torchrun(module(recipe))
     finish([start(cmd, tmp_path)], tmp_path)
     out = tmp_path / "out"
     assert len(losses(out)) == 2 and all(map(torch.isfinite, torch.tensor(losses(out))))
-    assert (out / ("projector.safetensors" if stage == "pretrain" else "adapter_model.safetensors")).exists()  # fmt: skip
+    assert (
+        out / ("projector.safetensors" if stage == "pretrain" else "adapter_model.safetensors")
+    ).exists()
     shards = {p.name for p in (out / "checkpoint-2" / "global_step2").iterdir()}
     assert any("zero_pp_rank_1" in n for n in shards)  # DeepSpeed ZeRO ran on both ranks
     assert any("rank_1_mp_rank_00_model_states" in n for n in shards) == (zero == 3)
 
 
-@pytest.mark.distributed
 def test_two_nodes_zero3(tiny_parts, mixed_data, tmp_path):
     """Two torchrun "nodes" of one process each form one ZeRO-3 job."""
-    recipe = write_recipe(tmp_path, tiny_parts, mixed_data, stage="finetune_lora", max_steps=2,
-                          per_device_train_batch_size=1, deepspeed="ds_configs/zero3.json")  # fmt: skip
+    recipe = write_recipe(
+        tmp_path,
+        tiny_parts,
+        mixed_data,
+        stage="finetune_lora",
+        max_steps=2,
+        per_device_train_batch_size=1,
+        deepspeed="ds_configs/zero3.json",
+    )
     port = str(free_port())
-    nodes = [start(torchrun(module(recipe), nproc=1, port=port, nnodes="2", node_rank=str(rank),
-                            master_addr="127.0.0.1"), tmp_path, f"node{rank}.txt")
-             for rank in (0, 1)]  # fmt: skip
+    nodes = [
+        start(
+            torchrun(
+                module(recipe),
+                nproc=1,
+                port=port,
+                nnodes="2",
+                node_rank=str(rank),
+                master_addr="127.0.0.1",
+            ),
+            tmp_path,
+            f"node{rank}.txt",
+        )
+        for rank in (0, 1)
+    ]
     finish(nodes, tmp_path, "node0.txt")
     assert len(losses(tmp_path / "out")) == 2
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
-
-
-def _audit_writes(folder: Path) -> None:
-    """Record every file this rank opens for writing (Python, torch.save, safetensors)."""
-    import atexit
-
-    import safetensors.torch
-
-    written: set[str] = set()
-
-    def hook(event: str, args: tuple) -> None:
-        if event == "open" and isinstance(args[0], str) and args[1] and set(str(args[1])) & set("wax+"):  # fmt: skip
-            written.add(args[0])
-
-    def wrap(fn, where: int):
-        def recorded(*a, **kw):
-            written.add(str(a[where]))
-            return fn(*a, **kw)
-        return recorded  # fmt: skip
-
-    sys.addaudithook(hook)
-    safetensors.torch.serialize_file = wrap(safetensors.torch.serialize_file, 1)
-    torch.save = wrap(torch.save, 1)
-    rank = os.environ["RANK"]
-    atexit.register(lambda: (folder.mkdir(parents=True, exist_ok=True), (folder / f"rank{rank}.json").write_text(json.dumps(sorted(written)))))  # fmt: skip
-
-
-def _hang_before_publishing(step: int, marker: Path) -> None:
-    """Stop forever right before ``checkpoint-<step>`` is renamed into place."""
-    from lvlm_tune.training import trainer
-
-    publish = trainer.publish_checkpoint
-
-    def hanging(staged: str, final: str) -> None:
-        if final.endswith(f"checkpoint-{step}"):
-            marker.touch()
-            time.sleep(3600)
-        publish(staged, final)
-
-    trainer.publish_checkpoint = hanging
-
-
-if __name__ == "__main__":  # the worker: [--audit DIR] [--hang-at STEP MARKER] RECIPE [--key value]
-    argv = sys.argv[1:]
-    if argv[0] == "--audit":
-        _audit_writes(Path(argv[1]))
-        argv = argv[2:]
-    elif argv[0] == "--hang-at":
-        _hang_before_publishing(int(argv[1]), Path(argv[2]))
-        argv = argv[3:]
-    from lvlm_tune.train import main
-
-    sys.exit(main(argv))

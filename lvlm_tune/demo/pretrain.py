@@ -65,7 +65,7 @@ class VisionTowerConfig:
     num_layers: int = 3  # LLaVA reads layer -2, so the last layer is never trained or used
     num_heads: int = 4
     num_images: int = 8000  # freshly rendered pre-training scenes
-    steps: int = 800
+    steps: int = 1000
     batch_size: int = 64
     learning_rate: float = 3e-3
     rms_weight: float = 0.1  # pulls the features' RMS to 1 (raw scale is what the projector sees)
@@ -83,7 +83,7 @@ class LanguageModelConfig:
     intermediate_size: int = 256
     max_position_embeddings: int = 512
     max_length: int = 96  # corpus lines are cut to this many tokens
-    steps: int = 300
+    steps: int = 600
     batch_size: int = 32
     learning_rate: float = 3e-3
     seed: int = 0

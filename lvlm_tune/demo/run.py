@@ -69,7 +69,8 @@ def evaluate(trainer: Any, data_args: Any, path: Path, batch_size: int = 64) -> 
                 examples.append(
                     {
                         "id": record.id,
-                        "question": record.turns[-1].content,
+                        "image": str(record.images[0]),
+                        "question": record.turns[-1].content.replace("<image>", "").strip(),
                         "answer": answer,
                         "truth": truth,
                     }
@@ -95,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-images", type=int, default=3000)
     parser.add_argument("--test-images", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few steps per stage: checks the plumbing, not the accuracy",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING
@@ -115,9 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     times["data"] = time.perf_counter() - start
 
     start = step("base models: vision tower and LLM pre-training")
-    summary["vision_pretrain"] = pretrain.pretrain_vision_tower(out / "base" / "vision")
+    vision_config, llm_config = pretrain.VisionTowerConfig(), pretrain.LanguageModelConfig()
+    if args.quick:
+        vision_config.steps = llm_config.steps = 5
+        vision_config.num_images = 64
+    summary["vision_pretrain"] = pretrain.pretrain_vision_tower(
+        out / "base" / "vision", vision_config
+    )
     summary["llm_pretrain"] = pretrain.pretrain_language_model(
-        paths["text_corpus"], out / "base" / "llm"
+        paths["text_corpus"], out / "base" / "llm", llm_config
     )
     times["base_models"] = time.perf_counter() - start
 
@@ -132,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         values = {
             "vision_tower": out / "base" / "vision", "llm_name_or_path": out / "base" / "llm",
             "image_folder": out / "data", "output_dir": out / stage, "seed": args.seed,
-            **paths_of[stage],
+            **paths_of[stage], **({"max_steps": 3} if args.quick else {}),
         }  # fmt: skip
         overrides = [f"--{key}={value}" for key, value in values.items()]
         model_args, data_args, train_args = parse_recipe(RECIPES / recipe, overrides)
@@ -167,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         f"same questions, blank images:      {summary['accuracy_blank_images']:.3f}  (chance {summary['chance']})"
     )
     print(
-        f"question about {ex['id']}: {ex['question']!r} -> {ex['answer']!r} (truth {ex['truth']!r})"
+        f"held-out image {ex['image']}: {ex['question']!r} -> {ex['answer']!r} (truth {ex['truth']!r})"
     )
     print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
     print(f"outputs: {out}/ (summary.json, stage1/, stage2/)")

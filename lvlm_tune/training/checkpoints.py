@@ -105,10 +105,10 @@ def publish_checkpoint(staged: str | os.PathLike, final: str | os.PathLike) -> N
         os.replace(final, old)
     os.replace(staged, final)
     _fsync_dir(os.path.dirname(final) or ".")
-    with contextlib.suppress(OSError):  # the staging folder, when nothing else is in it
-        os.rmdir(os.path.dirname(staged))
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the staging folder, when nothing else is in it
+        os.rmdir(os.path.dirname(staged))
 
 
 def _fsync_tree(root: str) -> None:

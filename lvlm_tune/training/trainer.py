@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import PreTrainedModel, Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
@@ -41,7 +41,11 @@ from lvlm_tune.training.checkpoints import (
     publish_checkpoint,
     staging_root,
 )
-from lvlm_tune.training.distributed import check_deepspeed_config, offloads_optimizer
+from lvlm_tune.training.distributed import (
+    check_deepspeed_config,
+    offloads_optimizer,
+    zero3_init_paused,
+)
 from lvlm_tune.training.run_card import write_run_card
 
 logger = logging.getLogger(__name__)
@@ -105,7 +109,7 @@ class LvlmTrainer(Trainer):
         """The Trainer's choice, or ``DeepSpeedCPUAdam`` when ZeRO-Offload holds the states."""
         if not offloads_optimizer(self.args):
             return self.get_optimizer_cls_and_kwargs(self.args, model)
-        if "adamw" not in str(self.args.optim):
+        if not str(getattr(self.args.optim, "value", self.args.optim)).startswith("adamw"):
             raise ValueError(
                 f"optim: {self.args.optim} cannot run on ZeRO-Offload's CPU optimizer states; "
                 "use an adamw optimizer (it becomes DeepSpeedCPUAdam) or a config without offload"
@@ -228,7 +232,9 @@ class LvlmTrainer(Trainer):
             )
         self.accelerator.wait_for_everyone()
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+    def train(
+        self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any
+    ) -> Any:
         """``Trainer.train``; ``resume_from_checkpoint=True`` takes the newest complete checkpoint.
 
         ``"auto"`` does the same when there is one and starts afresh otherwise (for jobs that
@@ -242,7 +248,26 @@ class LvlmTrainer(Trainer):
                 )
             logger.info("resuming from %s", found or "scratch: no checkpoint yet")
             resume_from_checkpoint = found
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        """Full-model checkpoints load through ``from_pretrained`` (it maps the saved key names).
+
+        ``Trainer`` loads ``model.safetensors`` with a plain non-strict ``load_state_dict``;
+        transformers saves LLaVA under its legacy key names, so nothing would match and the
+        run would resume from the initial weights without a word.
+        """
+        target = self.model if model is None else model
+        weights = os.path.join(resume_from_checkpoint, "model.safetensors")
+        if not isinstance(target, PreTrainedModel) or not (
+            os.path.isfile(weights) or os.path.isfile(weights + ".index.json")
+        ):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        with zero3_init_paused():
+            saved = type(target).from_pretrained(
+                resume_from_checkpoint, dtype=next(target.parameters()).dtype
+            )
+        target.load_state_dict(saved.state_dict(), strict=True)
 
     def _newest_common_checkpoint(self) -> str | None:
         """The newest checkpoint complete on every rank (nodes may not share a filesystem)."""
