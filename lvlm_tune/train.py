@@ -25,6 +25,7 @@ from lvlm_tune.data.sources import open_source
 from lvlm_tune.models.llava import enable_gradient_checkpointing, num_image_tokens
 from lvlm_tune.models.parts import load_projector, save_projector
 from lvlm_tune.models.registry import ModelFamily, get_model_family
+from lvlm_tune.templates.jinja import set_chat_template
 from lvlm_tune.templates.registry import TOKENIZER_TEMPLATE, get_template
 from lvlm_tune.training.distributed import zero3_init_paused
 from lvlm_tune.training.freezing import LoraOptions, apply_stage, parameter_summary
@@ -70,6 +71,8 @@ def build_model(
                 vision_feature_select_strategy=model_args.vision_feature_select_strategy,
                 **common,
             )
+    if data_args.template != TOKENIZER_TEMPLATE:  # inference renders exactly the training prompt
+        set_chat_template(processor, get_template(data_args.template))
     if model_args.pretrained_projector:
         source = load_projector(model, model_args.pretrained_projector, family)
         logger.info("projector loaded from %s", source)

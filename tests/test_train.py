@@ -265,3 +265,18 @@ def test_text_only_batch_still_runs_the_vision_path(tmp_path, tiny_parts, tiny_d
     for name, param in model.named_parameters():
         if is_under(name, PROJECTOR + VISION) and param.requires_grad:
             assert param.grad is not None and not param.grad.any(), name  # touched, zero effect
+
+
+def test_saved_processor_chat_template_renders_the_training_prompt(tmp_path, tiny_parts, tiny_data):
+    from transformers import AutoProcessor
+
+    from lvlm_tune.data.record import Turn
+    from lvlm_tune.templates import get_template, render
+
+    out = tmp_path / "s1"
+    run(*parse(tiny_recipe(tiny_parts, tiny_data, out, stage="pretrain", max_steps=1, template="llava_v0"), tmp_path))
+    processor = AutoProcessor.from_pretrained(out)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    turns = [Turn("user", "<image>\nWhat color?")]
+    assert prompt == render(get_template("llava_v0"), turns, add_generation_prompt=True).text
