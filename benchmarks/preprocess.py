@@ -21,54 +21,12 @@ from lvlm_tune.data.record import Conversation, Turn
 from lvlm_tune.data.sampler import grouped_order
 from lvlm_tune.tokenizers import train_sentencepiece
 
-WORDS = [
-    "the",
-    "a",
-    "red",
-    "blue",
-    "green",
-    "yellow",
-    "square",
-    "circle",
-    "triangle",
-    "star",
-    "image",
-    "picture",
-    "shows",
-    "left",
-    "right",
-    "top",
-    "bottom",
-    "what",
-    "which",
-    "color",
-    "is",
-    "are",
-    "shape",
-    "there",
-    "how",
-    "many",
-    "describe",
-    "in",
-    "detail",
-    "small",
-    "large",
-    "object",
-    "person",
-    "dog",
-    "cat",
-    "car",
-    "tree",
-    "sky",
-    "road",
-    "building",
-    "window",
-    "table",
-    "chair",
-    "people",
-    "standing",
-    "sitting",
-]
+WORDS = (
+    "the a red blue green yellow square circle triangle star image picture shows left "
+    "right top bottom what which color is are shape there how many describe in detail "
+    "small large object person dog cat car tree sky road building window table chair "
+    "people standing sitting"
+).split()
 
 
 def sentence(rng: random.Random, lo: int, hi: int) -> str:

@@ -19,26 +19,9 @@ import sys
 import tempfile
 import time
 
-WORDS = [
-    "the",
-    "a",
-    "red",
-    "blue",
-    "green",
-    "square",
-    "circle",
-    "left",
-    "right",
-    "top",
-    "what",
-    "color",
-    "shape",
-    "how",
-    "many",
-    "is",
-    "in",
-    "of",
-]
+WORDS = (
+    "the a red blue green square circle left right top what color shape how many is in of"
+).split()
 
 
 def write_data(path: str, n: int, images: str) -> None:

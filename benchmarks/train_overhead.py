@@ -33,12 +33,17 @@ def make_data(root: str, n: int) -> str:
     rng = random.Random(0)
     samples = []
     for i in range(n):
-        Image.new("RGB", (32, 32), (rng.randrange(256), 80, 160)).save(os.path.join(root, f"{i}.png"))
+        Image.new("RGB", (32, 32), (rng.randrange(256), 80, 160)).save(
+            os.path.join(root, f"{i}.png")
+        )
         turns = []
         for k in range(3):
             q = " ".join(rng.choices(WORDS, k=12)) + "?"
             a = " ".join(rng.choices(WORDS, k=30)) + "."
-            turns += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + q}, {"from": "gpt", "value": a}]
+            turns += [
+                {"from": "human", "value": ("<image>\n" if k == 0 else "") + q},
+                {"from": "gpt", "value": a},
+            ]
         samples.append({"id": str(i), "image": f"{i}.png", "conversations": turns})
     path = os.path.join(root, "data.json")
     with open(path, "w") as f:
@@ -67,8 +72,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     with tempfile.TemporaryDirectory() as tmp:
-        tok = write_tiny_tokenizer(os.path.join(tmp, "llm"), [" ".join(random.choices(WORDS, k=10)) for _ in range(2000)])
-        llm = write_tiny_llama(os.path.join(tmp, "llm"), tok, hidden_size=256, num_layers=4, num_heads=8)
+        tok = write_tiny_tokenizer(
+            os.path.join(tmp, "llm"), [" ".join(random.choices(WORDS, k=10)) for _ in range(2000)]
+        )
+        llm = write_tiny_llama(
+            os.path.join(tmp, "llm"), tok, hidden_size=256, num_layers=4, num_heads=8
+        )
         vision = write_tiny_vision_tower(os.path.join(tmp, "vision"), hidden_size=64, num_layers=2)
         data = make_data(tmp, args.steps * args.batch)
         overrides = {
@@ -84,7 +93,9 @@ def main() -> None:
         # --- ours: the real training entry point, batches in dataset order
         from lvlm_tune.training import trainer as trainer_module
 
-        trainer_module.LvlmTrainer._get_train_sampler = lambda self, ds=None: torch.utils.data.SequentialSampler(self.train_dataset)
+        trainer_module.LvlmTrainer._get_train_sampler = lambda self, ds=None: (
+            torch.utils.data.SequentialSampler(self.train_dataset)
+        )
         clock = StepClock(args.warmup)
         result = run(*parse_recipe(None, argv), callbacks=[clock])
         ours_time = clock.end - clock.start
@@ -94,8 +105,14 @@ def main() -> None:
         set_seed(train_args.seed)
         model, processor, _ = build_model(model_args, data_args, train_args)
         dataset = build_dataset(data_args, processor, model, train_args.seed)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, collate_fn=MultimodalCollator(pad_token_id(processor.tokenizer)))
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=args.batch,
+            collate_fn=MultimodalCollator(pad_token_id(processor.tokenizer)),
+        )
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0
+        )
         model.train()
         tokens = 0
         for step, batch in enumerate(loader, 1):
