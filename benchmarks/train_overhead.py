@@ -60,7 +60,6 @@ class StepClock(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         if state.global_step == self.warmup:
             self.start = time.perf_counter()
-            print("threads in trainer:", torch.get_num_threads())
         self.end = time.perf_counter()
 
 

@@ -93,11 +93,9 @@ def build_model(
         lora=lora,
         unfreeze_vision_tower=model_args.unfreeze_vision_tower,
     )
-    if train_args.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-        train_args.gradient_checkpointing = (
-            False  # done above, with input grads for frozen embeddings
-        )
+    if train_args.activation_checkpointing:
+        enable_gradient_checkpointing(model)  # with input grads, so frozen embeddings work
+        train_args.activation_checkpointing = train_args.gradient_checkpointing = False
     logger.info(parameter_summary(model))
     return model, processor, family
 
