@@ -122,3 +122,21 @@ def test_console_script(tmp_path, data_file, sp_tokenizer_dir):
     )  # fmt: skip
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert len(rows) == 1 and rows[0]["id"] == "a1"
+
+
+def test_recipe_image_tokens_come_from_the_vision_tower(capsys, tmp_path, data_file, tiny_parts):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "data_path": str(data_file),
+                "llm_name_or_path": tiny_parts["llm"],
+                "vision_tower": tiny_parts["vision"],
+                "template": "vicuna_v1",
+            }
+        )
+    )
+    rows = run_json(capsys, str(recipe))
+    assert (
+        rows[0]["input_ids"].count(rows[0]["image_token_id"]) == 16
+    )  # 32 px / patch 8, CLS dropped

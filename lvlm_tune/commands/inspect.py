@@ -71,6 +71,8 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
             if recipe.get(key) is not None:
                 settings[name] = recipe[key]
         settings["tokenizer"] = next((recipe[k] for k in TOKENIZER_KEYS if recipe.get(k)), None)
+        if recipe.get("num_image_tokens") is None:
+            settings["num_image_tokens"] = recipe_image_tokens(recipe) or 1
     for name in settings:
         value = getattr(args, name, None)
         if value is not None and not (name == "data_format" and value == "auto" and args.recipe):
@@ -79,6 +81,28 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     if missing:
         raise SystemExit(f"lvlm-tune inspect: missing {', '.join('--' + m for m in missing)}")
     return settings
+
+
+def recipe_image_tokens(recipe: dict[str, Any]) -> int | None:
+    """Image tokens per image of a recipe's model, from local configs (None if not readable)."""
+    from transformers import AutoConfig, LlavaConfig
+
+    from lvlm_tune.models.llava import num_image_tokens
+
+    strategy = recipe.get("vision_feature_select_strategy", "default")
+    try:
+        if recipe.get("model_name_or_path"):
+            return num_image_tokens(AutoConfig.from_pretrained(recipe["model_name_or_path"]))
+        if recipe.get("vision_tower"):
+            vision = AutoConfig.from_pretrained(recipe["vision_tower"])
+            vision = getattr(vision, "vision_config", vision)
+            config = LlavaConfig(
+                vision_config=vision.to_dict(), vision_feature_select_strategy=strategy
+            )
+            return num_image_tokens(config)
+    except (OSError, ValueError, KeyError, AttributeError):
+        print("note: model config not found locally; pass --num-image-tokens", file=sys.stderr)
+    return None
 
 
 def load_tokenizer(path: str) -> Any:
