@@ -4,21 +4,23 @@ Every launch is a real subprocess in its own process group, with its own MASTER_
 port) and LVLM_TUNE_CACHE, under a hard timeout that kills the whole group and fails naming
 the command and the end of its log. Run as a script (``torchrun ... tests/dist_launch.py
 [--audit DIR | --hang-at STEP MARKER] RECIPE [--key value ...]``) this file is a
-``lvlm-tune train`` that also records which files each rank writes, or stops for good just
-before publishing a checkpoint so that a test can SIGKILL the job in the middle of a save.
+``lvlm-tune train`` that also records which files each rank writes, or stalls (for up to
+LAUNCH_TIMEOUT seconds) just before publishing a checkpoint, so that a test can SIGKILL the job
+in the middle of a save.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -61,9 +63,18 @@ def start(cmd: list[str], tmp: Path, log: str = "log.txt") -> subprocess.Popen:
 
 
 def kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
+    """SIGKILL a launcher and every process under it (torchrun starts ranks in new sessions)."""
+    try:
+        launcher = psutil.Process(proc.pid)
+        family = [launcher, *launcher.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
     proc.wait()
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, f"still running after SIGKILL: {alive}"
 
 
 def finish(procs: list[subprocess.Popen], tmp: Path, log: str = "log.txt") -> None:

@@ -52,7 +52,7 @@ STAGE2 = {
     "save_steps": 3,
     "lr_scheduler_type": "cosine",
     "projector_lr": 3e-3,
-    "gradient_checkpointing": True,
+    "activation_checkpointing": True,
 }
 
 
@@ -86,8 +86,21 @@ def stage2(stage1, tiny_parts, tiny_data, tmp_path_factory):
         deepspeed="ds_configs/zero3.json",
         **STAGE2,
     )
-    finish([start(torchrun(module(recipe)), tmp)], tmp)
-    return {"out": tmp / "out", "recipe": recipe, "tmp": tmp}
+    finish([start(torchrun(worker("--audit", str(tmp / "audit"), recipe)), tmp)], tmp)
+    return {"out": tmp / "out", "recipe": recipe, "audit": tmp / "audit"}
+
+
+def files_written(run: dict) -> dict[int, set[str]]:
+    """Names of the files under the run's output folder that each rank opened for writing."""
+    writes = {r: json.loads((run["audit"] / f"rank{r}.json").read_text()) for r in (0, 1)}
+    return {
+        r: {Path(p).name for p in w if p.startswith(str(run["out"]))} for r, w in writes.items()
+    }
+
+
+def only_own_shards(names: set[str]) -> bool:
+    """Rank 1 writes its ZeRO shards and RNG state; never weights, cards or trainer state."""
+    return bool(names) and all("rank_1" in n or n == "rng_state_1.pth" for n in names)
 
 
 def test_zero3_stage1_trains_only_the_projector_and_rank0_alone_writes(stage1):
@@ -109,14 +122,12 @@ def test_zero3_stage1_trains_only_the_projector_and_rank0_alone_writes(stage1):
     for key, value in projector.items():
         assert torch.equal(value, after[f"model.multi_modal_projector.{key}"])
     assert (out / "checkpoint-2" / "global_step2").is_dir() and not (out / ".staging").exists()
-    writes = {r: json.loads((stage1["audit"] / f"rank{r}.json").read_text()) for r in (0, 1)}
-    names = {r: {Path(p).name for p in w if p.startswith(str(out))} for r, w in writes.items()}
+    names = files_written(stage1)
     assert {"model.safetensors", "projector.safetensors", "lvlm_tune.json"} <= names[0]
-    # rank 1 writes only its own ZeRO shards and RNG state; never weights, cards or states
-    assert names[1] and all("rank_1" in n or n == "rng_state_1.pth" for n in names[1]), names[1]
+    assert only_own_shards(names[1]), names[1]
 
 
-def test_zero3_two_processes_match_one_process_and_load_the_stage1_projector(
+def test_zero3_two_processes_match_one_process_load_the_stage1_projector_and_save_on_rank0(
     stage1, stage2, tiny_parts, tiny_data, tmp_path
 ):
     recipe = write_recipe(
@@ -132,6 +143,9 @@ def test_zero3_two_processes_match_one_process_and_load_the_stage1_projector(
     assert two == pytest.approx(one, rel=1e-3)
     steps = sorted(int(p.name.split("-")[1]) for p in stage2["out"].glob("checkpoint-*"))
     assert steps == [3, 6, 9, 10]  # published whole, last step included
+    names = files_written(stage2)
+    assert {"adapter_model.safetensors", "adapter_config.json", "lvlm_tune.json"} <= names[0]
+    assert only_own_shards(names[1]), names[1]
 
 
 def test_sigkill_mid_checkpoint_then_resume_reproduces_the_run(

@@ -82,12 +82,6 @@ def check_deepspeed_config(args: Any) -> None:
         )
 
 
-def zero_stage(args: Any) -> int:
-    """The ZeRO stage of ``args``'s DeepSpeed config (0 without DeepSpeed)."""
-    config = deepspeed_config_dict(args) or {}
-    return int(config.get("zero_optimization", {}).get("stage", 0))
-
-
 def offloads_optimizer(args: Any) -> bool:
     """Whether ``args``'s DeepSpeed config keeps optimizer states on the CPU (ZeRO-Offload)."""
     zero = (deepspeed_config_dict(args) or {}).get("zero_optimization", {})
