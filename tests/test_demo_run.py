@@ -10,10 +10,19 @@ from lvlm_tune.demo import run as demo
 def test_quick_demo_writes_a_summary(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LVLM_TUNE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
-    assert demo.main(["--out", str(out), "--train-images", "40", "--test-images", "8", "--quick"]) == 0
+    assert (
+        demo.main(["--out", str(out), "--train-images", "40", "--test-images", "8", "--quick"]) == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert 0.0 <= summary["accuracy"] <= 1.0 and 0.0 <= summary["accuracy_blank_images"] <= 1.0
-    assert set(summary["times_s"]) >= {"data", "base_models", "stage1", "stage2", "evaluate", "total"}
+    assert set(summary["times_s"]) >= {
+        "data",
+        "base_models",
+        "stage1",
+        "stage2",
+        "evaluate",
+        "total",
+    }
     assert (out / "stage1" / "projector.safetensors").exists()
     assert (out / "stage2" / "adapter_model.safetensors").exists()
     assert "held-out colour+shape exact match" in capsys.readouterr().out

@@ -259,7 +259,13 @@ def test_text_only_batch_still_runs_the_vision_path(tmp_path, tiny_parts, tiny_d
     text_only = [dataset[i] for i in range(len(dataset)) if dataset[i]["pixel_values"] is None][:2]
     batch = MultimodalCollator(0)(text_only)
     assert "pixel_values" not in batch
-    trainer = LvlmTrainer(model=model, args=args[2], family=family, run_card={}, blank_pixel_values=blank_pixels(processor))
+    trainer = LvlmTrainer(
+        model=model,
+        args=args[2],
+        family=family,
+        run_card={},
+        blank_pixel_values=blank_pixels(processor),
+    )
     loss = trainer.compute_loss(model, batch)
     loss.backward()
     for name, param in model.named_parameters():
@@ -274,9 +280,18 @@ def test_saved_processor_chat_template_renders_the_training_prompt(tmp_path, tin
     from lvlm_tune.templates import get_template, render
 
     out = tmp_path / "s1"
-    run(*parse(tiny_recipe(tiny_parts, tiny_data, out, stage="pretrain", max_steps=1, template="llava_v0"), tmp_path))
+    run(
+        *parse(
+            tiny_recipe(
+                tiny_parts, tiny_data, out, stage="pretrain", max_steps=1, template="llava_v0"
+            ),
+            tmp_path,
+        )
+    )
     processor = AutoProcessor.from_pretrained(out)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color?"}]}]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color?"}]}
+    ]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     turns = [Turn("user", "<image>\nWhat color?")]
     assert prompt == render(get_template("llava_v0"), turns, add_generation_prompt=True).text
