@@ -11,6 +11,9 @@ COMMANDS = {
         "lvlm_tune.commands.inspect",
         "show exactly which tokens a recipe or data file trains",
     ),
+    "merge": ("lvlm_tune.commands.merge", "fold adapters in and export a standard HF folder"),
+    "eval": ("lvlm_tune.commands.eval", "loss, perplexity and answer accuracy on a data file"),
+    "chat": ("lvlm_tune.commands.chat", "talk to a merged folder or an adapter checkpoint"),
 }
 
 USAGE = (

@@ -8,8 +8,10 @@ Steps (each timed, outputs under ``--out``, default ``runs/demo/``):
    quickly on the demo's own images and text (they stand in for CLIP-L and Vicuna);
 3. stage 1 (feature alignment, projector only) and stage 2 (LoRA on the LLM + projector),
    run by the same recipe machinery as real runs (``recipes/demo/*.yaml``);
-4. evaluation: held-out exact-match accuracy on colour and shape questions, and the same with
-   the images blanked (answers must come from the image path), plus one answered question.
+4. the last steps use the user commands: ``lvlm-tune merge`` (LoRA folded into a standalone
+   folder, ``merged/``), ``lvlm-tune eval`` on the held-out questions with real and with blank
+   images (colour + shape exact match; answers must come from the image path), and
+   ``lvlm-tune chat`` answering one held-out question.
 
 It prints a summary and writes ``summary.json`` with the accuracies, chance levels, per-stage
 losses and the wall time of every step.
@@ -28,58 +30,30 @@ from typing import Any
 
 import torch
 
+from lvlm_tune.commands import chat as chat_command
+from lvlm_tune.commands import eval as eval_command
+from lvlm_tune.commands import merge as merge_command
 from lvlm_tune.config import parse_recipe
-from lvlm_tune.data.encoder import ConversationEncoder
-from lvlm_tune.data.images import ImageLoader
-from lvlm_tune.data.sources import open_source
 from lvlm_tune.demo import pretrain, shapes
-from lvlm_tune.inference import Answerer
-from lvlm_tune.models.llava import num_image_tokens
 from lvlm_tune.train import run
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "demo"
 SCORED_KINDS = ("colour", "shape")
 
 
-def evaluate(trainer: Any, data_args: Any, path: Path, batch_size: int = 64) -> dict[str, Any]:
-    """Greedy exact-match accuracy per question kind on a held-out LLaVA JSON."""
-    model = trainer.model.eval()
-    processor = trainer.processing_class
-    encoder = ConversationEncoder(
-        processor.tokenizer, data_args.template, num_image_tokens=num_image_tokens(model),
-        image_position="before", system=data_args.system_prompt,
-    )  # fmt: skip
-    answerer = Answerer(
-        model, processor, encoder, ImageLoader(processor.image_processor, path.parent)
-    )
-    kinds = [row["kind"] for row in json.loads(path.read_text())]
-    source = open_source(path)
+def evaluate(model_dir: Path, path: Path) -> dict[str, Any]:
+    """``lvlm-tune eval`` on a held-out LLaVA JSON; exact match per question kind."""
+    report = eval_command.evaluate(model_dir, path, batch_size=64, progress=False)
+    kind_of = {row["id"]: row["kind"] for row in json.loads(path.read_text())}
     hits: dict[str, list[bool]] = defaultdict(list)
-    examples = []
-    for lo in range(0, len(source), batch_size):
-        records = [source.get(i) for i in range(lo, min(lo + batch_size, len(source)))]
-        truths = [r.turns[-1].content for r in records]
-        for r in records:
-            r.turns = r.turns[:-1]
-        for k, (record, truth, answer) in enumerate(
-            zip(records, truths, answerer.answer(records), strict=True)
-        ):
-            hits[kinds[lo + k]].append(answer == truth)
-            if len(examples) < 3:
-                examples.append(
-                    {
-                        "id": record.id,
-                        "image": str(record.images[0]),
-                        "question": record.turns[-1].content.replace("<image>", "").strip(),
-                        "answer": answer,
-                        "truth": truth,
-                    }
-                )
+    for sample in report["samples"]:
+        hits[kind_of[sample["id"]]].append(bool(sample["exact_match"]))
     scored = [h for kind in SCORED_KINDS for h in hits[kind]]
     return {
         "accuracy": sum(scored) / max(len(scored), 1),
         "by_kind": {kind: sum(v) / len(v) for kind, v in hits.items()},
-        "examples": examples,
+        "answer_loss": report["metrics"].get("loss"),
+        "report": report,
     }
 
 
@@ -152,9 +126,15 @@ def main(argv: list[str] | None = None) -> int:
         times[stage] = time.perf_counter() - start
         summary[f"{stage}_final_loss"] = final_loss(trainers[stage])
 
-    start = step("evaluate held-out questions (real and blank images)")
-    test = evaluate(trainers["stage2"], data_args, Path(paths["instruct_test"]))
-    blank = evaluate(trainers["stage2"], data_args, Path(paths["instruct_test_blank"]))
+    start = step(f"merge: lvlm-tune merge --checkpoint {out / 'stage2'} --output {out / 'merged'}")
+    merged = merge_command.merge(out / "stage2", out / "merged", overwrite=True)
+    times["merge"] = time.perf_counter() - start
+
+    start = step("eval: lvlm-tune eval on held-out questions (real and blank images)")
+    test = evaluate(merged, Path(paths["instruct_test"]))
+    blank = evaluate(merged, Path(paths["instruct_test_blank"]))
+    (out / "eval_test.json").write_text(json.dumps(test.pop("report"), indent=1))
+    (out / "eval_blank.json").write_text(json.dumps(blank.pop("report"), indent=1))
     times["evaluate"] = time.perf_counter() - start
     info = json.loads(Path(paths["info"]).read_text())
     summary.update(
@@ -163,12 +143,35 @@ def main(argv: list[str] | None = None) -> int:
         chance=info["chance"].get("colour_shape"),
         accuracy_by_kind=test["by_kind"],
         accuracy_blank_by_kind=blank["by_kind"],
-        example=test["examples"][0],
+        answer_loss=test["answer_loss"],
     )
+
+    first = json.loads(Path(paths["instruct_test"]).read_text())[0]
+    question = first["conversations"][0]["value"].replace("<image>", "").strip()
+    image = Path(paths["root"]) / first["image"]
+    start = step(f"chat: lvlm-tune chat --model {merged} --image {image} --prompt {question!r}")
+    print(f"user: {question}\nassistant: ", end="", flush=True)
+    chat_command.main(
+        [
+            "--model",
+            str(merged),
+            "--image",
+            str(image),
+            "--prompt",
+            question,
+            "--max-new-tokens",
+            "16",
+        ]
+    )
+    summary["example"] = {
+        "image": str(image),
+        "question": question,
+        "truth": first["conversations"][1]["value"],
+    }
+    times["chat"] = time.perf_counter() - start
     times["total"] = sum(times.values())
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
-    ex = summary["example"]
     print("\n==== lvlm-tune demo summary ====")
     print(f"stage 1 (projector) final loss: {summary['stage1_final_loss']:.3f}")
     print(f"stage 2 (LoRA) final loss:      {summary['stage2_final_loss']:.3f}")
@@ -178,11 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"same questions, blank images:      {summary['accuracy_blank_images']:.3f}  (chance {summary['chance']})"
     )
-    print(
-        f"held-out image {ex['image']}: {ex['question']!r} -> {ex['answer']!r} (truth {ex['truth']!r})"
-    )
     print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
-    print(f"outputs: {out}/ (summary.json, stage1/, stage2/)")
+    print(f"outputs: {out}/ (summary.json, stage1/, stage2/, merged/, eval_test.json)")
     return 0
 
 

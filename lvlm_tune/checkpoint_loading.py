@@ -1,0 +1,186 @@
+"""Load what training saved (a run folder, a ``checkpoint-N`` or a merged folder) for use.
+
+Owns the one way ``merge``, ``chat`` and ``eval`` open a model: read the run card
+(``lvlm_tune.json``), then either load a full model folder (stage 1, full fine-tune, merged) through
+the family's ``load``, or rebuild an adapter's base from the parts the card records (or from
+``--base`` when they moved) and put the PEFT adapter on top. The processor saved next to the
+weights is used (it carries the training chat template and the added tokens). Only safetensors
+are read; ``trust_remote_code`` is never turned on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import AutoProcessor
+
+from lvlm_tune.models.registry import ModelFamily, get_model_family
+from lvlm_tune.templates.jinja import set_chat_template
+from lvlm_tune.templates.registry import TOKENIZER_TEMPLATE, get_template
+from lvlm_tune.training.run_card import RUN_CARD, read_run_card
+
+ADAPTER_CONFIG = "adapter_config.json"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class LoadedRun:
+    """A model ready for inference with everything needed to prompt it as in training.
+
+    Attributes:
+        model: the model in eval mode (a ``PeftModel`` for an adapter checkpoint).
+        processor: the processor saved with the checkpoint (chat template included).
+        card: the run card.
+        family: the model-family registry entry.
+        is_adapter: whether ``model`` is PEFT-wrapped.
+    """
+
+    model: Any
+    processor: Any
+    card: dict[str, Any]
+    family: ModelFamily
+    is_adapter: bool
+
+
+def checkpoint_kind(folder: str | os.PathLike) -> str:
+    """``"adapter"`` or ``"full"``; raises ``FileNotFoundError`` naming what is missing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such checkpoint folder")
+    if (folder / ADAPTER_CONFIG).is_file():
+        return "adapter"
+    if (folder / "config.json").is_file():
+        return "full"
+    raise FileNotFoundError(
+        f"{folder}: neither {ADAPTER_CONFIG} (LoRA/DoRA adapters) nor config.json (a full model); "
+        "pass a run folder, one of its checkpoint-N folders or a merged folder"
+    )
+
+
+def _extra_tokens(card: dict[str, Any]) -> tuple[str, ...]:
+    template = card.get("template", TOKENIZER_TEMPLATE)
+    return () if template == TOKENIZER_TEMPLATE else get_template(template).required_special_tokens
+
+
+def _check_exists(path: str, what: str) -> None:
+    # a hub id is "org/name": only paths that cannot be one are checked here
+    looks_local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
+    if looks_local and not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{what} {path} recorded in the run card does not exist (moved?); pass --base PATH "
+            "(a LLaVA folder, or LLM=PATH,VISION=PATH for the parts)"
+        )
+
+
+def build_base(
+    card: dict[str, Any], base: str | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[Any, Any]:
+    """Rebuild the model an adapter was trained on, as the card records it.
+
+    Args:
+        card: the run card of the adapter checkpoint.
+        base: override for moved parts: a LLaVA model folder, or ``"LLM,VISION"`` (two folders).
+        dtype: parameter dtype.
+
+    Returns:
+        ``(model, processor)`` of the base.
+    """
+    family = get_model_family(card.get("family", "llava"))
+    args = card.get("model_args", {})
+    common = {
+        "dtype": dtype,
+        "attn_implementation": "sdpa" if args.get("attn_implementation") != "eager" else "eager",
+        "extra_special_tokens": _extra_tokens(card),
+    }
+    llm, vision = args.get("llm_name_or_path"), args.get("vision_tower")
+    whole = args.get("model_name_or_path") or None
+    if base:
+        if "," in base:
+            llm, vision = base.split(",", 1)
+            whole = None
+        else:
+            whole = base
+        if whole and not os.path.exists(whole):
+            raise FileNotFoundError(f"--base {whole}: no such folder")
+    if whole:
+        _check_exists(whole, "base model")
+        return family.load(whole, **common)
+    if not llm or not vision:
+        raise ValueError("the run card records no base model; pass --base PATH")
+    _check_exists(llm, "base LLM")
+    _check_exists(vision, "vision tower")
+    return family.build(
+        vision,
+        llm,
+        projector_type=args.get("projector_type", "mlp2x_gelu"),
+        vision_feature_layer=args.get("vision_feature_layer", -2),
+        vision_feature_select_strategy=args.get("vision_feature_select_strategy", "default"),
+        **common,
+    )
+
+
+def _processor(folder: Path, fallback: Any, card: dict[str, Any]) -> Any:
+    if (folder / "processor_config.json").is_file() or (folder / "tokenizer_config.json").is_file():
+        return AutoProcessor.from_pretrained(folder)
+    template = card.get("template", TOKENIZER_TEMPLATE)
+    if template != TOKENIZER_TEMPLATE:
+        set_chat_template(fallback, get_template(template))
+    return fallback
+
+
+def load_run(
+    folder: str | os.PathLike,
+    *,
+    base: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+) -> LoadedRun:
+    """Open a run folder, ``checkpoint-N`` or merged folder for inference.
+
+    Raises ``FileNotFoundError`` for a folder without a run card, without adapters or config, or
+    whose recorded base is missing.
+    """
+    folder = Path(folder)
+    kind = checkpoint_kind(folder)
+    card = read_run_card(folder)
+    family = get_model_family(card.get("family", "llava"))
+    if kind == "adapter":
+        model, built = build_base(card, base, dtype)
+        model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+    else:
+        model, built = family.load(
+            str(folder), dtype=dtype, extra_special_tokens=_extra_tokens(card)
+        )
+    processor = _processor(folder, built, card)
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(processor.tokenizer) > vocab:
+        raise ValueError(
+            f"{folder}: tokenizer has {len(processor.tokenizer)} tokens, model {vocab}"
+        )
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return LoadedRun(model, processor, card, family, kind == "adapter")
+
+
+def eval_figures(folder: str | os.PathLike) -> dict[str, Any]:
+    """Evaluation numbers a folder knows about (``eval.json``, ``eval_*`` entries of the log)."""
+    folder = Path(folder)
+    figures: dict[str, Any] = {}
+    state = folder / "trainer_state.json"
+    if state.is_file():
+        for entry in json.loads(state.read_text()).get("log_history", []):
+            figures.update({k: v for k, v in entry.items() if k.startswith("eval_")})
+    report = folder / "eval.json"
+    if report.is_file():
+        figures.update(json.loads(report.read_text()).get("metrics", {}))
+    return figures
+
+
+__all__ = ["DTYPES", "RUN_CARD", "LoadedRun", "build_base", "checkpoint_kind", "load_run"]

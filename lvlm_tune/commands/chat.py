@@ -1,0 +1,173 @@
+"""``lvlm-tune chat``: talk to a merged folder or an adapter checkpoint.
+
+One-shot with ``--prompt``; otherwise a REPL where ``/image PATH`` attaches an image to the next
+turn, ``/reset`` clears the conversation and ``/exit`` (or end of input) quits. Prompts are the
+training rendering (the run card's template, image settings and system prompt) of the whole
+conversation so far; tokens are printed as they come (``TextStreamer``) and the answer ends at
+the template's STOP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+import torch
+from transformers import TextStreamer
+
+from lvlm_tune.checkpoint_loading import LoadedRun, load_run
+from lvlm_tune.data.encoder import ConversationEncoder
+from lvlm_tune.data.images import ImageLoader
+from lvlm_tune.data.record import IMAGE_TAG, Conversation, Turn
+from lvlm_tune.inference import Answerer
+from lvlm_tune.models.llava import num_image_tokens
+from lvlm_tune.models.parts import unwrap_model
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lvlm-tune chat", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="merged folder, run folder or checkpoint-N")
+    p.add_argument("--image", help="image for the (first) question")
+    p.add_argument("--prompt", help="ask once and exit (otherwise: interactive)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--template", help="override the template recorded in the run card")
+    p.add_argument("--base", help="base model when the recorded one moved (adapter checkpoints)")
+    return p
+
+
+class StopStreamer(TextStreamer):
+    """A ``TextStreamer`` that prints nothing from the template's STOP string on."""
+
+    def __init__(self, tokenizer: Any, stop: str, out: Any = None) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.stop, self.out, self.done = stop, out or sys.stdout, False
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if not self.done:
+            if self.stop and self.stop in text:
+                text, self.done = text[: text.index(self.stop)], True
+            print(text, end="", flush=True, file=self.out)
+        if stream_end:
+            print(file=self.out, flush=True)
+
+
+class ChatSession:
+    """A conversation with a loaded model, rendered with the training template.
+
+    Args:
+        loaded: the model, processor and run card (see ``load_run``).
+        template: template name; default: the run card's.
+    """
+
+    def __init__(self, loaded: LoadedRun, template: str | None = None) -> None:
+        card = loaded.card
+        self.loaded = loaded
+        self.encoder = ConversationEncoder(
+            loaded.processor.tokenizer,
+            template or card.get("template", "tokenizer"),
+            num_image_tokens=num_image_tokens(unwrap_model(loaded.model)),
+            model_max_length=card.get("model_max_length") or 2048,
+            image_position="keep",
+            system=card.get("system_prompt"),
+        )
+        self.images = ImageLoader(
+            loaded.processor.image_processor, None, card.get("image_aspect_ratio") or "none"
+        )
+        self.answerer = Answerer(loaded.model, loaded.processor, self.encoder, self.images)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation."""
+        self.turns: list[Turn] = []
+        self.image_paths: list[str] = []
+
+    @torch.no_grad()
+    def ask(
+        self,
+        text: str,
+        image: str | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        stream: Any = None,
+    ) -> str:
+        """Answer ``text`` (with ``image`` attached) given the conversation so far.
+
+        ``stream``: a file to print tokens to as they come (``None``: no streaming).
+        """
+        if image is not None:
+            if not os.path.isfile(image):
+                raise FileNotFoundError(f"no image at {image}")
+            self.image_paths.append(os.path.abspath(image))
+            if IMAGE_TAG not in text:
+                text = f"{IMAGE_TAG}\n{text}"
+        turns = [*self.turns, Turn("user", text)]
+        record = Conversation("chat", turns, list(self.image_paths))
+        ids = torch.as_tensor(self.encoder.encode_prompt(record))[None]
+        model = self.loaded.model
+        param = next(model.parameters())
+        inputs: dict[str, Any] = {"input_ids": ids.to(param.device)}
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        pixels = self.images.pixel_values(record)
+        if pixels is not None:
+            inputs["pixel_values"] = pixels.to(param.device, param.dtype)
+        sampling = (
+            {"do_sample": True, "temperature": temperature}
+            if temperature > 0
+            else {"do_sample": False}
+        )
+        tokenizer = self.loaded.processor.tokenizer
+        streamer = StopStreamer(tokenizer, self.answerer.stop, stream) if stream else None
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            streamer=streamer,
+            **sampling,
+            **self.answerer.stop_kwargs(),
+        )
+        answer = self.answerer.clean(
+            tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        )
+        self.turns = [*turns, Turn("assistant", answer)]
+        return answer
+
+
+def repl(session: ChatSession, args: argparse.Namespace, lines: Any = None) -> None:
+    """Read questions from ``lines`` (default: stdin) until ``/exit`` or end of input."""
+    lines = lines if lines is not None else sys.stdin
+    pending = args.image
+    print("lvlm-tune chat: /image PATH attaches an image, /reset, /exit", flush=True)
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            session.reset()
+            continue
+        if line.startswith("/image "):
+            pending = line.removeprefix("/image ").strip()
+            continue
+        print("ASSISTANT: ", end="", flush=True)
+        session.ask(line, pending, args.max_new_tokens, args.temperature, stream=sys.stdout)
+        pending = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        session = ChatSession(load_run(args.model, base=args.base, device=device), args.template)
+        if args.prompt is not None:
+            session.ask(
+                args.prompt, args.image, args.max_new_tokens, args.temperature, stream=sys.stdout
+            )
+        else:
+            repl(session, args)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"lvlm-tune chat: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,189 @@
+"""``lvlm-tune eval``: how good a trained model is on a data file.
+
+Two kinds of numbers. Loss and perplexity on the answer tokens: the data go through the training
+dataset and collator (same template, masking, image expansion and truncation), and the loss is
+averaged over every trained token of the file. Answer accuracy: for samples whose final answer is
+short, the model answers the conversation up to its last question (greedy, batched, the training
+prompt and STOP) and the answer is compared to the reference: exact match and "contains" after
+lower-casing and stripping punctuation. Works on merged folders and adapter checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import string
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from lvlm_tune.checkpoint_loading import load_run
+from lvlm_tune.data.collator import MultimodalCollator, pad_token_id
+from lvlm_tune.data.dataset import SupervisedDataset
+from lvlm_tune.data.encoder import IGNORE_INDEX, ConversationEncoder
+from lvlm_tune.data.images import ImageLoader
+from lvlm_tune.data.sources import open_source
+from lvlm_tune.inference import Answerer
+from lvlm_tune.models.llava import num_image_tokens
+from lvlm_tune.models.parts import unwrap_model
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lvlm-tune eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="merged folder, run folder or checkpoint-N")
+    p.add_argument("--data", required=True, help="data file (any format training reads)")
+    p.add_argument("--template", help="override the template recorded in the run card")
+    p.add_argument("--image-folder", help="image folder (default: the data file's folder)")
+    p.add_argument("--json", dest="json_out", help="write the report (JSON) here")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--short-answer-words", type=int, default=8, help="longest answer to generate")
+    p.add_argument("--limit", type=int, help="evaluate only the first N samples")
+    p.add_argument("--base", help="base model when the recorded one moved (adapter checkpoints)")
+    return p
+
+
+def normalize(text: str) -> str:
+    """Lower-case, drop punctuation, collapse whitespace."""
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+@torch.no_grad()
+def answer_loss(model: Any, batches: Any) -> tuple[float, int]:
+    """Summed cross-entropy over answer tokens (labels != -100) and their count."""
+    total, count = 0.0, 0
+    for batch in batches:
+        labels = batch.pop("labels")
+        device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        inputs = {k: v.to(device) for k, v in batch.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        logits = model(**inputs).logits.float()
+        shifted = labels[:, 1:].to(device)
+        total += torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            shifted.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        ).item()
+        count += int((shifted != IGNORE_INDEX).sum())
+    return total, count
+
+
+def evaluate(
+    model_dir: str | os.PathLike,
+    data: str | os.PathLike,
+    *,
+    template: str | None = None,
+    image_folder: str | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    short_answer_words: int = 8,
+    limit: int | None = None,
+    base: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``model_dir`` on ``data``; returns the report (``metrics`` + per-sample answers)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    loaded = load_run(model_dir, base=base, device=device)
+    card, processor = loaded.card, loaded.processor
+    template = template or card.get("template", "tokenizer")
+    encoder = ConversationEncoder(
+        processor.tokenizer,
+        template,
+        num_image_tokens=num_image_tokens(unwrap_model(loaded.model)),
+        model_max_length=card.get("model_max_length") or 2048,
+        image_position=card.get("image_position") or "before",
+        system=card.get("system_prompt"),
+    )
+    folder = image_folder or os.path.dirname(os.path.abspath(data))
+    images = ImageLoader(
+        processor.image_processor, folder, card.get("image_aspect_ratio") or "none"
+    )
+    source = open_source(data)
+    dataset = SupervisedDataset(source, encoder, images)
+    indices = list(range(len(dataset) if limit is None else min(limit, len(dataset))))
+    collate = MultimodalCollator(pad_token_id(processor.tokenizer))
+    chunks = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    batches = (
+        collate([dataset[i] for i in chunk])
+        for chunk in tqdm(chunks, desc="loss", disable=not progress)
+    )
+    total, count = answer_loss(loaded.model, batches)
+
+    records = [source.get(i) for i in indices]
+    short = [
+        r
+        for r in records
+        if r.turns
+        and r.turns[-1].role == "assistant"
+        and len(r.turns[-1].content.split()) <= short_answer_words
+    ]
+    answerer = Answerer(loaded.model, processor, encoder, images)
+    samples = []
+    for start in tqdm(range(0, len(short), batch_size), desc="answers", disable=not progress):
+        group = short[start : start + batch_size]
+        prompts = [replace(r, turns=r.turns[:-1]) for r in group]
+        for record, prediction in zip(
+            group, answerer.answer(prompts, max_new_tokens=max_new_tokens), strict=True
+        ):
+            reference = record.turns[-1].content
+            samples.append(
+                {
+                    "id": record.id,
+                    "reference": reference,
+                    "prediction": prediction,
+                    "exact_match": normalize(prediction) == normalize(reference),
+                    "contains": normalize(reference) in normalize(prediction),
+                }
+            )
+    mean = total / count if count else float("nan")
+    metrics: dict[str, Any] = {
+        "loss": mean,
+        "perplexity": math.exp(mean) if count else float("nan"),
+        "answer_tokens": count,
+        "num_samples": len(indices),
+        "num_generated": len(samples),
+    }
+    if samples:
+        metrics["exact_match"] = sum(s["exact_match"] for s in samples) / len(samples)
+        metrics["contains"] = sum(s["contains"] for s in samples) / len(samples)
+    return {
+        "model": os.fspath(model_dir),
+        "data": os.fspath(data),
+        "template": template,
+        "metrics": metrics,
+        "samples": samples,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report = evaluate(
+            args.model,
+            args.data,
+            template=args.template,
+            image_folder=args.image_folder,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            short_answer_words=args.short_answer_words,
+            limit=args.limit,
+            base=args.base,
+        )
+    except (FileNotFoundError, ValueError) as error:
+        print(f"lvlm-tune eval: {error}", file=sys.stderr)
+        return 2
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2), encoding="utf-8")
+    print(json.dumps(report["metrics"], indent=2))
+    return 0

@@ -1,0 +1,151 @@
+"""``lvlm-tune merge``: turn a run (or one of its checkpoints) into one standard HF folder.
+
+LoRA/DoRA adapters are folded into the LLM (PEFT ``merge_and_unload``), the projector trained
+through ``modules_to_save`` replaces the base one, and the result is written as a plain
+``LlavaForConditionalGeneration`` folder: sharded safetensors, ``config.json``, the processor and
+tokenizer with the training chat template, the run card and a README model card. Full-model runs
+(stage 1, full fine-tune) are re-exported the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from lvlm_tune.checkpoint_loading import DTYPES, eval_figures, load_run
+from lvlm_tune.training.run_card import write_run_card
+
+SUB_CONFIGS = ("text_config", "vision_config")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lvlm-tune merge", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="run folder or run/checkpoint-N")
+    p.add_argument("--output", required=True, help="folder to write (must be empty or new)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="saved weight dtype")
+    p.add_argument(
+        "--base", help="base model when the recorded one moved: a LLaVA folder or LLM,VISION"
+    )
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    return p
+
+
+def prepare_output(output: str | os.PathLike, overwrite: bool) -> Path:
+    """Create ``output``; refuse a non-empty folder unless ``overwrite``."""
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        if not overwrite:
+            raise FileExistsError(
+                f"{output} exists and is not empty; pass --overwrite to replace it"
+            )
+        shutil.rmtree(output) if output.is_dir() else output.unlink()
+    output.mkdir(parents=True, exist_ok=True)
+    return output
+
+
+def model_card(card: dict[str, Any], source: str, dtype: str, figures: dict[str, Any]) -> str:
+    """The README.md of a merged folder: base models, recipe, stage, eval figures."""
+    args = card.get("model_args", {})
+    bases = [
+        f"- {label}: `{args[key]}`"
+        for label, key in (
+            ("base model", "model_name_or_path"),
+            ("LLM", "llm_name_or_path"),
+            ("vision tower", "vision_tower"),
+            ("stage-1 projector", "pretrained_projector"),
+        )
+        if args.get(key)
+    ]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: image-text-to-text",
+        "tags: [lvlm-tune, llava]",
+        "---",
+        "",
+        f"# {Path(source).name} (merged with lvlm-tune)",
+        "",
+        f"A `{card.get('family', 'llava')}` model exported by `lvlm-tune merge` from `{source}`.",
+        "It loads with plain transformers (`AutoModelForImageTextToText`, `AutoProcessor`); the",
+        "processor's chat template renders exactly the training prompt.",
+        "",
+        "## Base models",
+        *(bases or ["- (not recorded)"]),
+        "",
+        "## Training",
+        f"- stage: `{card.get('stage')}`",
+        f"- recipe: `{card.get('recipe')}`",
+        f"- template: `{card.get('template')}`, image position `{card.get('image_position')}`",
+        f"- projector: `{args.get('projector_type')}`",
+        f"- LoRA: r={args.get('lora_r')}, alpha={args.get('lora_alpha')}, "
+        f"DoRA={args.get('use_dora')}"
+        if card.get("stage") == "finetune_lora"
+        else "- full weights (no adapters)",
+        f"- saved dtype: `{dtype}`",
+        "",
+        "## Evaluation",
+        *([f"- {k}: {v}" for k, v in sorted(figures.items())] or ["- not evaluated yet"]),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def merge(
+    checkpoint: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    dtype: str = "fp32",
+    base: str | None = None,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+) -> Path:
+    """Merge ``checkpoint`` into a standalone folder at ``output``; returns the folder."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    run = load_run(checkpoint, base=base)  # fp32: merge exactly, cast afterwards
+    output_dir = prepare_output(output, overwrite)
+    model = run.model.merge_and_unload() if run.is_adapter else run.model
+    model = model.to(DTYPES[dtype])
+    for config in (model.config, *(getattr(model.config, k, None) for k in SUB_CONFIGS)):
+        if config is not None:
+            config.dtype = DTYPES[dtype]
+    model.save_pretrained(output_dir, max_shard_size=max_shard_size, safe_serialization=True)
+    run.processor.save_pretrained(output_dir)
+    card = {
+        **run.card,
+        "merged_from": os.fspath(checkpoint),
+        "merged_dtype": dtype,
+        "model_args": {**run.card.get("model_args", {}), "model_name_or_path": str(output_dir)},
+    }
+    write_run_card(output_dir, card)
+    figures = eval_figures(checkpoint)
+    readme = model_card(run.card, os.fspath(checkpoint), dtype, figures)
+    (output_dir / "README.md").write_text(readme, encoding="utf-8")
+    for stray in output_dir.glob("*"):  # only safetensors weights leave this command
+        if stray.suffix in (".bin", ".pt", ".pth", ".pkl"):
+            stray.unlink()
+    return output_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        out = merge(
+            args.checkpoint,
+            args.output,
+            dtype=args.dtype,
+            base=args.base,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+        )
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"lvlm-tune merge: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps({"merged": str(out), "files": sorted(os.listdir(out))}))
+    return 0
