@@ -18,6 +18,7 @@ import torch
 from transformers import PretrainedConfig
 
 from lvlm_tune.models.llava import build_llava, load_llava
+from lvlm_tune.models.minigpt4 import build_minigpt4, load_minigpt4
 from lvlm_tune.models.projectors import fixed_projector_parameters
 
 
@@ -29,6 +30,11 @@ def _llava_image_features(model: Any, pixel_values: torch.Tensor) -> torch.Tenso
     """Vision tower + projector on ``pixel_values``; one tensor of all image features."""
     out = model.model.get_image_features(pixel_values=pixel_values)
     return torch.cat([f.reshape(-1) for f in out.pooler_output])
+
+
+def _blip2_image_features(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Vision model + Q-Former + ``language_projection`` on ``pixel_values``, flattened."""
+    return model.get_image_features(pixel_values=pixel_values).pooler_output.reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,20 @@ LLAVA = ModelFamily(
     fixed_projector_parameters=fixed_projector_parameters,
 )
 
-MODEL_FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (LLAVA,)}
+# MiniGPT-4 is a Blip2ForConditionalGeneration with a LLaMA text model; lm_head lives inside
+# ``language_model`` (a whole causal LM), so ``language_model.model`` is the LoRA body.
+MINIGPT4 = ModelFamily(
+    name="minigpt4",
+    build=build_minigpt4,
+    load=load_minigpt4,
+    projector_modules=("language_projection",),
+    vision_modules=("vision_model", "qformer", "query_tokens"),
+    language_modules=("language_model",),
+    lora_modules=("language_model.model",),
+    image_features=_blip2_image_features,
+)
+
+MODEL_FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (LLAVA, MINIGPT4)}
 
 
 def family_names() -> list[str]:

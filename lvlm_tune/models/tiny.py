@@ -166,3 +166,68 @@ def write_tiny_llava(
         model.save_pretrained(out_dir)
         processor.save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def write_tiny_blip2(
+    out_dir: str | Path,
+    image_size: int = 32,
+    patch_size: int = 8,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    qformer_hidden_size: int = 32,
+    qformer_layers: int = 2,
+    num_query_tokens: int = 32,
+    seed: int = 0,
+) -> Path:
+    """Save a random BLIP-2 (ViT + Q-Former + query tokens + a tiny OPT) and its image processor.
+
+    Stands in for ``Salesforce/blip2-opt-2.7b`` when composing a tiny MiniGPT-4: only the vision
+    model, Q-Former and query tokens are used from it. The PIL image processor needs no
+    torchvision.
+    """
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        BlipImageProcessorPil,
+        OPTConfig,
+    )
+
+    config = Blip2Config(
+        vision_config=Blip2VisionConfig(
+            image_size=image_size,
+            patch_size=patch_size,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+        ),
+        qformer_config=Blip2QFormerConfig(
+            hidden_size=qformer_hidden_size,
+            intermediate_size=2 * qformer_hidden_size,
+            num_hidden_layers=qformer_layers,
+            num_attention_heads=4,
+            cross_attention_frequency=1,
+            vocab_size=64,
+            max_position_embeddings=64,
+        ),
+        text_config=OPTConfig(
+            vocab_size=64,
+            hidden_size=16,
+            num_hidden_layers=1,
+            ffn_dim=32,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+            word_embed_proj_dim=16,
+        ),
+        num_query_tokens=num_query_tokens,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Blip2ForConditionalGeneration(config)
+        with torch.no_grad():  # HF initialises the query tokens to zeros; make them distinct
+            model.query_tokens.normal_(std=0.02)
+    model.save_pretrained(out_dir)
+    BlipImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(out_dir)
+    return Path(out_dir)
