@@ -251,16 +251,28 @@ def load_llava(
         path, dtype=dtype, attn_implementation=attn_implementation
     )
     processor = AutoProcessor.from_pretrained(path)
+    prepare_loaded(model, processor, path, extra_special_tokens)
+    return model, processor
+
+
+def prepare_loaded(
+    model: PreTrainedModel, processor: Any, path: str | Path, extra_special_tokens: Sequence[str]
+) -> None:
+    """Check a loaded checkpoint's image token, then add missing tokens and grow embeddings.
+
+    Raises ``ValueError`` when the processor's image token is not the model's
+    ``image_token_index``.
+    """
     tokenizer = processor.tokenizer
-    image_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+    image_token = str(processor.image_token)
+    image_id = tokenizer.convert_tokens_to_ids(image_token)
     if image_id != model.config.image_token_index:
         raise ValueError(
-            f"{path}: processor image token {processor.image_token!r} has id {image_id}, "
+            f"{path}: processor image token {image_token!r} has id {image_id}, "
             f"but the model config has image_token_index={model.config.image_token_index}"
         )
     prepare_tokenizer(tokenizer, extra_special_tokens)
     _sync_vocab(model, tokenizer)
-    return model, processor
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel, use_reentrant: bool = False) -> None:

@@ -33,7 +33,7 @@ from transformers import (
     Blip2VisionModel,
 )
 
-from lvlm_tune.models.llava import IMAGE_TOKEN, _sync_vocab, prepare_tokenizer
+from lvlm_tune.models.llava import IMAGE_TOKEN, _sync_vocab, prepare_loaded, prepare_tokenizer
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")  # the Q-Former has no flash-attention path
 VISION_PREFIXES = ("vision_model.", "qformer.", "query_tokens")
@@ -178,14 +178,5 @@ def load_minigpt4(
         path, dtype=dtype, attn_implementation=attn_implementation
     )
     processor = AutoProcessor.from_pretrained(path)
-    tokenizer = processor.tokenizer
-    image_token = str(processor.image_token)
-    image_id = tokenizer.convert_tokens_to_ids(image_token)
-    if image_id != model.config.image_token_index:
-        raise ValueError(
-            f"{path}: processor image token {image_token!r} has id {image_id}, "
-            f"but the model config has image_token_index={model.config.image_token_index}"
-        )
-    prepare_tokenizer(tokenizer, extra_special_tokens)
-    _sync_vocab(model, tokenizer)
+    prepare_loaded(model, processor, path, extra_special_tokens)
     return model, processor
