@@ -74,8 +74,8 @@ def time_bare(argv: list[str], warmup: int, batch_size: int) -> tuple[float, int
     """Seconds and tokens of the same steps in a bare loop (same init, data, order, optimizer)."""
     model_args, data_args, train_args = parse_recipe(None, argv)
     set_seed(train_args.seed)
-    model, processor, _ = build_model(model_args, data_args, train_args)
-    dataset = build_dataset(data_args, processor, model, train_args.seed)
+    model, processor, family = build_model(model_args, data_args, train_args)
+    dataset = build_dataset(data_args, processor, family.num_image_tokens(model), train_args.seed)
     collate = MultimodalCollator(pad_token_id(processor.tokenizer))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     params = [p for p in model.parameters() if p.requires_grad]

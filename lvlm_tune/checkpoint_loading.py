@@ -85,7 +85,8 @@ def build_base(
 
     Args:
         card: the run card of the adapter checkpoint.
-        base: override for moved parts: a LLaVA model folder, or ``"LLM,VISION"`` (two folders).
+        base: override for moved parts: a model folder of the family, or ``"LLM,VISION"`` (two
+            folders; VISION is the BLIP-2 checkpoint for MiniGPT-4).
         dtype: parameter dtype.
 
     Returns:
@@ -115,22 +116,18 @@ def build_base(
         raise ValueError("the run card records no base model; pass --base PATH")
     _check_exists(llm, "base LLM")
     _check_exists(vision, "vision tower")
-    return family.build(
-        vision,
-        llm,
-        projector_type=args.get("projector_type", "mlp2x_gelu"),
-        vision_feature_layer=args.get("vision_feature_layer", -2),
-        vision_feature_select_strategy=args.get("vision_feature_select_strategy", "default"),
-        **common,
-    )
+    options = {key: args[key] for key in family.build_options if key in args}
+    return family.build(vision, llm, **options, **common)
 
 
-def _processor(folder: Path, fallback: Any, card: dict[str, Any]) -> Any:
+def _processor(
+    folder: Path, fallback: Any, card: dict[str, Any], family: ModelFamily, model: Any
+) -> Any:
     if (folder / "processor_config.json").is_file() or (folder / "tokenizer_config.json").is_file():
         return AutoProcessor.from_pretrained(folder)
     template = card.get("template", TOKENIZER_TEMPLATE)
     if template != TOKENIZER_TEMPLATE:
-        set_chat_template(fallback, get_template(template))
+        set_chat_template(fallback, get_template(template), family.prompt_image_tokens(model))
     return fallback
 
 
@@ -157,7 +154,7 @@ def load_run(
         model, built = family.load(
             str(folder), dtype=dtype, extra_special_tokens=_extra_tokens(card)
         )
-    processor = _processor(folder, built, card)
+    processor = _processor(folder, built, card, family, model)
     vocab = model.get_input_embeddings().num_embeddings
     if len(processor.tokenizer) > vocab:
         raise ValueError(

@@ -20,6 +20,8 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from lvlm_tune.data.dataset import BAD_SAMPLE_POLICIES
 from lvlm_tune.data.images import ASPECT_RATIOS
+from lvlm_tune.data.prompts import INSTRUCTION_POOLS
+from lvlm_tune.models.registry import family_names
 from lvlm_tune.templates.registry import template_names
 from lvlm_tune.templates.render import IMAGE_POSITIONS
 from lvlm_tune.training.distributed import check_deepspeed_config
@@ -35,14 +37,16 @@ def _help(text: str, **kwargs: Any) -> Any:
 class ModelArguments:
     """Which model to build or load, and which parts train (the stage)."""
 
-    family: str = _help("model family: llava (MiniGPT-4/5 when installed)", default="llava")
+    family: str = _help("model family: llava | minigpt4", default="llava")
     model_name_or_path: str | None = _help(
         "an existing checkpoint of the family (e.g. llava-hf/llava-1.5-7b-hf); "
         "leave empty to compose a new model from vision_tower + llm_name_or_path",
         default=None,
     )
     vision_tower: str | None = _help(
-        "vision encoder (CLIP/SigLIP folder or hub id) for a new model", default=None
+        "vision side of a new model (folder or hub id): a CLIP/SigLIP encoder for llava, a "
+        "BLIP-2 checkpoint (its ViT + Q-Former + query tokens) for minigpt4",
+        default=None,
     )
     llm_name_or_path: str | None = _help(
         "LLaMA-family causal LM (folder or hub id, with its tokenizer) for a new model",
@@ -51,12 +55,17 @@ class ModelArguments:
     projector_type: str = _help("linear (LLaVA-1) | mlp2x_gelu (LLaVA-1.5)", default="mlp2x_gelu")
     vision_feature_layer: int = _help("vision layer fed to the projector", default=-2)
     vision_feature_select_strategy: str = _help("default (drop CLS) | full", default="default")
+    num_query_tokens: int = _help(
+        "minigpt4: Q-Former queries, i.e. image tokens per image (the BLIP-2 checkpoint's)",
+        default=32,
+    )
     attn_implementation: str = _help("sdpa | eager | flash_attention_2", default="sdpa")
     stage: str = _help(
         "pretrain (projector only) | finetune (projector + LLM) | finetune_lora", default="finetune"
     )
     pretrained_projector: str | None = _help(
-        "a stage-1 run folder (or its projector.safetensors) to start the projector from",
+        "a stage-1 run folder (or its projector.safetensors) to start the projector from; "
+        "minigpt4 also takes an original MiniGPT-4 .pth (llama_proj.weight / .bias)",
         default=None,
     )
     unfreeze_vision_tower: bool = _help("also train the vision tower", default=False)
@@ -71,6 +80,10 @@ class ModelArguments:
     use_rslora: bool = _help("rank-stabilised LoRA scaling alpha/sqrt(r)", default=False)
 
     def __post_init__(self) -> None:
+        if self.family not in family_names():
+            raise ValueError(
+                f"family: unknown {self.family!r}; choose one of: {', '.join(family_names())}"
+            )
         if self.stage not in STAGES:
             raise ValueError(f"stage: unknown {self.stage!r}; choose one of: {', '.join(STAGES)}")
         if not self.model_name_or_path and not (self.vision_tower and self.llm_name_or_path):
@@ -104,6 +117,11 @@ class DataArguments:
         "error (stop, naming the sample) | skip (count and skip)", default="error"
     )
     system_prompt: str | None = _help("override the template's default system prompt", default=None)
+    instruction_pool: str | None = _help(
+        "instructions for caption pairs: brief (LLaVA stage 1, the default) | detailed "
+        "(MiniGPT-4 stage 2)",
+        default=None,
+    )
 
     def __post_init__(self) -> None:
         checks = {
@@ -111,6 +129,7 @@ class DataArguments:
             "image_position": (self.image_position, IMAGE_POSITIONS),
             "image_aspect_ratio": (self.image_aspect_ratio, ASPECT_RATIOS),
             "on_bad_sample": (self.on_bad_sample, BAD_SAMPLE_POLICIES),
+            "instruction_pool": (self.instruction_pool or "brief", tuple(INSTRUCTION_POOLS)),
         }
         for key, (value, choices) in checks.items():
             if value not in choices:

@@ -26,12 +26,19 @@ class Answerer:
         processor: its processor (tokenizer + image processor).
         encoder: the conversation encoder with the training template and image settings.
         images: the image loader (processor, folder, aspect ratio) used in training.
+        needs_pixels: the model's ``generate`` always runs the vision path (MiniGPT-4).
     """
 
     def __init__(
-        self, model: Any, processor: Any, encoder: ConversationEncoder, images: ImageLoader
+        self,
+        model: Any,
+        processor: Any,
+        encoder: ConversationEncoder,
+        images: ImageLoader,
+        needs_pixels: bool = False,
     ) -> None:
         self.model = model
+        self.needs_pixels = needs_pixels
         self.processor = processor
         self.encoder = encoder
         self.images = images
@@ -56,14 +63,12 @@ class Answerer:
             text = text[: text.index(self.stop)]
         return text.strip()
 
-    @torch.no_grad()
-    def answer(
-        self,
-        records: Sequence[Conversation],
-        max_new_tokens: int = 32,
-        temperature: float = 0.0,
-    ) -> list[str]:
-        """Answer each record's last user turn (records hold the conversation so far)."""
+    def model_inputs(self, records: Sequence[Conversation]) -> tuple[dict[str, Any], int]:
+        """``generate`` inputs for the records' prompts (left-padded) and the padded length.
+
+        Families whose ``generate`` always runs the vision path get a blank image when no
+        record has one (no image token in the text, so it fills nothing).
+        """
         prompts = [torch.as_tensor(self.encoder.encode_prompt(r, i)) for i, r in enumerate(records)]
         length = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), length), self.pad_id, dtype=torch.long)
@@ -74,19 +79,33 @@ class Answerer:
         inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         pixels = [self.images.pixel_values(r) for r in records]
         pixels = [p for p in pixels if p is not None]
-        device = next(self.model.parameters()).device
-        dtype = next(self.model.parameters()).dtype
+        if not pixels and self.needs_pixels:
+            pixels = [self.images.blank()]
+        param = next(self.model.parameters())
         if pixels:
-            inputs["pixel_values"] = torch.cat(pixels).to(dtype)
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        sampling = (
-            {"do_sample": True, "temperature": temperature}
-            if temperature > 0
-            else {"do_sample": False}
-        )
+            inputs["pixel_values"] = torch.cat(pixels).to(param.dtype)
+        return {k: v.to(param.device) for k, v in inputs.items()}, length
+
+    @torch.no_grad()
+    def answer(
+        self,
+        records: Sequence[Conversation],
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+    ) -> list[str]:
+        """Answer each record's last user turn (records hold the conversation so far)."""
+        inputs, length = self.model_inputs(records)
         out = self.model.generate(
-            **inputs, max_new_tokens=max_new_tokens, **sampling, **self.stop_kwargs()
-        )
+            **inputs, max_new_tokens=max_new_tokens, **sampling_kwargs(temperature),
+            **self.stop_kwargs(),
+        )  # fmt: skip
         new = out[:, length:]
         texts = self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)
         return [self.clean(t) for t in texts]
+
+
+def sampling_kwargs(temperature: float) -> dict[str, Any]:
+    """Greedy for ``temperature`` 0, else sampling at that temperature."""
+    if temperature > 0:
+        return {"do_sample": True, "temperature": temperature}
+    return {"do_sample": False}

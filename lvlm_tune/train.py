@@ -13,7 +13,6 @@ import sys
 from typing import Any
 
 import torch
-from PIL import Image
 from transformers import set_seed
 
 from lvlm_tune.config import DataArguments, LvlmTrainingArguments, ModelArguments, parse_recipe
@@ -22,7 +21,7 @@ from lvlm_tune.data.dataset import SupervisedDataset
 from lvlm_tune.data.encoder import ConversationEncoder
 from lvlm_tune.data.images import ImageLoader
 from lvlm_tune.data.sources import open_source
-from lvlm_tune.models.llava import enable_gradient_checkpointing, num_image_tokens
+from lvlm_tune.models.llava import enable_gradient_checkpointing
 from lvlm_tune.models.parts import load_projector, save_projector
 from lvlm_tune.models.registry import ModelFamily, get_model_family
 from lvlm_tune.templates.jinja import set_chat_template
@@ -63,16 +62,13 @@ def build_model(
         if model_args.model_name_or_path:
             model, processor = family.load(model_args.model_name_or_path, **common)
         else:
+            options = {key: getattr(model_args, key) for key in family.build_options}
             model, processor = family.build(
-                model_args.vision_tower,
-                model_args.llm_name_or_path,
-                projector_type=model_args.projector_type,
-                vision_feature_layer=model_args.vision_feature_layer,
-                vision_feature_select_strategy=model_args.vision_feature_select_strategy,
-                **common,
+                model_args.vision_tower, model_args.llm_name_or_path, **options, **common
             )
     if data_args.template != TOKENIZER_TEMPLATE:  # inference renders exactly the training prompt
-        set_chat_template(processor, get_template(data_args.template))
+        template = get_template(data_args.template)
+        set_chat_template(processor, template, family.prompt_image_tokens(model))
     if model_args.pretrained_projector:
         source = load_projector(model, model_args.pretrained_projector, family)
         logger.info("projector loaded from %s", source)
@@ -101,7 +97,7 @@ def build_model(
 
 
 def build_dataset(
-    data_args: DataArguments, processor: Any, model: Any, seed: int
+    data_args: DataArguments, processor: Any, num_image_tokens: int, seed: int
 ) -> SupervisedDataset:
     """Source -> encoder (template, image tokens, max length) -> dataset with images."""
     if not data_args.data_path:
@@ -109,24 +105,18 @@ def build_dataset(
     encoder = ConversationEncoder(
         processor.tokenizer,
         data_args.template,
-        num_image_tokens=num_image_tokens(model),
+        num_image_tokens=num_image_tokens,
         model_max_length=data_args.model_max_length,
         image_position=data_args.image_position,
         seed=seed,
         system=data_args.system_prompt,
+        instruction_pool=data_args.instruction_pool,
     )
     images = ImageLoader(
         processor.image_processor, data_args.image_folder, data_args.image_aspect_ratio
     )
     source = open_source(data_args.data_path, fmt=data_args.data_format)
     return SupervisedDataset(source, encoder, images, on_bad_sample=data_args.on_bad_sample)
-
-
-def blank_pixels(processor: Any) -> torch.Tensor:
-    """A blank image through the processor: the vision input of text-only batches."""
-    return processor.image_processor(images=[Image.new("RGB", (8, 8))], return_tensors="pt")[
-        "pixel_values"
-    ]
 
 
 def resume_arg(value: Any) -> bool | str | None:
@@ -144,10 +134,9 @@ def run(
     """Train one stage; returns the trainer (state, log history, output folder)."""
     set_seed(train_args.seed)
     model, processor, family = build_model(model_args, data_args, train_args)
-    dataset = build_dataset(data_args, processor, model, train_args.seed)
-    card = make_run_card(
-        model_args, data_args, train_args, num_image_tokens=num_image_tokens(model)
-    )
+    image_tokens = family.num_image_tokens(model)
+    dataset = build_dataset(data_args, processor, image_tokens, train_args.seed)
+    card = make_run_card(model_args, data_args, train_args, num_image_tokens=image_tokens)
     trainer = LvlmTrainer(
         model=model,
         args=train_args,
@@ -156,7 +145,7 @@ def run(
         processing_class=processor,
         family=family,
         run_card=card,
-        blank_pixel_values=blank_pixels(processor),
+        blank_pixel_values=dataset.images.blank(),
         callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=resume_arg(train_args.resume_from_checkpoint))

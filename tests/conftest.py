@@ -123,6 +123,44 @@ def tiny_data(tmp_path_factory):
     return {"data_path": str(root / "train.json"), "image_folder": str(root)}
 
 
+MINIGPT4_QUERIES = 8
+
+
+@pytest.fixture(scope="session")
+def tiny_blip2(tmp_path_factory):
+    """A tiny random BLIP-2 folder (ViT + Q-Former with 8 queries + a throwaway OPT)."""
+    from lvlm_tune.models.tiny import write_tiny_blip2
+
+    root = tmp_path_factory.mktemp("blip2")
+    return str(write_tiny_blip2(root, num_query_tokens=MINIGPT4_QUERIES, hidden_size=32))
+
+
+@pytest.fixture(scope="session")
+def tiny_captions(tiny_data, tmp_path_factory):
+    """Caption pairs (MiniGPT-4 stage-1 data) on the tiny_data images."""
+    import json
+
+    root = tmp_path_factory.mktemp("captions")
+    names = ["red", "blue", "green"]
+    rows = [
+        {"id": f"c{i}", "image": f"{i}.png", "caption": f"a plain {names[i % 3]} picture"}
+        for i in range(16)
+        if i % 4 != 3
+    ]
+    (root / "captions.json").write_text(json.dumps(rows))
+    return {"data_path": str(root / "captions.json"), "image_folder": tiny_data["image_folder"]}
+
+
+def minigpt4_recipe(parts, blip2, data, out, **overrides):
+    """A tiny MiniGPT-4 recipe: projector-only stage, the minigpt4 template."""
+    recipe = tiny_recipe(
+        parts, data, out, family="minigpt4", vision_tower=blip2,
+        num_query_tokens=MINIGPT4_QUERIES, stage="pretrain", template="minigpt4",
+    )  # fmt: skip
+    recipe.update(overrides)
+    return recipe
+
+
 def tiny_recipe(parts, data, out, **overrides):
     """A recipe dict for a tiny run (CPU, fp32, a few steps)."""
     recipe = {

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import MINIGPT4_QUERIES
 from dist_launch import (
     BIN,
     LAUNCH_TIMEOUT,
@@ -273,3 +274,29 @@ def test_two_nodes_zero3(tiny_parts, mixed_data, tmp_path):
     finish(nodes, tmp_path, "node0.txt")
     assert len(losses(tmp_path / "out")) == 2
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_minigpt4_stage2_two_processes(zero, tiny_parts, tiny_blip2, mixed_data, tmp_path):
+    """MiniGPT-4 stage 2 on two ranks (one image sample, one text-only sample per step): only
+    ``language_projection`` changes; the text-only rank runs the vision path on a blank image."""
+    from transformers import Blip2ForConditionalGeneration, set_seed
+
+    from lvlm_tune.config import parse_recipe
+    from lvlm_tune.train import build_model
+
+    recipe = write_recipe(
+        tmp_path, tiny_parts, mixed_data, family="minigpt4", vision_tower=tiny_blip2,
+        num_query_tokens=MINIGPT4_QUERIES, stage="pretrain", template="minigpt4", max_steps=2,
+        per_device_train_batch_size=1, deepspeed=f"ds_configs/zero{zero}.json",
+    )  # fmt: skip
+    finish([start(torchrun(module(recipe)), tmp_path)], tmp_path)
+    out = tmp_path / "out"
+    assert len(losses(out)) == 2 and all(map(torch.isfinite, torch.tensor(losses(out))))
+    args = parse_recipe(recipe, ["--deepspeed", ""])
+    set_seed(args[2].seed)
+    before = build_model(*args)[0].state_dict()
+    after = Blip2ForConditionalGeneration.from_pretrained(out).state_dict()
+    changed = {k for k in after if not torch.equal(before[k], after[k])}
+    assert changed == {"language_projection.weight", "language_projection.bias"}
+    assert (out / "projector.safetensors").exists()

@@ -23,24 +23,19 @@ def lora_run(tmp_path_factory, tiny_parts, tiny_data):
 
 
 def test_eval_loss_is_the_training_loss_on_answer_tokens(lora_run, tiny_data):
+    from lvlm_tune.config import DataArguments
     from lvlm_tune.data.collator import MultimodalCollator, pad_token_id
     from lvlm_tune.train import build_dataset
 
     report = evaluate(lora_run["run"], tiny_data["data_path"], batch_size=16, progress=False)
     loaded = load_run(lora_run["run"])
 
-    class Args:  # the data arguments build_dataset reads
-        data_path = tiny_data["data_path"]
-        image_folder = tiny_data["image_folder"]
-        template = "vicuna_v1"
-        model_max_length = 2048
-        image_position = "before"
-        system_prompt = None
-        image_aspect_ratio = "none"
-        data_format = "auto"
-        on_bad_sample = "error"
-
-    dataset = build_dataset(Args, loaded.processor, loaded.model, seed=0)
+    args = DataArguments(
+        data_path=tiny_data["data_path"], image_folder=tiny_data["image_folder"],
+        template="vicuna_v1",
+    )  # fmt: skip
+    image_tokens = loaded.family.num_image_tokens(loaded.model)
+    dataset = build_dataset(args, loaded.processor, image_tokens, seed=0)
     batch = MultimodalCollator(pad_token_id(loaded.processor.tokenizer))(
         [dataset[i] for i in range(len(dataset))]
     )

@@ -19,6 +19,7 @@ from lvlm_tune.commands.merge import main as merge_main
 from lvlm_tune.commands.merge import merge
 from lvlm_tune.config import parse_recipe
 from lvlm_tune.data.collator import MultimodalCollator, pad_token_id
+from lvlm_tune.models.llava import num_image_tokens
 from lvlm_tune.train import build_dataset, run
 
 
@@ -52,7 +53,7 @@ def batch_for(folder, processor, model, tmp_path, tiny_parts, tiny_data):
     args = parse_recipe(
         _recipe_file(tmp_path, tiny_recipe(tiny_parts, tiny_data, tmp_path / "unused"))
     )
-    dataset = build_dataset(args[1], processor, model, seed=0)
+    dataset = build_dataset(args[1], processor, num_image_tokens(model), seed=0)
     return MultimodalCollator(pad_token_id(processor.tokenizer))([dataset[i] for i in range(4)])
 
 

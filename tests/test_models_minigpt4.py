@@ -45,9 +45,10 @@ def saved(parts: dict, tmp_path_factory: pytest.TempPathFactory):
 
 
 def _inputs(processor: Blip2Processor) -> dict:
+    """The prompt text holds all query tokens where the image goes (MiniGPT-4 style)."""
     batch = processor(
         images=[Image.new("RGB", (40, 30), (200, 20, 10))],
-        text=["a red square."],
+        text=["<Img>" + IMAGE_TOKEN * QUERIES + "</Img> a red square."],
         return_tensors="pt",
     )
     batch["labels"] = batch["input_ids"].clone()
@@ -85,7 +86,7 @@ def test_build_reuses_part_weights(parts: dict) -> None:
     assert tokenizer.pad_token is not None
     assert model.config.text_config.pad_token_id == tokenizer.pad_token_id
     assert len(tokenizer) == model.get_input_embeddings().num_embeddings
-    assert processor.num_query_tokens == QUERIES
+    assert processor.num_query_tokens is None  # image tokens stay where the text puts them
     assert isinstance(processor.image_processor, BlipImageProcessorPil)
 
 
@@ -95,7 +96,7 @@ def test_round_trip_through_plain_transformers(saved) -> None:
     processor = AutoProcessor.from_pretrained(out)
     assert isinstance(processor, Blip2Processor)
     assert isinstance(processor.image_processor, BlipImageProcessorPil)
-    assert processor.num_query_tokens == QUERIES
+    assert processor.num_query_tokens is None
     assert model.config.text_config.model_type == "llama"
     reloaded = model.state_dict()
     for key, value in built.state_dict().items():
@@ -104,6 +105,7 @@ def test_round_trip_through_plain_transformers(saved) -> None:
     batch = _inputs(processor)
     image_id = model.config.image_token_index
     assert (batch["input_ids"] == image_id).sum().item() == QUERIES
+    assert batch["input_ids"][0, 0] == processor.tokenizer.bos_token_id  # BOS first, as trained
     model.eval()
     loss = model(**batch).loss
     assert torch.isfinite(loss)

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 import yaml
-from conftest import tiny_recipe
+from conftest import MINIGPT4_QUERIES, tiny_recipe
 from transformers import TrainerCallback, set_seed
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
@@ -161,7 +161,9 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence(tmp_path, tiny_parts,
     assert len(reference) == 6 and losses[-3:] == pytest.approx(reference[-3:], rel=1e-5)
 
 
-def test_every_recipe_parses_and_builds_with_tiny_stand_ins(tmp_path, tiny_parts, tiny_data):
+def test_every_recipe_parses_and_builds_with_tiny_stand_ins(
+    tmp_path, tiny_parts, tiny_data, tiny_blip2
+):
     from glob import glob
 
     recipes = sorted(
@@ -175,10 +177,10 @@ def test_every_recipe_parses_and_builds_with_tiny_stand_ins(tmp_path, tiny_parts
         model_args, data_args, train_args = parse_recipe(path, ["--use_cpu=true"])
         assert train_args.output_dir and data_args.template
         unset_hf_deepspeed_config()  # parsing a ZeRO-3 recipe switches transformers to ZeRO-3 init
-        if model_args.family != "llava":
-            continue
+        minigpt4 = model_args.family == "minigpt4"
         stand_in = {
-            "vision_tower": tiny_parts["vision"],
+            "vision_tower": tiny_blip2 if minigpt4 else tiny_parts["vision"],
+            **({"num_query_tokens": MINIGPT4_QUERIES} if minigpt4 else {}),
             "llm_name_or_path": tiny_parts["llm"],
             "model_name_or_path": "",
             "data_path": tiny_data["data_path"],
@@ -194,6 +196,8 @@ def test_every_recipe_parses_and_builds_with_tiny_stand_ins(tmp_path, tiny_parts
         model = build_model(*args)[0]
         trainable = [canonical_name(n) for n, p in model.named_parameters() if p.requires_grad]
         assert trainable, path
+        if minigpt4:
+            assert set(trainable) == {"language_projection.weight", "language_projection.bias"}
 
 
 def test_unknown_recipe_key_names_the_closest(tmp_path, tiny_parts, tiny_data):
@@ -250,12 +254,12 @@ def test_launchers(tmp_path, tiny_parts, tiny_data, launcher):
 
 def test_text_only_batch_still_runs_the_vision_path(tmp_path, tiny_parts, tiny_data):
     from lvlm_tune.data.collator import MultimodalCollator
-    from lvlm_tune.train import blank_pixels, build_dataset
+    from lvlm_tune.train import build_dataset
     from lvlm_tune.training.trainer import LvlmTrainer
 
     args = parse(tiny_recipe(tiny_parts, tiny_data, tmp_path / "t", stage="finetune"), tmp_path)
     model, processor, family = build_model(*args)
-    dataset = build_dataset(args[1], processor, model, seed=0)
+    dataset = build_dataset(args[1], processor, family.num_image_tokens(model), seed=0)
     text_only = [dataset[i] for i in range(len(dataset)) if dataset[i]["pixel_values"] is None][:2]
     batch = MultimodalCollator(0)(text_only)
     assert "pixel_values" not in batch
@@ -264,7 +268,7 @@ def test_text_only_batch_still_runs_the_vision_path(tmp_path, tiny_parts, tiny_d
         args=args[2],
         family=family,
         run_card={},
-        blank_pixel_values=blank_pixels(processor),
+        blank_pixel_values=dataset.images.blank(),
     )
     loss = trainer.compute_loss(model, batch)
     loss.backward()

@@ -21,8 +21,7 @@ from lvlm_tune.checkpoint_loading import LoadedRun, load_run
 from lvlm_tune.data.encoder import ConversationEncoder
 from lvlm_tune.data.images import ImageLoader
 from lvlm_tune.data.record import IMAGE_TAG, Conversation, Turn
-from lvlm_tune.inference import Answerer
-from lvlm_tune.models.llava import num_image_tokens
+from lvlm_tune.inference import Answerer, sampling_kwargs
 from lvlm_tune.models.parts import unwrap_model
 
 
@@ -68,15 +67,19 @@ class ChatSession:
         self.encoder = ConversationEncoder(
             loaded.processor.tokenizer,
             template or card.get("template", "tokenizer"),
-            num_image_tokens=num_image_tokens(unwrap_model(loaded.model)),
+            num_image_tokens=loaded.family.num_image_tokens(unwrap_model(loaded.model)),
             model_max_length=card.get("model_max_length") or 2048,
             image_position="keep",
             system=card.get("system_prompt"),
+            instruction_pool=card.get("instruction_pool"),
         )
         self.images = ImageLoader(
             loaded.processor.image_processor, None, card.get("image_aspect_ratio") or "none"
         )
-        self.answerer = Answerer(loaded.model, loaded.processor, self.encoder, self.images)
+        self.answerer = Answerer(
+            loaded.model, loaded.processor, self.encoder, self.images,
+            needs_pixels=loaded.family.forward_needs_pixels,
+        )  # fmt: skip
         self.reset()
 
     def reset(self) -> None:
@@ -101,35 +104,21 @@ class ChatSession:
             if not os.path.isfile(image):
                 raise FileNotFoundError(f"no image at {image}")
             self.image_paths.append(os.path.abspath(image))
-            if IMAGE_TAG not in text:
-                text = f"{IMAGE_TAG}\n{text}"
+            if IMAGE_TAG not in text:  # image before the question, joined as in training
+                text = f"{IMAGE_TAG}{self.encoder.template.image_join}{text}"
         turns = [*self.turns, Turn("user", text)]
         record = Conversation("chat", turns, list(self.image_paths))
-        ids = torch.as_tensor(self.encoder.encode_prompt(record))[None]
-        model = self.loaded.model
-        param = next(model.parameters())
-        inputs: dict[str, Any] = {"input_ids": ids.to(param.device)}
-        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-        pixels = self.images.pixel_values(record)
-        if pixels is not None:
-            inputs["pixel_values"] = pixels.to(param.device, param.dtype)
-        sampling = (
-            {"do_sample": True, "temperature": temperature}
-            if temperature > 0
-            else {"do_sample": False}
-        )
+        inputs, length = self.answerer.model_inputs([record])
         tokenizer = self.loaded.processor.tokenizer
         streamer = StopStreamer(tokenizer, self.answerer.stop, stream) if stream else None
-        out = model.generate(
+        out = self.loaded.model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,
             streamer=streamer,
-            **sampling,
+            **sampling_kwargs(temperature),
             **self.answerer.stop_kwargs(),
         )
-        answer = self.answerer.clean(
-            tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-        )
+        answer = self.answerer.clean(tokenizer.decode(out[0, length:], skip_special_tokens=True))
         self.turns = [*turns, Turn("assistant", answer)]
         return answer
 

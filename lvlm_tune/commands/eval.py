@@ -31,7 +31,6 @@ from lvlm_tune.data.encoder import IGNORE_INDEX, ConversationEncoder
 from lvlm_tune.data.images import ImageLoader
 from lvlm_tune.data.sources import open_source
 from lvlm_tune.inference import Answerer
-from lvlm_tune.models.llava import num_image_tokens
 from lvlm_tune.models.parts import unwrap_model
 
 
@@ -57,14 +56,19 @@ def normalize(text: str) -> str:
 
 
 @torch.no_grad()
-def answer_loss(model: Any, batches: Any) -> tuple[float, int]:
-    """Summed cross-entropy over answer tokens (labels != -100) and their count."""
+def answer_loss(model: Any, batches: Any, blank: torch.Tensor | None = None) -> tuple[float, int]:
+    """Summed cross-entropy over answer tokens (labels != -100) and their count.
+
+    ``blank``: pixels for text-only batches of models whose forward always runs the vision path.
+    """
     total, count = 0.0, 0
     for batch in batches:
         labels = batch.pop("labels")
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         inputs = {k: v.to(device) for k, v in batch.items()}
+        if "pixel_values" not in inputs and blank is not None:
+            inputs["pixel_values"] = blank.to(device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
         logits = model(**inputs).logits.float()
@@ -100,10 +104,11 @@ def evaluate(
     encoder = ConversationEncoder(
         processor.tokenizer,
         template,
-        num_image_tokens=num_image_tokens(unwrap_model(loaded.model)),
+        num_image_tokens=loaded.family.num_image_tokens(unwrap_model(loaded.model)),
         model_max_length=card.get("model_max_length") or 2048,
         image_position=card.get("image_position") or "before",
         system=card.get("system_prompt"),
+        instruction_pool=card.get("instruction_pool"),
     )
     folder = image_folder or os.path.dirname(os.path.abspath(data))
     images = ImageLoader(
@@ -118,7 +123,8 @@ def evaluate(
         collate([dataset[i] for i in chunk])
         for chunk in tqdm(chunks, desc="loss", disable=not progress)
     )
-    total, count = answer_loss(loaded.model, batches)
+    blank = images.blank() if loaded.family.forward_needs_pixels else None
+    total, count = answer_loss(loaded.model, batches, blank)
 
     records = [source.get(i) for i in indices]
     short = [
@@ -128,7 +134,9 @@ def evaluate(
         and r.turns[-1].role == "assistant"
         and len(r.turns[-1].content.split()) <= short_answer_words
     ]
-    answerer = Answerer(loaded.model, processor, encoder, images)
+    answerer = Answerer(
+        loaded.model, processor, encoder, images, needs_pixels=loaded.family.forward_needs_pixels
+    )
     samples = []
     for start in tqdm(range(0, len(short), batch_size), desc="answers", disable=not progress):
         group = short[start : start + batch_size]

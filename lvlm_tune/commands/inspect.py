@@ -34,6 +34,7 @@ RECIPE_KEYS = {
     "seed": "seed",
     "model_max_length": "model_max_length",
     "data_format": "data_format",
+    "instruction_pool": "instruction_pool",
 }
 TOKENIZER_KEYS = ("tokenizer_name_or_path", "llm_name_or_path", "model_name_or_path")
 
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-image-tokens", type=int, help="image tokens per image (default 1)")
     p.add_argument("--model-max-length", type=int, help="truncation length (default 2048)")
     p.add_argument("--seed", type=int, help="seed of the per-sample random choices (default 0)")
+    p.add_argument("--instruction-pool", help="caption pairs' instructions: brief | detailed")
     p.add_argument("--limit", type=int, default=1000, help="samples to encode (default 1000)")
     p.add_argument("--show", type=int, default=3, help="samples to print in full (human view)")
     p.add_argument("--on-bad-sample", choices=("error", "skip"), default="error")
@@ -62,7 +64,7 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     settings: dict[str, Any] = {
         "data": None, "tokenizer": None, "template": None, "image_folder": None,
         "image_position": "before", "num_image_tokens": 1, "model_max_length": 2048, "seed": 0,
-        "data_format": "auto",
+        "data_format": "auto", "instruction_pool": None,
     }  # fmt: skip
     if args.recipe:
         with open(args.recipe, encoding="utf-8") as f:
@@ -91,6 +93,9 @@ def recipe_image_tokens(recipe: dict[str, Any]) -> int | None:
 
     strategy = recipe.get("vision_feature_select_strategy", "default")
     try:
+        if recipe.get("family") == "minigpt4":  # one image token per Q-Former query
+            path = recipe.get("model_name_or_path") or recipe.get("vision_tower")
+            return AutoConfig.from_pretrained(path).num_query_tokens if path else None
         if recipe.get("model_name_or_path"):
             return num_image_tokens(AutoConfig.from_pretrained(recipe["model_name_or_path"]))
         if recipe.get("vision_tower"):
@@ -165,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         model_max_length=int(cfg["model_max_length"]),
         image_position=cfg["image_position"],
         seed=int(cfg["seed"]),
+        instruction_pool=cfg["instruction_pool"],
     )
     source = open_source(cfg["data"], fmt=cfg["data_format"])
     ledger = SkipLedger()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lvlm_tune.checkpoint_loading import DTYPES, eval_figures, load_run
+from lvlm_tune.models.registry import get_model_family
 from lvlm_tune.training.run_card import write_run_card
 
 SUB_CONFIGS = ("text_config", "vision_config")
@@ -52,12 +53,21 @@ def prepare_output(output: str | os.PathLike, overwrite: bool) -> Path:
 def model_card(card: dict[str, Any], source: str, dtype: str, figures: dict[str, Any]) -> str:
     """The README.md of a merged folder: base models, recipe, stage, eval figures."""
     args = card.get("model_args", {})
+    family = get_model_family(card.get("family", "llava"))
+    options = ", ".join(f"{key}={args.get(key)}" for key in family.build_options)
+    usage = (
+        "processor's chat template renders exactly the training prompt."
+        if family.processor_expands_images
+        else "tokenizer's chat template renders exactly the training prompt, image tokens "
+        "included (use `processor.tokenizer.apply_chat_template`: `Blip2Processor` drops "
+        "its own copy on load)."
+    )
     bases = [
         f"- {label}: `{args[key]}`"
         for label, key in (
             ("base model", "model_name_or_path"),
             ("LLM", "llm_name_or_path"),
-            ("vision tower", "vision_tower"),
+            ("vision side", "vision_tower"),
             ("stage-1 projector", "pretrained_projector"),
         )
         if args.get(key)
@@ -66,14 +76,14 @@ def model_card(card: dict[str, Any], source: str, dtype: str, figures: dict[str,
         "---",
         "library_name: transformers",
         "pipeline_tag: image-text-to-text",
-        "tags: [lvlm-tune, llava]",
+        f"tags: [lvlm-tune, {family.name}]",
         "---",
         "",
         f"# {Path(source).name} (merged with lvlm-tune)",
         "",
-        f"A `{card.get('family', 'llava')}` model exported by `lvlm-tune merge` from `{source}`.",
+        f"A `{family.name}` model exported by `lvlm-tune merge` from `{source}`.",
         "It loads with plain transformers (`AutoModelForImageTextToText`, `AutoProcessor`); the",
-        "processor's chat template renders exactly the training prompt.",
+        usage,
         "",
         "## Base models",
         *(bases or ["- (not recorded)"]),
@@ -82,7 +92,7 @@ def model_card(card: dict[str, Any], source: str, dtype: str, figures: dict[str,
         f"- stage: `{card.get('stage')}`",
         f"- recipe: `{card.get('recipe')}`",
         f"- template: `{card.get('template')}`, image position `{card.get('image_position')}`",
-        f"- projector: `{args.get('projector_type')}`",
+        f"- projector: `{', '.join(family.projector_modules)}` ({options})",
         f"- LoRA: r={args.get('lora_r')}, alpha={args.get('lora_alpha')}, "
         f"DoRA={args.get('use_dora')}"
         if card.get("stage") == "finetune_lora"

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from lvlm_tune.data.errors import BadSampleError
-from lvlm_tune.data.prompts import draw_instruction, sample_uniform
+from lvlm_tune.data.prompts import draw_instruction, get_pool, sample_uniform
 from lvlm_tune.data.record import IMAGE_TAG, Conversation, Turn
 from lvlm_tune.templates.chat_template import CHAT_TEMPLATE_IMAGES, render_chat_template
 from lvlm_tune.templates.registry import TOKENIZER_TEMPLATE, get_template
@@ -56,6 +56,8 @@ class ConversationEncoder:
         seed: seed of the per-sample random choices (image position, instruction).
         image_token: the placeholder string, a single token of ``tokenizer``.
         system: system prompt for records that carry none (default: the template's).
+        instruction_pool: the built-in pool caption pairs draw their instruction from
+            (``brief`` | ``detailed``); default: the record's own (``brief`` for captions).
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class ConversationEncoder:
         seed: int = 0,
         image_token: str = IMAGE_TAG,
         system: str | None = None,
+        instruction_pool: str | None = None,
     ) -> None:
         if image_position not in IMAGE_POSITIONS:
             raise ValueError(
@@ -85,6 +88,9 @@ class ConversationEncoder:
         self.image_position = image_position
         self.seed = seed
         self.system = system
+        if instruction_pool is not None:
+            get_pool(instruction_pool)  # raises naming the choices
+        self.instruction_pool = instruction_pool
         self.image_token_id = self._single_token_id(image_token, "the image token")
         for token in self.template.required_special_tokens:
             self._single_token_id(token, f"template {template!r}")
@@ -110,7 +116,8 @@ class ConversationEncoder:
         """The record's turns with the instruction drawn and images placed."""
         turns = list(record.turns)
         if record.instruction_pool and not turns[0].content.replace(IMAGE_TAG, "").strip():
-            question = draw_instruction(record.instruction_pool, self.seed, index, epoch)
+            pool = self.instruction_pool or record.instruction_pool
+            question = draw_instruction(pool, self.seed, index, epoch)
             turns[0] = Turn("user", turns[0].content + question)
         tags = sum(t.content.count(IMAGE_TAG) for t in turns)
         num_images = len(record.images)

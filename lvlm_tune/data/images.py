@@ -99,6 +99,14 @@ class ImageLoader:
             images = [expand_to_square(im, self.background) for im in images]
         return images
 
+    def blank(self) -> torch.Tensor:
+        """``pixel_values`` (1, C, H, W) of a black image: the vision input of text-only
+        batches for models whose forward always runs the vision path."""
+        if self.processor is None:
+            raise ValueError("a blank image needs an image processor")
+        pixels = self.processor(images=[Image.new("RGB", (8, 8))], return_tensors="pt")
+        return pixels["pixel_values"]
+
     def pixel_values(self, record: Conversation, count: int | None = None) -> torch.Tensor | None:
         """``pixel_values`` (num_images, C, H, W) for the record's first ``count`` images."""
         images = self.load(record, count)

@@ -6,8 +6,9 @@ exactly ``Blip2ForConditionalGeneration`` with a LLaMA text model, the linear la
 ``language_projection``. Owns: composing a new MiniGPT-4 from a saved BLIP-2 folder (only its
 vision model, Q-Former and query tokens are read) and a LLaMA-family LLM folder, with a fresh
 ``language_projection``; the tokenizer (``<image>`` and pad tokens, embeddings resized) and the
-``Blip2Processor`` (PIL image processor, no torchvision needed); loading such a folder back. The
-parts' weights are used as loaded; only ``language_projection`` and new token rows are new.
+``Blip2Processor`` (PIL image processor, no torchvision needed); loading such a folder back;
+reading the projection of an original MiniGPT-4 checkpoint (``.pth``). The parts' weights are
+used as loaded; only ``language_projection`` and new token rows are new.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from lvlm_tune.models.llava import IMAGE_TOKEN, _sync_vocab, prepare_loaded, pre
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")  # the Q-Former has no flash-attention path
 VISION_PREFIXES = ("vision_model.", "qformer.", "query_tokens")
+ORIGINAL_PROJECTION = "llama_proj."  # the linear layer's name in the original MiniGPT-4 code
 
 
 def _check_attn(attn_implementation: str) -> str:
@@ -80,6 +82,17 @@ def _blip2_vision_state(folder: Path) -> dict[str, torch.Tensor]:
 
 def _substate(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _place_images_in_text(processor: Blip2Processor) -> Blip2Processor:
+    """Make the processor leave image tokens where the prompt text has them.
+
+    HF's BLIP-2 processor puts ``num_query_tokens`` image tokens in front of the text (before
+    BOS). MiniGPT-4 places the image inside the prompt (``[BOS] ... <Img><image></Img> ...``),
+    so its chat template writes all query tokens in place and the processor must add none.
+    """
+    processor.num_query_tokens = None
+    return processor
 
 
 def build_minigpt4(
@@ -156,9 +169,9 @@ def build_minigpt4(
     processor = Blip2Processor(
         image_processor=AutoImageProcessor.from_pretrained(folder, backend="pil"),
         tokenizer=tokenizer,
-        num_query_tokens=num_query_tokens,
+        num_query_tokens=None,  # see _place_images_in_text
     )
-    return model, processor
+    return model, _place_images_in_text(processor)
 
 
 def load_minigpt4(
@@ -177,6 +190,37 @@ def load_minigpt4(
     model = Blip2ForConditionalGeneration.from_pretrained(
         path, dtype=dtype, attn_implementation=attn_implementation
     )
-    processor = AutoProcessor.from_pretrained(path)
+    processor = _place_images_in_text(AutoProcessor.from_pretrained(path))
     prepare_loaded(model, processor, path, extra_special_tokens)
     return model, processor
+
+
+def read_original_projection(path: str | Path) -> dict[str, torch.Tensor]:
+    """``language_projection`` weights from an original MiniGPT-4 checkpoint.
+
+    The released files (e.g. ``prerained_minigpt4_7b.pth``) are ``torch.save`` pickles of
+    ``{"model": {"llama_proj.weight": ..., "llama_proj.bias": ...}, ...}``; they are read with
+    ``weights_only=True``, so nothing but tensors and plain containers is ever unpickled.
+
+    Returns:
+        ``{"weight": ..., "bias": ...}``, keyed as ``language_projection``'s state dict.
+        Raises ``ValueError`` naming the file when it holds no ``llama_proj`` weights, and
+        ``pickle.UnpicklingError`` (from torch) when it holds more than tensors.
+    """
+    checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a MiniGPT-4 checkpoint (expected a dict of tensors)")
+    found = {
+        key.removeprefix(ORIGINAL_PROJECTION): value
+        for key, value in state.items()
+        if key.startswith(ORIGINAL_PROJECTION)
+    }
+    missing = [k for k in ("weight", "bias") if k not in found]
+    if missing:
+        keys = ", ".join(sorted(state)[:8]) or "none"
+        raise ValueError(
+            f"{path}: no {', '.join(ORIGINAL_PROJECTION + k for k in missing)} in the checkpoint "
+            f"(keys: {keys}); expected an original MiniGPT-4 projection checkpoint"
+        )
+    return {"weight": found["weight"], "bias": found["bias"]}

@@ -25,6 +25,7 @@ from torch import nn
 from lvlm_tune.models.registry import ModelFamily, get_model_family
 
 PROJECTOR_FILE = "projector.safetensors"
+ORIGINAL_SUFFIXES = (".pth", ".pt", ".bin")  # torch.save files of the families' original code
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -96,7 +97,7 @@ def projector_state_dict(
 
 def _projector_path(path: str | Path) -> Path:
     path = Path(path)
-    return path if path.suffix == ".safetensors" else path / PROJECTOR_FILE
+    return path if path.suffix in (".safetensors", *ORIGINAL_SUFFIXES) else path / PROJECTOR_FILE
 
 
 def save_projector(model: nn.Module, path: str | Path, family: str | ModelFamily = "llava") -> Path:
@@ -124,7 +125,8 @@ def load_projector(
 
     Args:
         model: the model to update; tensors are cast to its projector's dtype and device.
-        run_dir_or_file: a stage-1 run folder holding ``projector.safetensors``, or the file.
+        run_dir_or_file: a stage-1 run folder holding ``projector.safetensors``, the file, or
+            (families that read one) a checkpoint of the family's original code (``.pth``).
         family: the model family (name or entry).
 
     Returns:
@@ -135,7 +137,15 @@ def load_projector(
     source = _projector_path(run_dir_or_file)
     if not source.is_file():
         raise FileNotFoundError(f"no projector weights at {source} (expected {PROJECTOR_FILE})")
-    state = load_file(str(source))
+    if source.suffix in ORIGINAL_SUFFIXES:
+        if family.read_original_projector is None:
+            raise ValueError(
+                f"{source}: the {family.name} family reads projectors from {PROJECTOR_FILE} "
+                "(a stage-1 run folder) only"
+            )
+        state = family.read_original_projector(source)
+    else:
+        state = load_file(str(source))
     for module_name in family.projector_modules:
         prefix = _key(family, module_name, "")
         sub = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PretrainedConfig
 
-from lvlm_tune.models.llava import build_llava, load_llava
-from lvlm_tune.models.minigpt4 import build_minigpt4, load_minigpt4
+from lvlm_tune.models.llava import build_llava, load_llava, num_image_tokens
+from lvlm_tune.models.minigpt4 import build_minigpt4, load_minigpt4, read_original_projection
 from lvlm_tune.models.projectors import fixed_projector_parameters
 
 
@@ -30,6 +31,11 @@ def _llava_image_features(model: Any, pixel_values: torch.Tensor) -> torch.Tenso
     """Vision tower + projector on ``pixel_values``; one tensor of all image features."""
     out = model.model.get_image_features(pixel_values=pixel_values)
     return torch.cat([f.reshape(-1) for f in out.pooler_output])
+
+
+def _num_query_tokens(config: Any) -> int:
+    """Image tokens per image of a BLIP-2 / MiniGPT-4 model: one per Q-Former query."""
+    return int(getattr(config, "config", config).num_query_tokens)
 
 
 def _blip2_image_features(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -55,6 +61,18 @@ class ModelFamily:
         image_features: runs the vision path (vision tower + projector) of an unwrapped
             model on ``pixel_values``; the trainer calls it on a blank image for text-only
             batches so every rank runs the same modules.
+        num_image_tokens: given a model (or its config), the image tokens one image becomes.
+        build_options: the ``ModelArguments`` fields (beyond the two parts, dtype, attention
+            and tokens) that ``build`` takes, recorded in the run card and passed again
+            when an adapter's base is rebuilt.
+        forward_needs_pixels: the model's ``forward``/``generate`` always run the vision
+            path, so text-only batches pass a blank image (with no image tokens in the text).
+        processor_expands_images: the saved processor turns each ``<image>`` of a prompt
+            into the image's tokens (LLaVA); when ``False`` the exported chat template writes
+            them all (MiniGPT-4, whose BLIP-2 processor is told not to add its own).
+        read_original_projector: reads the projector from the family's original release
+            format (a ``.pth``, with ``weights_only=True``) as a projector state dict; ``None``
+            when only our ``projector.safetensors`` is read.
     """
 
     name: str
@@ -66,6 +84,15 @@ class ModelFamily:
     lora_modules: tuple[str, ...]
     fixed_projector_parameters: Callable[[PretrainedConfig], tuple[str, ...]] = _no_fixed_parameters
     image_features: Callable[[Any, torch.Tensor], torch.Tensor] = _llava_image_features
+    num_image_tokens: Callable[[Any], int] = num_image_tokens
+    build_options: tuple[str, ...] = ()
+    forward_needs_pixels: bool = False
+    processor_expands_images: bool = True
+    read_original_projector: Callable[[Path], dict[str, torch.Tensor]] | None = None
+
+    def prompt_image_tokens(self, model: Any) -> int:
+        """Image tokens per image in an exported chat template's text (see ``to_jinja``)."""
+        return 1 if self.processor_expands_images else self.num_image_tokens(model)
 
 
 LLAVA = ModelFamily(
@@ -77,6 +104,7 @@ LLAVA = ModelFamily(
     language_modules=("model.language_model", "lm_head"),
     lora_modules=("model.language_model",),
     fixed_projector_parameters=fixed_projector_parameters,
+    build_options=("projector_type", "vision_feature_layer", "vision_feature_select_strategy"),
 )
 
 # MiniGPT-4 is a Blip2ForConditionalGeneration with a LLaMA text model; lm_head lives inside
@@ -90,6 +118,11 @@ MINIGPT4 = ModelFamily(
     language_modules=("language_model",),
     lora_modules=("language_model.model",),
     image_features=_blip2_image_features,
+    num_image_tokens=_num_query_tokens,
+    build_options=("num_query_tokens",),
+    forward_needs_pixels=True,
+    processor_expands_images=False,
+    read_original_projector=read_original_projection,
 )
 
 MODEL_FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (LLAVA, MINIGPT4)}

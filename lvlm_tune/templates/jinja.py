@@ -21,8 +21,14 @@ def _q(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def to_jinja(template: Template, bos: str = "<s>", eos: str = "</s>") -> str:
-    """The Jinja chat template equivalent to ``render(template, ...)`` for this tokenizer."""
+def to_jinja(template: Template, bos: str = "<s>", eos: str = "</s>", image_tokens: int = 1) -> str:
+    """The Jinja chat template equivalent to ``render(template, ...)`` for this tokenizer.
+
+    ``image_tokens``: how many image tokens the rendered text holds per image: 1 when the
+    processor expands the tag itself (LLaVA), the image's full token count when it does not
+    (MiniGPT-4's BLIP-2 processor would put its own before BOS instead).
+    """
+    image_format = template.image_format.replace(IMAGE_TAG, IMAGE_TAG * image_tokens)
     before, _, after = template.system_format.partition("{system}")
     system_block = (
         f"{{%- set system_block = ({_q(before)} ~ system ~ {_q(after)}) "
@@ -31,16 +37,16 @@ def to_jinja(template: Template, bos: str = "<s>", eos: str = "</s>") -> str:
         else "{%- set system_block = '' -%}"
     )
     user_text = (
-        f"{{%- set images = (m['content'].count({_q(template.image_format)}) if m['content'] is string "
+        f"{{%- set images = (m['content'].count({_q(image_format)}) if m['content'] is string "
         f"else (m['content'] | selectattr('type', 'equalto', 'image') | list | length)) -%}}"
-        f"{{{{ ([{_q(template.image_format)}] * images) | join({_q(template.image_join)}) }}}}"
+        f"{{{{ ([{_q(image_format)}] * images) | join({_q(template.image_join)}) }}}}"
         if template.drop_question
         else (
             "{%- if m['content'] is string -%}"
-            f"{{{{ m['content'].replace({_q(IMAGE_TAG)}, {_q(template.image_format)}) if {_q(template.image_format)} != {_q(IMAGE_TAG)} else m['content'] }}}}"
+            f"{{{{ m['content'].replace({_q(IMAGE_TAG)}, {_q(image_format)}) if {_q(image_format)} != {_q(IMAGE_TAG)} else m['content'] }}}}"
             "{%- else -%}{%- for part in m['content'] -%}"
             f"{{%- if not loop.first -%}}{{{{ {_q(template.image_join)} }}}}{{%- endif -%}}"
-            f"{{{{ {_q(template.image_format)} if part['type'] == 'image' else part['text'] }}}}"
+            f"{{{{ {_q(image_format)} if part['type'] == 'image' else part['text'] }}}}"
             "{%- endfor -%}{%- endif -%}"
         )
     )
@@ -79,10 +85,16 @@ def to_jinja(template: Template, bos: str = "<s>", eos: str = "</s>") -> str:
     )
 
 
-def set_chat_template(processor: Any, template: Template) -> str:
-    """Give ``processor`` (and its tokenizer) the Jinja form of ``template``; returns it."""
+def set_chat_template(processor: Any, template: Template, image_tokens: int = 1) -> str:
+    """Give ``processor`` (and its tokenizer) the Jinja form of ``template``; returns it.
+
+    ``image_tokens``: image tokens written per image (see :func:`to_jinja`).
+    """
     tokenizer = processor.tokenizer
-    jinja = to_jinja(template, bos=tokenizer.bos_token or "", eos=tokenizer.eos_token or "")
+    jinja = to_jinja(
+        template, bos=tokenizer.bos_token or "", eos=tokenizer.eos_token or "",
+        image_tokens=image_tokens,
+    )  # fmt: skip
     processor.chat_template = jinja
     tokenizer.chat_template = jinja
     return jinja

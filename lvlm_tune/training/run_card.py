@@ -39,6 +39,7 @@ def make_run_card(model_args: Any, data_args: Any, train_args: Any, **extra: Any
         "image_aspect_ratio": data_args.image_aspect_ratio,
         "model_max_length": data_args.model_max_length,
         "system_prompt": data_args.system_prompt,
+        "instruction_pool": data_args.instruction_pool,
         "recipe": getattr(train_args, "recipe_path", None),
         "model_args": _plain(model_args),
         "data_args": _plain(data_args),

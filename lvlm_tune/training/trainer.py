@@ -7,7 +7,8 @@ What it adds, and nothing else:
 * the modality-and-length grouped sampler (``group_by_modality_length``): each forward pass
   across all ranks holds only image or only text-only samples of similar length;
 * text-only batches still run the vision path on a blank image (times zero), right after the
-  token embeddings as image batches do, so every rank runs the same modules in the same order
+  token embeddings as image batches do (or, for families whose forward always runs it, such
+  as MiniGPT-4's BLIP-2, as the batch's image with no image token to fill), so every rank runs the same modules in the same order
   in every step (ZeRO-2/3 collectives match) and multi-rank runs cannot hang;
 * every save (intermediate checkpoints too) also writes the run card (family, stage, template,
   recipe, parts), the processor, and for stage 1 a projector-only file; under ZeRO-3 all
@@ -141,6 +142,14 @@ class LvlmTrainer(Trainer):
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any
     ) -> Any:
         if "pixel_values" in inputs or self.blank_pixel_values is None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        if self.family.forward_needs_pixels:
+            # The forward runs the vision path anyway; with no image token in the text the
+            # blank image's features are scattered nowhere (zero gradient, same modules run).
+            like = inputs["input_ids"]
+            dtype = next(model.parameters()).dtype
+            blank = self.blank_pixel_values.to(device=like.device, dtype=dtype)
+            inputs = {**inputs, "pixel_values": blank}
             return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         with self._blank_vision_path(model) as fired:
             result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
