@@ -20,6 +20,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoProcessor
 
+from lvlm_tune.generation.mapper import VokenMapper, has_mapper, load_mapper
+from lvlm_tune.generation.vokens import voken_tokens
+from lvlm_tune.models.parts import unwrap_model
 from lvlm_tune.models.registry import ModelFamily, get_model_family
 from lvlm_tune.templates.jinja import set_chat_template
 from lvlm_tune.templates.registry import TOKENIZER_TEMPLATE, get_template
@@ -39,6 +42,7 @@ class LoadedRun:
         card: the run card.
         family: the model-family registry entry.
         is_adapter: whether ``model`` is PEFT-wrapped.
+        mapper: the voken mapping module of a MiniGPT-5 run (``None`` otherwise).
     """
 
     model: Any
@@ -46,6 +50,12 @@ class LoadedRun:
     card: dict[str, Any]
     family: ModelFamily
     is_adapter: bool
+    mapper: VokenMapper | None = None
+
+    @property
+    def diffusion_model(self) -> str | None:
+        """The diffusion pipeline a MiniGPT-5 run was trained with (from the run card)."""
+        return self.card.get("model_args", {}).get("diffusion_model")
 
 
 def checkpoint_kind(folder: str | os.PathLike) -> str:
@@ -65,7 +75,11 @@ def checkpoint_kind(folder: str | os.PathLike) -> str:
 
 def _extra_tokens(card: dict[str, Any]) -> tuple[str, ...]:
     template = card.get("template", TOKENIZER_TEMPLATE)
-    return () if template == TOKENIZER_TEMPLATE else get_template(template).required_special_tokens
+    tokens = (
+        () if template == TOKENIZER_TEMPLATE else get_template(template).required_special_tokens
+    )
+    vokens = card.get("model_args", {}).get("num_vokens") or 0
+    return (*tokens, *voken_tokens(vokens)) if vokens else tokens
 
 
 def _check_exists(path: str, what: str) -> None:
@@ -155,15 +169,18 @@ def load_run(
             str(folder), dtype=dtype, extra_special_tokens=_extra_tokens(card)
         )
     processor = _processor(folder, built, card, family, model)
-    vocab = model.get_input_embeddings().num_embeddings
+    vocab = unwrap_model(model).config.get_text_config().vocab_size  # PEFT may wrap the rows
     if len(processor.tokenizer) > vocab:
         raise ValueError(
             f"{folder}: tokenizer has {len(processor.tokenizer)} tokens, model {vocab}"
         )
+    mapper = load_mapper(folder, dtype).eval() if has_mapper(folder) else None
     model.eval()
     if device is not None:
         model.to(device)
-    return LoadedRun(model, processor, card, family, kind == "adapter")
+        if mapper is not None:
+            mapper.to(device)
+    return LoadedRun(model, processor, card, family, kind == "adapter", mapper)
 
 
 def eval_figures(folder: str | os.PathLike) -> dict[str, Any]:

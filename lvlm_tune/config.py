@@ -19,14 +19,14 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from lvlm_tune.data.dataset import BAD_SAMPLE_POLICIES
+from lvlm_tune.data.encoder import CAPTION_TASKS
 from lvlm_tune.data.images import ASPECT_RATIOS
 from lvlm_tune.data.prompts import INSTRUCTION_POOLS
 from lvlm_tune.models.registry import family_names
 from lvlm_tune.templates.registry import template_names
 from lvlm_tune.templates.render import IMAGE_POSITIONS
 from lvlm_tune.training.distributed import check_deepspeed_config
-
-STAGES = ("pretrain", "finetune", "finetune_lora")
+from lvlm_tune.training.freezing import STAGES, VOKEN_STAGES
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -61,7 +61,9 @@ class ModelArguments:
     )
     attn_implementation: str = _help("sdpa | eager | flash_attention_2", default="sdpa")
     stage: str = _help(
-        "pretrain (projector only) | finetune (projector + LLM) | finetune_lora", default="finetune"
+        "pretrain (projector only) | finetune (projector + LLM) | finetune_lora | vokens "
+        "(MiniGPT-5 stage 1: voken rows + mapper) | vokens_lora (stage 2: + LoRA)",
+        default="finetune",
     )
     pretrained_projector: str | None = _help(
         "a stage-1 run folder (or its projector.safetensors) to start the projector from; "
@@ -78,6 +80,22 @@ class ModelArguments:
     )
     use_dora: bool = _help("weight-decomposed LoRA (DoRA)", default=False)
     use_rslora: bool = _help("rank-stabilised LoRA scaling alpha/sqrt(r)", default=False)
+    num_vokens: int = _help(
+        "MiniGPT-5: generative vokens [IMG0]..[IMG{N-1}] per image (8 in the paper; 0 = off)",
+        default=0,
+    )
+    diffusion_model: str | None = _help(
+        "MiniGPT-5: Stable Diffusion pipeline folder or hub id (frozen; e.g. "
+        "stabilityai/stable-diffusion-2-1-base)",
+        default=None,
+    )
+    pretrained_vokens: str | None = _help(
+        "MiniGPT-5: a vokens-stage run folder to start the voken rows and the mapper from",
+        default=None,
+    )
+    mapper_hidden_size: int = _help("MiniGPT-5 mapper width", default=1024)
+    mapper_layers: int = _help("MiniGPT-5 mapper encoder (and decoder) layers", default=4)
+    mapper_heads: int = _help("MiniGPT-5 mapper attention heads", default=8)
 
     def __post_init__(self) -> None:
         if self.family not in family_names():
@@ -86,6 +104,13 @@ class ModelArguments:
             )
         if self.stage not in STAGES:
             raise ValueError(f"stage: unknown {self.stage!r}; choose one of: {', '.join(STAGES)}")
+        if (self.stage in VOKEN_STAGES) != (self.num_vokens > 0):
+            raise ValueError(
+                f"stage: {self.stage!r} with num_vokens={self.num_vokens}; the MiniGPT-5 stages "
+                f"({', '.join(VOKEN_STAGES)}) need num_vokens > 0 and the others num_vokens: 0"
+            )
+        if self.num_vokens and not self.diffusion_model:
+            raise ValueError("diffusion_model: MiniGPT-5 (num_vokens > 0) needs a diffusers folder")
         if not self.model_name_or_path and not (self.vision_tower and self.llm_name_or_path):
             raise ValueError(
                 "model_name_or_path: set it to an existing checkpoint, or set both vision_tower "
@@ -117,6 +142,11 @@ class DataArguments:
         "error (stop, naming the sample) | skip (count and skip)", default="error"
     )
     system_prompt: str | None = _help("override the template's default system prompt", default=None)
+    caption_task: str = _help(
+        "caption pairs: describe (the caption answers) | generate (MiniGPT-5: the caption asks, "
+        "the image is the answer)",
+        default="describe",
+    )
     instruction_pool: str | None = _help(
         "instructions for caption pairs: brief (LLaVA stage 1, the default) | detailed "
         "(MiniGPT-4 stage 2)",
@@ -130,6 +160,7 @@ class DataArguments:
             "image_aspect_ratio": (self.image_aspect_ratio, ASPECT_RATIOS),
             "on_bad_sample": (self.on_bad_sample, BAD_SAMPLE_POLICIES),
             "instruction_pool": (self.instruction_pool or "brief", tuple(INSTRUCTION_POOLS)),
+            "caption_task": (self.caption_task, CAPTION_TASKS),
         }
         for key, (value, choices) in checks.items():
             if value not in choices:
@@ -149,6 +180,16 @@ class LvlmTrainingArguments(TrainingArguments):
         "batches hold only image or only text samples, of similar length", default=False
     )
     loss_curve: bool = _help("write loss_curve.png into output_dir at the end", default=True)
+    text_loss_weight: float = _help("MiniGPT-5: weight of the text (and voken) CE", default=0.01)
+    ldm_loss_weight: float = _help("MiniGPT-5: weight of the diffusion loss", default=1.0)
+    caption_loss_weight: float = _help("MiniGPT-5: weight of the caption MSE", default=0.1)
+    cfg_drop: float = _help(
+        "MiniGPT-5: probability of zeroing an image's voken states (classifier-free guidance)",
+        default=0.1,
+    )
+    min_snr_gamma: float = _help(
+        "MiniGPT-5: min-SNR weighting of the LDM loss (0: off)", default=5.0
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -14,6 +14,7 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 
 def train_sentencepiece(
@@ -85,3 +86,35 @@ def train_chatml_bpe(
     out = Path(out_dir)
     fast.save_pretrained(out)
     return out
+
+
+def train_clip_bpe(lines: Iterable[str], vocab_size: int = 400) -> Any:
+    """A CLIP byte-level BPE tokenizer learned from ``lines`` offline (``model_max_length`` 77).
+
+    Laid out like OpenAI's: the 256 byte symbols, the same with the ``</w>`` word-end suffix,
+    the learned merges in order, then ``<|startoftext|>`` and ``<|endoftext|>``.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    base = alphabet + [symbol + "</w>" for symbol in alphabet]
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    bare = CLIPTokenizer(vocab={s: i for i, s in enumerate(base + specials)}, merges=[])
+    learner = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    learner.normalizer = bare.backend_tokenizer.normalizer  # CLIP's own text splitting
+    learner.pre_tokenizer = bare.backend_tokenizer.pre_tokenizer
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=alphabet,
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    learner.train_from_iterator(list(lines), trainer)
+    merges = [tuple(pair) for pair in json.loads(learner.to_str())["model"]["merges"]]
+    vocab = {symbol: i for i, symbol in enumerate(base)}
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    for special in specials:
+        vocab[special] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)

@@ -21,6 +21,9 @@ from lvlm_tune.data.dataset import SupervisedDataset
 from lvlm_tune.data.encoder import ConversationEncoder
 from lvlm_tune.data.images import ImageLoader
 from lvlm_tune.data.sources import open_source
+from lvlm_tune.generation.build import TargetImages, build_voken_model, fold_pretrained_vokens
+from lvlm_tune.generation.model import VokenModel
+from lvlm_tune.generation.vokens import voken_ids, voken_tokens
 from lvlm_tune.models.llava import enable_gradient_checkpointing
 from lvlm_tune.models.parts import load_projector, save_projector
 from lvlm_tune.models.registry import ModelFamily, get_model_family
@@ -50,6 +53,8 @@ def build_model(
         if data_args.template == TOKENIZER_TEMPLATE
         else get_template(data_args.template).required_special_tokens
     )
+    if model_args.num_vokens:
+        extra = (*extra, *voken_tokens(model_args.num_vokens))
     common = {
         "dtype": model_dtype(train_args),
         "attn_implementation": model_args.attn_implementation,
@@ -72,6 +77,11 @@ def build_model(
     if model_args.pretrained_projector:
         source = load_projector(model, model_args.pretrained_projector, family)
         logger.info("projector loaded from %s", source)
+    if model_args.pretrained_vokens:
+        model = fold_pretrained_vokens(model, model_args.pretrained_vokens)
+    vokens = (
+        voken_ids(processor.tokenizer, model_args.num_vokens) if model_args.num_vokens else None
+    )
     lora = LoraOptions(
         r=model_args.lora_r,
         alpha=model_args.lora_alpha,
@@ -88,18 +98,32 @@ def build_model(
         family,
         lora=lora,
         unfreeze_vision_tower=model_args.unfreeze_vision_tower,
+        voken_ids=vokens,
     )
     if train_args.activation_checkpointing:
         enable_gradient_checkpointing(model)  # with input grads, so frozen embeddings work
         train_args.activation_checkpointing = train_args.gradient_checkpointing = False
+    if model_args.num_vokens:
+        dtype = model_dtype(train_args)
+        model = build_voken_model(model, processor.tokenizer, model_args, train_args, dtype)
     logger.info(parameter_summary(model))
     return model, processor, family
 
 
 def build_dataset(
-    data_args: DataArguments, processor: Any, num_image_tokens: int, seed: int
+    data_args: DataArguments,
+    processor: Any,
+    num_image_tokens: int,
+    seed: int,
+    *,
+    num_vokens: int = 0,
+    target_images: Any = None,
 ) -> SupervisedDataset:
-    """Source -> encoder (template, image tokens, max length) -> dataset with images."""
+    """Source -> encoder (template, image tokens, max length) -> dataset with images.
+
+    ``num_vokens`` and ``target_images`` (MiniGPT-5) encode image-generating answers and turn
+    their target images into the diffusion VAE's input.
+    """
     if not data_args.data_path:
         raise SystemExit("data_path: a training recipe needs data")
     encoder = ConversationEncoder(
@@ -111,12 +135,17 @@ def build_dataset(
         seed=seed,
         system=data_args.system_prompt,
         instruction_pool=data_args.instruction_pool,
+        num_vokens=num_vokens,
+        caption_task=data_args.caption_task,
     )
     images = ImageLoader(
         processor.image_processor, data_args.image_folder, data_args.image_aspect_ratio
     )
     source = open_source(data_args.data_path, fmt=data_args.data_format)
-    return SupervisedDataset(source, encoder, images, on_bad_sample=data_args.on_bad_sample)
+    return SupervisedDataset(
+        source, encoder, images, on_bad_sample=data_args.on_bad_sample,
+        target_images=target_images,
+    )  # fmt: skip
 
 
 def resume_arg(value: Any) -> bool | str | None:
@@ -135,7 +164,12 @@ def run(
     set_seed(train_args.seed)
     model, processor, family = build_model(model_args, data_args, train_args)
     image_tokens = family.num_image_tokens(model)
-    dataset = build_dataset(data_args, processor, image_tokens, train_args.seed)
+    generates = isinstance(model, VokenModel)
+    dataset = build_dataset(
+        data_args, processor, image_tokens, train_args.seed,
+        num_vokens=model_args.num_vokens,
+        target_images=TargetImages(model.diffusion.image_size) if generates else None,
+    )  # fmt: skip
     card = make_run_card(model_args, data_args, train_args, num_image_tokens=image_tokens)
     trainer = LvlmTrainer(
         model=model,

@@ -21,6 +21,9 @@ from lvlm_tune.checkpoint_loading import LoadedRun, load_run
 from lvlm_tune.data.encoder import ConversationEncoder
 from lvlm_tune.data.images import ImageLoader
 from lvlm_tune.data.record import IMAGE_TAG, Conversation, Turn
+from lvlm_tune.generation.diffusion import load_diffusion_parts
+from lvlm_tune.generation.generate import VokenGenerator, split_at_vokens
+from lvlm_tune.generation.vokens import GEN_IMAGE_TAG, voken_ids
 from lvlm_tune.inference import Answerer, sampling_kwargs
 from lvlm_tune.models.parts import unwrap_model
 
@@ -34,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--template", help="override the template recorded in the run card")
     p.add_argument("--base", help="base model when the recorded one moved (adapter checkpoints)")
+    p.add_argument("--image-dir", default="generated", help="MiniGPT-5: where images are saved")
+    p.add_argument("--force-image", action="store_true", help="MiniGPT-5: always draw an image")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="MiniGPT-5: CFG scale")
+    p.add_argument("--steps", type=int, default=25, help="MiniGPT-5: denoising steps per image")
+    p.add_argument("--diffusion-model", help="MiniGPT-5: diffusion folder, if it moved")
     return p
 
 
@@ -61,15 +69,36 @@ class ChatSession:
         template: template name; default: the run card's.
     """
 
-    def __init__(self, loaded: LoadedRun, template: str | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedRun,
+        template: str | None = None,
+        *,
+        image_dir: str = "generated",
+        force_image: bool = False,
+        guidance_scale: float = 7.5,
+        steps: int = 25,
+        diffusion_model: str | None = None,
+    ) -> None:
         card = loaded.card
         self.loaded = loaded
+        self.image_dir, self.force_image = image_dir, force_image
+        self.saved_images: list[str] = []
+        self.generator = None
+        if loaded.mapper is not None:  # MiniGPT-5: answers may hold generated images
+            self.generator = VokenGenerator(
+                loaded.model, loaded.mapper,
+                load_diffusion_parts(diffusion_model or loaded.diffusion_model),
+                first_voken_id=voken_ids(loaded.processor.tokenizer, loaded.mapper.config.num_vokens)[0],
+                guidance_scale=guidance_scale, num_inference_steps=steps,
+            )  # fmt: skip
         self.encoder = ConversationEncoder(
             loaded.processor.tokenizer,
             template or card.get("template", "tokenizer"),
             num_image_tokens=loaded.family.num_image_tokens(unwrap_model(loaded.model)),
             model_max_length=card.get("model_max_length") or 2048,
             image_position="keep",
+            num_vokens=loaded.mapper.config.num_vokens if loaded.mapper is not None else 0,
             system=card.get("system_prompt"),
             instruction_pool=card.get("instruction_pool"),
         )
@@ -81,6 +110,39 @@ class ChatSession:
             needs_pixels=loaded.family.forward_needs_pixels,
         )  # fmt: skip
         self.reset()
+
+    def _ask_interleaved(
+        self,
+        turns: list[Turn],
+        inputs: dict[str, Any],
+        max_new_tokens: int,
+        temperature: float,
+        stream: Any,
+    ) -> str:
+        """MiniGPT-5: generate text and images; images are saved as PNG, their paths printed."""
+        result = self.generator.generate(
+            inputs, max_new_tokens, force_image=self.force_image,
+            stop_kwargs=self.answerer.stop_kwargs(), **sampling_kwargs(temperature),
+        )  # fmt: skip
+        tokenizer = self.loaded.processor.tokenizer
+        pieces = split_at_vokens(
+            result.token_ids, self.generator.first_voken_id, self.generator.num_vokens
+        )
+        texts = [tokenizer.decode(p, skip_special_tokens=True) for p in pieces]
+        texts[-1] = self.answerer.clean(texts[-1])
+        os.makedirs(self.image_dir, exist_ok=True)
+        shown, history = [texts[0]], [texts[0]]
+        for image, text in zip(result.images, texts[1:], strict=True):
+            self.saved_images.append(
+                os.path.join(self.image_dir, f"image-{len(self.saved_images):03d}.png")
+            )
+            image.save(self.saved_images[-1])
+            shown += [f"[image: {self.saved_images[-1]}]", text]
+            history += [GEN_IMAGE_TAG, text]
+        if stream is not None:
+            print(" ".join(t.strip() for t in shown if t.strip()), file=stream, flush=True)
+        self.turns = [*turns, Turn("assistant", "".join(history).strip())]
+        return " ".join(t.strip() for t in shown if t.strip())
 
     def reset(self) -> None:
         """Forget the conversation."""
@@ -110,6 +172,8 @@ class ChatSession:
         record = Conversation("chat", turns, list(self.image_paths))
         inputs, length = self.answerer.model_inputs([record])
         tokenizer = self.loaded.processor.tokenizer
+        if self.generator is not None:
+            return self._ask_interleaved(turns, inputs, max_new_tokens, temperature, stream)
         streamer = StopStreamer(tokenizer, self.answerer.stop, stream) if stream else None
         out = self.loaded.model.generate(
             **inputs,
@@ -149,7 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        session = ChatSession(load_run(args.model, base=args.base, device=device), args.template)
+        session = ChatSession(
+            load_run(args.model, base=args.base, device=device), args.template,
+            image_dir=args.image_dir, force_image=args.force_image,
+            guidance_scale=args.guidance_scale, steps=args.steps,
+            diffusion_model=args.diffusion_model,
+        )  # fmt: skip
         if args.prompt is not None:
             session.ask(
                 args.prompt, args.image, args.max_new_tokens, args.temperature, stream=sys.stdout

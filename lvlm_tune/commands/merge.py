@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lvlm_tune.checkpoint_loading import DTYPES, eval_figures, load_run
+from lvlm_tune.generation.mapper import save_mapper
 from lvlm_tune.models.registry import get_model_family
 from lvlm_tune.training.run_card import write_run_card
 
@@ -98,6 +99,14 @@ def model_card(card: dict[str, Any], source: str, dtype: str, figures: dict[str,
         if card.get("stage") == "finetune_lora"
         else "- full weights (no adapters)",
         f"- saved dtype: `{dtype}`",
+        *(
+            [
+                f"- MiniGPT-5 vokens: {args.get('num_vokens')}, diffusion model "
+                f"`{args.get('diffusion_model')}`, mapping module in `voken_mapper.safetensors`"
+            ]
+            if args.get("num_vokens")
+            else []
+        ),
         "",
         "## Evaluation",
         *([f"- {k}: {v}" for k, v in sorted(figures.items())] or ["- not evaluated yet"]),
@@ -127,6 +136,8 @@ def merge(
             config.dtype = DTYPES[dtype]
     model.save_pretrained(output_dir, max_shard_size=max_shard_size, safe_serialization=True)
     run.processor.save_pretrained(output_dir)
+    if run.mapper is not None:  # MiniGPT-5: the mapping module travels with the LVLM
+        save_mapper(run.mapper.to(DTYPES[dtype]), output_dir)
     card = {
         **run.card,
         "merged_from": os.fspath(checkpoint),

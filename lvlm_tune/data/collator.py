@@ -37,7 +37,7 @@ class MultimodalCollator:
         self.pad_id = pad_id
         self.pad_to_multiple_of = pad_to_multiple_of
 
-    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if not items:
             raise ValueError("cannot collate an empty batch")
         length = max(len(item["input_ids"]) for item in items)
@@ -55,4 +55,8 @@ class MultimodalCollator:
         pixels = [item["pixel_values"] for item in items if item.get("pixel_values") is not None]
         if pixels:
             batch["pixel_values"] = torch.cat(pixels, dim=0)
+        targets = [item["gen_pixel_values"] for item in items if "gen_pixel_values" in item]
+        if targets:  # image generation (MiniGPT-5): one target per voken run, in batch order
+            batch["gen_pixel_values"] = torch.cat(targets, dim=0)
+            batch["gen_captions"] = [c for item in items for c in item.get("gen_captions", [])]
         return batch

@@ -11,13 +11,16 @@ per-sample random choices (image position, instruction) reproducibly.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from lvlm_tune.data.encoder import ConversationEncoder
 from lvlm_tune.data.errors import BadSampleError, SkipLedger
+from lvlm_tune.data.generation import generation_targets
 from lvlm_tune.data.images import ImageLoader
 
 logger = logging.getLogger(__name__)
@@ -36,6 +39,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
         encoder: the conversation encoder for the model's tokenizer and template.
         images: the image loader (processor + folder + aspect ratio).
         on_bad_sample: ``"error"`` or ``"skip"``.
+        target_images: turns decoded target images of image-generating samples (MiniGPT-5)
+            into a tensor (the diffusion VAE's input); items then carry ``gen_pixel_values``
+            and ``gen_captions``.
     """
 
     def __init__(
@@ -44,6 +50,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         encoder: ConversationEncoder,
         images: ImageLoader,
         on_bad_sample: str = "error",
+        target_images: Callable[[list[Image.Image]], torch.Tensor] | None = None,
     ) -> None:
         if on_bad_sample not in BAD_SAMPLE_POLICIES:
             raise ValueError(
@@ -55,6 +62,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.encoder = encoder
         self.images = images
         self.on_bad_sample = on_bad_sample
+        self.target_images = target_images
         self.ledger = SkipLedger()
         self.epoch = 0
 
@@ -66,15 +74,29 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
     def encode(self, index: int) -> dict[str, Any]:
         """Encode sample ``index`` or raise ``BadSampleError``."""
-        record = self.source.get(index)
+        record = self.encoder.prepare_record(self.source.get(index))
         sample = self.encoder.encode(record, index, self.epoch)
         pixel_values = self.images.pixel_values(record, sample.num_images)
-        return {
+        item = {
             "id": sample.id,
             "input_ids": sample.input_ids,
             "labels": sample.labels,
             "pixel_values": pixel_values,
         }
+        if sample.num_gen_images:
+            item.update(self._generation_targets(record, sample.num_gen_images))
+        return item
+
+    def _generation_targets(self, record: Any, count: int) -> dict[str, Any]:
+        """The first ``count`` target images (those whose vokens survived truncation)."""
+        if self.target_images is None:
+            raise ValueError("samples generate images but the dataset has no target_images")
+        refs, captions = generation_targets(record)
+        decoded = [
+            self.images.open(ref, record, k, field=f"gen_images[{k}]")
+            for k, ref in enumerate(refs[:count])
+        ]
+        return {"gen_pixel_values": self.target_images(decoded), "gen_captions": captions[:count]}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         for attempt in range(_MAX_CONSECUTIVE_SKIPS):

@@ -23,13 +23,16 @@ from typing import Any
 import numpy as np
 
 from lvlm_tune.data.errors import BadSampleError
+from lvlm_tune.data.generation import caption_to_generation
 from lvlm_tune.data.prompts import draw_instruction, get_pool, sample_uniform
 from lvlm_tune.data.record import IMAGE_TAG, Conversation, Turn
+from lvlm_tune.generation.vokens import GEN_IMAGE_TAG, voken_ids, voken_text
 from lvlm_tune.templates.chat_template import CHAT_TEMPLATE_IMAGES, render_chat_template
 from lvlm_tune.templates.registry import TOKENIZER_TEMPLATE, get_template
 from lvlm_tune.templates.render import IMAGE_POSITIONS, Rendered, place_images, render
 
 IGNORE_INDEX = -100
+CAPTION_TASKS = ("describe", "generate")
 
 
 @dataclass
@@ -42,6 +45,7 @@ class EncodedSample:
     num_images: int
     num_trained: int
     truncated: bool
+    num_gen_images: int = 0
 
 
 class ConversationEncoder:
@@ -58,6 +62,10 @@ class ConversationEncoder:
         system: system prompt for records that carry none (default: the template's).
         instruction_pool: the built-in pool caption pairs draw their instruction from
             (``brief`` | ``detailed``); default: the record's own (``brief`` for captions).
+        num_vokens: generative vokens per image (MiniGPT-5); each ``<gen_image>`` of an
+            answer becomes ``[IMG0]..[IMG{N-1}]``. 0: samples that generate images are refused.
+        caption_task: ``describe`` (the caption answers an instruction) or ``generate`` (the
+            caption is the prompt and the image the answer; needs ``num_vokens``).
     """
 
     def __init__(
@@ -72,6 +80,8 @@ class ConversationEncoder:
         image_token: str = IMAGE_TAG,
         system: str | None = None,
         instruction_pool: str | None = None,
+        num_vokens: int = 0,
+        caption_task: str = "describe",
     ) -> None:
         if image_position not in IMAGE_POSITIONS:
             raise ValueError(
@@ -91,6 +101,13 @@ class ConversationEncoder:
         if instruction_pool is not None:
             get_pool(instruction_pool)  # raises naming the choices
         self.instruction_pool = instruction_pool
+        if caption_task not in CAPTION_TASKS:
+            raise ValueError(f"caption_task must be one of {CAPTION_TASKS}, got {caption_task!r}")
+        if caption_task == "generate" and not num_vokens:
+            raise ValueError("caption_task 'generate' needs num_vokens > 0 (a MiniGPT-5 model)")
+        self.caption_task = caption_task
+        self.num_vokens = num_vokens
+        self.first_voken_id = voken_ids(tokenizer, num_vokens)[0] if num_vokens else None
         self.image_token_id = self._single_token_id(image_token, "the image token")
         for token in self.template.required_special_tokens:
             self._single_token_id(token, f"template {template!r}")
@@ -112,9 +129,25 @@ class ConversationEncoder:
 
     # ---- rendering ---------------------------------------------------------------------
 
+    def prepare_record(self, record: Conversation) -> Conversation:
+        """The record as this encoder trains it (caption pairs become text-to-image samples
+        under ``caption_task: generate``)."""
+        return caption_to_generation(record) if self.caption_task == "generate" else record
+
+    def _place_vokens(self, record: Conversation, turns: list[Turn]) -> list[Turn]:
+        if not any(GEN_IMAGE_TAG in t.content for t in turns):
+            return turns
+        if not self.num_vokens:
+            raise BadSampleError(
+                record.source, record.id, "gen_images", f"the sample generates images "
+                f"({GEN_IMAGE_TAG}) but the model has no vokens (num_vokens: 0)", "bad_field",
+            )  # fmt: skip
+        vokens = voken_text(self.num_vokens)
+        return [Turn(t.role, t.content.replace(GEN_IMAGE_TAG, vokens)) for t in turns]
+
     def prepare_turns(self, record: Conversation, index: int, epoch: int) -> list[Turn]:
-        """The record's turns with the instruction drawn and images placed."""
-        turns = list(record.turns)
+        """The record's turns with the instruction drawn, images placed and vokens written."""
+        turns = self._place_vokens(record, list(record.turns))
         if record.instruction_pool and not turns[0].content.replace(IMAGE_TAG, "").strip():
             pool = self.instruction_pool or record.instruction_pool
             question = draw_instruction(pool, self.seed, index, epoch)
@@ -171,6 +204,7 @@ class ConversationEncoder:
 
     def encode(self, record: Conversation, index: int = 0, epoch: int = 0) -> EncodedSample:
         """Encode one record; raises ``BadSampleError`` naming the sample when it cannot."""
+        record = self.prepare_record(record)
         rendered = self.render(record, index, epoch)
         ids, offsets = self.tokenize(rendered.text)
         labels, cuts = self._labels(record, rendered, ids, offsets)
@@ -281,4 +315,5 @@ class ConversationEncoder:
             num_images=len(image_at),
             num_trained=sum(1 for t in labels if t != IGNORE_INDEX),
             truncated=truncated,
+            num_gen_images=ids.count(self.first_voken_id) if self.num_vokens else 0,
         )

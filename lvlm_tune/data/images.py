@@ -58,9 +58,11 @@ class ImageLoader:
         mean = getattr(image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
         self.background = tuple(round(255 * m) for m in mean)
 
-    def open(self, ref: ImageRef, record: Conversation, k: int) -> Image.Image:
-        """Decode image ``k`` of ``record`` as RGB."""
-        field = "image" if len(record.images) == 1 else f"image[{k}]"
+    def open(
+        self, ref: ImageRef, record: Conversation, k: int, field: str | None = None
+    ) -> Image.Image:
+        """Decode image ``k`` of ``record`` as RGB (``field`` names it in errors)."""
+        field = field or ("image" if len(record.images) == 1 else f"image[{k}]")
         try:
             if isinstance(ref, Image.Image):
                 return ref.convert("RGB")

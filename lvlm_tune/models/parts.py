@@ -29,7 +29,11 @@ ORIGINAL_SUFFIXES = (".pth", ".pt", ".bin")  # torch.save files of the families'
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain HF model inside a ``PeftModel`` (or ``model`` itself)."""
+    """The plain HF model inside a ``PeftModel`` and/or a MiniGPT-5 ``VokenModel`` (which holds
+    it as ``lvlm``), or ``model`` itself."""
+    inner = getattr(model, "lvlm", None)
+    if isinstance(inner, nn.Module):
+        model = inner
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 

@@ -35,6 +35,8 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from lvlm_tune.data.sampler import ModalityLengthGroupedSampler
+from lvlm_tune.generation.model import VokenModel
+from lvlm_tune.generation.saving import load_voken_state, save_voken_model
 from lvlm_tune.models.parts import canonical_name, is_under, save_projector, unwrap_model
 from lvlm_tune.models.registry import ModelFamily
 from lvlm_tune.training.checkpoints import (
@@ -50,6 +52,7 @@ from lvlm_tune.training.distributed import (
 from lvlm_tune.training.run_card import write_run_card
 
 logger = logging.getLogger(__name__)
+LOSS_PARTS = ("text_loss", "ldm_loss", "caption_loss")  # logged as averages when reported
 
 
 class LvlmTrainer(Trainer):
@@ -76,6 +79,7 @@ class LvlmTrainer(Trainer):
         self.run_card = run_card
         self.blank_pixel_values = blank_pixel_values
         self._staging = False
+        self._loss_parts: dict[str, tuple[float, int]] = {}
 
     # ---- optimizer ---------------------------------------------------------------------
 
@@ -141,8 +145,13 @@ class LvlmTrainer(Trainer):
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any
     ) -> Any:
+        loss, outputs = self._loss_and_outputs(model, inputs, **kwargs)
+        self._record_loss_parts(outputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def _loss_and_outputs(self, model: Any, inputs: dict[str, Any], **kwargs: Any) -> Any:
         if "pixel_values" in inputs or self.blank_pixel_values is None:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+            return super().compute_loss(model, inputs, return_outputs=True, **kwargs)
         if self.family.forward_needs_pixels:
             # The forward runs the vision path anyway; with no image token in the text the
             # blank image's features are scattered nowhere (zero gradient, same modules run).
@@ -150,15 +159,27 @@ class LvlmTrainer(Trainer):
             dtype = next(model.parameters()).dtype
             blank = self.blank_pixel_values.to(device=like.device, dtype=dtype)
             inputs = {**inputs, "pixel_values": blank}
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+            return super().compute_loss(model, inputs, return_outputs=True, **kwargs)
         with self._blank_vision_path(model) as fired:
-            result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
-        if fired:
-            return result
-        # The family's forward never embedded tokens: touch the vision path afterwards instead.
-        loss = result[0] if return_outputs else result
-        loss = loss + 0.0 * self._blank_features(model, loss).sum()
-        return (loss, result[1]) if return_outputs else loss
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+        if not fired:
+            # The family's forward never embedded tokens: touch the vision path afterwards.
+            loss = loss + 0.0 * self._blank_features(model, loss).sum()
+        return loss, outputs
+
+    def _record_loss_parts(self, outputs: Any) -> None:
+        """Sum the loss parts a model reports (MiniGPT-5: text, ldm, caption) for logging."""
+        for name in LOSS_PARTS:
+            value = outputs.get(name) if hasattr(outputs, "get") else None
+            if value is not None:
+                total, count = self._loss_parts.get(name, (0.0, 0))
+                self._loss_parts[name] = (total + float(value), count + 1)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and self._loss_parts:
+            logs.update({k: round(t / max(c, 1), 6) for k, (t, c) in self._loss_parts.items()})
+            self._loss_parts = {}
+        super().log(logs, *args, **kwargs)
 
     def _blank_features(self, model: Any, like: torch.Tensor) -> torch.Tensor:
         base = unwrap_model(self.accelerator.unwrap_model(model))
@@ -193,8 +214,15 @@ class LvlmTrainer(Trainer):
     # ---- saving ------------------------------------------------------------------------
 
     def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
-        super()._save(output_dir, state_dict=state_dict)
         output_dir = output_dir or self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        if isinstance(model, VokenModel):
+            if self.args.should_save:
+                save_voken_model(model, output_dir, state_dict)
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(output_dir)
+        else:
+            super()._save(output_dir, state_dict=state_dict)
         if self.args.should_save:
             # Trainer pickles its arguments; keep a JSON copy instead (nothing to unpickle later).
             pickled = os.path.join(output_dir, TRAINING_ARGS_NAME)
@@ -267,6 +295,9 @@ class LvlmTrainer(Trainer):
         run would resume from the initial weights without a word.
         """
         target = self.model if model is None else model
+        if isinstance(target, VokenModel):
+            load_voken_state(target, resume_from_checkpoint)
+            return None
         weights = os.path.join(resume_from_checkpoint, "model.safetensors")
         if not isinstance(target, PreTrainedModel) or not (
             os.path.isfile(weights) or os.path.isfile(weights + ".index.json")
