@@ -29,7 +29,7 @@ from lvlm_tune.models.parts import load_projector, save_projector
 from lvlm_tune.models.registry import ModelFamily, get_model_family
 from lvlm_tune.templates.jinja import set_chat_template
 from lvlm_tune.templates.registry import TOKENIZER_TEMPLATE, get_template
-from lvlm_tune.training.distributed import zero3_init_paused
+from lvlm_tune.training.distributed import register_token_weights, zero3_init_paused
 from lvlm_tune.training.freezing import LoraOptions, apply_stage, parameter_summary
 from lvlm_tune.training.loss_curve import write_loss_curve
 from lvlm_tune.training.run_card import make_run_card, write_run_card
@@ -92,14 +92,17 @@ def build_model(
         use_dora=model_args.use_dora,
         use_rslora=model_args.use_rslora,
     )
-    model = apply_stage(
-        model,
-        model_args.stage,
-        family,
-        lora=lora,
-        unfreeze_vision_tower=model_args.unfreeze_vision_tower,
-        voken_ids=vokens,
-    )
+    with zero3_init_paused():  # the model is still whole; PEFT must not gather (CUDA-only)
+        model = apply_stage(
+            model,
+            model_args.stage,
+            family,
+            lora=lora,
+            unfreeze_vision_tower=model_args.unfreeze_vision_tower,
+            voken_ids=vokens,
+        )
+    if vokens:
+        register_token_weights(model)  # ZeRO-3 gathers the rows the voken layers read
     if train_args.activation_checkpointing:
         enable_gradient_checkpointing(model)  # with input grads, so frozen embeddings work
         train_args.activation_checkpointing = train_args.gradient_checkpointing = False

@@ -151,6 +151,14 @@ def tiny_captions(tiny_data, tmp_path_factory):
     return {"data_path": str(root / "captions.json"), "image_folder": tiny_data["image_folder"]}
 
 
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """A tiny random Stable Diffusion pipeline folder (MiniGPT-5's frozen image generator)."""
+    from lvlm_tune.models.tiny_diffusion import write_tiny_stable_diffusion
+
+    return str(write_tiny_stable_diffusion(tmp_path_factory.mktemp("sd") / "sd"))
+
+
 def minigpt4_recipe(parts, blip2, data, out, **overrides):
     """A tiny MiniGPT-4 recipe: projector-only stage, the minigpt4 template."""
     recipe = tiny_recipe(

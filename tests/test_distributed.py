@@ -300,3 +300,46 @@ def test_minigpt4_stage2_two_processes(zero, tiny_parts, tiny_blip2, mixed_data,
     changed = {k for k in after if not torch.equal(before[k], after[k])}
     assert changed == {"language_projection.weight", "language_projection.bias"}
     assert (out / "projector.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def voken_data(tiny_data, tmp_path_factory):
+    """One image-generating sample and one text-only sample: one per rank in every step."""
+    rows = [
+        {"id": "gen", "conversations": [{"from": "human", "value": "Draw something red."},
+                                        {"from": "gpt", "value": "<gen_image>"}],
+         "gen_images": ["0.png"], "gen_captions": ["a red picture"]},
+        {"id": "text", "conversations": [{"from": "human", "value": "Say hello."},
+                                         {"from": "gpt", "value": "hello"}]},
+    ]  # fmt: skip
+    path = tmp_path_factory.mktemp("vokens") / "vokens.json"
+    path.write_text(json.dumps(rows))
+    return {"data_path": str(path), "image_folder": tiny_data["image_folder"]}
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_minigpt5_vokens_two_processes(zero, tiny_parts, tiny_sd, voken_data, tmp_path):
+    """MiniGPT-5 stage 2 on two ranks (one generating rank, one text-only rank per step): the
+    adapter (voken rows + LoRA) and the mapper are saved; frozen rows stay bit-identical."""
+    from lvlm_tune.checkpoint_loading import load_run
+
+    recipe = write_recipe(
+        tmp_path, tiny_parts, voken_data, stage="vokens_lora", num_vokens=4,
+        diffusion_model=tiny_sd, mapper_hidden_size=32, mapper_layers=1, mapper_heads=4,
+        lora_target_modules=["q_proj", "v_proj"], max_steps=2, per_device_train_batch_size=1,
+        weight_decay=0.5, deepspeed=f"ds_configs/zero{zero}.json",
+    )  # fmt: skip
+    finish([start(torchrun(module(recipe)), tmp_path)], tmp_path)
+    out = tmp_path / "out"
+    assert len(losses(out)) == 2 and all(map(torch.isfinite, torch.tensor(losses(out))))
+    assert {"adapter_model.safetensors", "voken_mapper.safetensors"} <= {
+        p.name for p in out.iterdir()
+    }
+    merged = load_run(out).model.merge_and_unload()
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained(tiny_parts["llm"])
+    size = original.get_input_embeddings().num_embeddings
+    assert torch.equal(
+        merged.get_input_embeddings().weight[:size], original.get_input_embeddings().weight
+    )

@@ -24,10 +24,8 @@ MAPPER = {"mapper_hidden_size": 32, "mapper_layers": 1, "mapper_heads": 4}
 
 
 @pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-    from lvlm_tune.models.tiny_diffusion import write_tiny_stable_diffusion
-
-    return str(write_tiny_stable_diffusion(tmp_path_factory.mktemp("sd") / "sd"))
+def sd(tiny_sd):
+    return tiny_sd
 
 
 def voken_recipe(parts, data, out, sd, **overrides):

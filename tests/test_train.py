@@ -162,7 +162,7 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence(tmp_path, tiny_parts,
 
 
 def test_every_recipe_parses_and_builds_with_tiny_stand_ins(
-    tmp_path, tiny_parts, tiny_data, tiny_blip2
+    tmp_path, tiny_parts, tiny_data, tiny_blip2, tiny_sd
 ):
     from glob import glob
 
@@ -181,6 +181,17 @@ def test_every_recipe_parses_and_builds_with_tiny_stand_ins(
         stand_in = {
             "vision_tower": tiny_blip2 if minigpt4 else tiny_parts["vision"],
             **({"num_query_tokens": MINIGPT4_QUERIES} if minigpt4 else {}),
+            **(
+                {
+                    "diffusion_model": tiny_sd,
+                    "pretrained_vokens": "",
+                    "mapper_hidden_size": 32,
+                    "mapper_layers": 1,
+                    "mapper_heads": 4,
+                }
+                if model_args.num_vokens
+                else {}
+            ),
             "llm_name_or_path": tiny_parts["llm"],
             "model_name_or_path": "",
             "data_path": tiny_data["data_path"],
@@ -196,7 +207,12 @@ def test_every_recipe_parses_and_builds_with_tiny_stand_ins(
         model = build_model(*args)[0]
         trainable = [canonical_name(n) for n, p in model.named_parameters() if p.requires_grad]
         assert trainable, path
-        if minigpt4:
+        if model_args.num_vokens:
+            assert all(
+                "trainable_tokens" in n or "lora_" in n or n.startswith("mapper.")
+                for n in trainable
+            )
+        elif minigpt4:
             assert set(trainable) == {"language_projection.weight", "language_projection.bias"}
 
 

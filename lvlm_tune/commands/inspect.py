@@ -19,7 +19,6 @@ import yaml
 
 from lvlm_tune.data.encoder import IGNORE_INDEX, ConversationEncoder, EncodedSample
 from lvlm_tune.data.errors import BadSampleError, SkipLedger
-from lvlm_tune.data.record import IMAGE_TAG
 from lvlm_tune.templates import template_names
 from lvlm_tune.templates.render import IMAGE_POSITIONS
 
@@ -35,6 +34,8 @@ RECIPE_KEYS = {
     "model_max_length": "model_max_length",
     "data_format": "data_format",
     "instruction_pool": "instruction_pool",
+    "num_vokens": "num_vokens",
+    "caption_task": "caption_task",
 }
 TOKENIZER_KEYS = ("tokenizer_name_or_path", "llm_name_or_path", "model_name_or_path")
 
@@ -52,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-max-length", type=int, help="truncation length (default 2048)")
     p.add_argument("--seed", type=int, help="seed of the per-sample random choices (default 0)")
     p.add_argument("--instruction-pool", help="caption pairs' instructions: brief | detailed")
+    p.add_argument("--num-vokens", type=int, help="MiniGPT-5 vokens per generated image")
+    p.add_argument("--caption-task", choices=("describe", "generate"), help="caption pairs' task")
     p.add_argument("--limit", type=int, default=1000, help="samples to encode (default 1000)")
     p.add_argument("--show", type=int, default=3, help="samples to print in full (human view)")
     p.add_argument("--on-bad-sample", choices=("error", "skip"), default="error")
@@ -64,7 +67,8 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     settings: dict[str, Any] = {
         "data": None, "tokenizer": None, "template": None, "image_folder": None,
         "image_position": "before", "num_image_tokens": 1, "model_max_length": 2048, "seed": 0,
-        "data_format": "auto", "instruction_pool": None,
+        "data_format": "auto", "instruction_pool": None, "num_vokens": 0,
+        "caption_task": "describe",
     }  # fmt: skip
     if args.recipe:
         with open(args.recipe, encoding="utf-8") as f:
@@ -110,13 +114,16 @@ def recipe_image_tokens(recipe: dict[str, Any]) -> int | None:
     return None
 
 
-def load_tokenizer(path: str) -> Any:
-    """Load a tokenizer and add ``<image>`` as a special token when missing (as training does)."""
+def load_tokenizer(path: str, num_vokens: int = 0) -> Any:
+    """Load a tokenizer and add ``<image>``, a pad token and the MiniGPT-5 vokens when missing,
+    exactly as training does (same ids)."""
     from transformers import AutoTokenizer
 
+    from lvlm_tune.generation.vokens import voken_tokens
+    from lvlm_tune.models.llava import prepare_tokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if IMAGE_TAG not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TAG]})
+    prepare_tokenizer(tokenizer, voken_tokens(num_vokens) if num_vokens else ())
     return tokenizer
 
 
@@ -162,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     cfg = resolve_settings(args)
-    tokenizer = load_tokenizer(cfg["tokenizer"])
+    tokenizer = load_tokenizer(cfg["tokenizer"], int(cfg["num_vokens"]))
     encoder = ConversationEncoder(
         tokenizer,
         cfg["template"],
@@ -171,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         image_position=cfg["image_position"],
         seed=int(cfg["seed"]),
         instruction_pool=cfg["instruction_pool"],
+        num_vokens=int(cfg["num_vokens"]),
+        caption_task=cfg["caption_task"],
     )
     source = open_source(cfg["data"], fmt=cfg["data_format"])
     ledger = SkipLedger()

@@ -21,6 +21,7 @@ from lvlm_tune.generation.diffusion import DiffusionParts, image_tensor, load_di
 from lvlm_tune.generation.mapper import MapperConfig, VokenMapper, has_mapper, load_mapper
 from lvlm_tune.generation.model import LossWeights, VokenModel
 from lvlm_tune.generation.vokens import voken_ids
+from lvlm_tune.training.distributed import zero3_init_paused
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,8 @@ def build_voken_model(
     lvlm: Any, tokenizer: Any, model_args: Any, train_args: Any, dtype: torch.dtype
 ) -> VokenModel:
     """Wrap the (stage-wrapped) LVLM with the mapping module and the frozen diffusion parts."""
-    parts = load_diffusion_parts(model_args.diffusion_model, dtype=dtype)
+    with zero3_init_paused():  # frozen and outside DeepSpeed's module tree: never partitioned
+        parts = load_diffusion_parts(model_args.diffusion_model, dtype=dtype)
     if model_args.pretrained_vokens:
         mapper = load_mapper(model_args.pretrained_vokens)
     else:

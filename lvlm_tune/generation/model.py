@@ -145,9 +145,11 @@ class VokenModel(nn.Module):
             )
         text_loss = output.loss if labels is not None else hidden.new_zeros(())
         if count == 0:
-            # Run the mapper anyway (times zero) so every rank uses the same parameters.
+            # Run the mapper on (zeroed) hidden states anyway: every rank then runs the same
+            # modules forward and backward, which ZeRO-3 needs (and ZeRO-2's buckets).
             ldm = caption = hidden.new_zeros(())
-            touch = self.mapper(hidden.new_zeros(1, self.num_vokens, hidden.shape[-1])).sum()
+            states = 0.0 * hidden[:1, :1].expand(1, self.num_vokens, hidden.shape[-1])
+            touch = self.mapper(states).sum()
             loss = self.weights.text * text_loss + 0.0 * touch
         else:
             states = voken_hidden_states(hidden, runs, self.num_vokens)

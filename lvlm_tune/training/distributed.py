@@ -106,3 +106,22 @@ def zero3_init_paused() -> Iterator[None]:
         yield
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def register_token_weights(model: Any) -> None:
+    """Under ZeRO-3, let PEFT trainable-token layers see their base matrices in forward.
+
+    They read ``base_layer.weight`` without calling ``base_layer``, so ZeRO-3 would not gather
+    it; registering it as an external parameter of the layer makes DeepSpeed fetch it before
+    the layer runs. No-op without ZeRO-3.
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return
+    import deepspeed
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    for module in model.modules():
+        if isinstance(module, TrainableTokensLayer):
+            deepspeed.zero.register_external_parameter(module, module.base_layer.weight)

@@ -1,0 +1,154 @@
+"""Image-generating samples (MiniGPT-5): reading gen_images, vokens in answers (trained),
+caption pairs as text-to-image samples, story expansion, truncation and collation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lvlm_tune.commands.inspect import load_tokenizer
+from lvlm_tune.data.collator import MultimodalCollator
+from lvlm_tune.data.dataset import SupervisedDataset
+from lvlm_tune.data.encoder import IGNORE_INDEX, ConversationEncoder
+from lvlm_tune.data.errors import BadSampleError
+from lvlm_tune.data.generation import expand_stories, story_samples
+from lvlm_tune.data.images import ImageLoader
+from lvlm_tune.data.readers import normalize
+from lvlm_tune.data.sources import open_source
+from lvlm_tune.generation.vokens import voken_ids
+
+VOKENS = 4
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_parts):
+    return load_tokenizer(tiny_parts["llm"], num_vokens=VOKENS)
+
+
+def row(answer="Here it is: <gen_image>", **extra):
+    return {
+        "id": "g1",
+        "conversations": [
+            {"from": "human", "value": "Draw a red square."},
+            {"from": "gpt", "value": answer},
+        ],
+        "gen_images": ["red.png"],
+        **extra,
+    }
+
+
+def test_reader_keeps_targets_and_refuses_bad_ones():
+    record = normalize(row(gen_captions=["a red square"]), "llava", source="f.json", index=0)
+    assert record.extra["gen_images"] == ["red.png"]
+    assert record.extra["gen_captions"] == ["a red square"]
+    assert normalize(row(), "llava", source="f.json", index=0).extra["gen_captions"] == [None]
+    bad = {
+        "gen_images": row(answer="two <gen_image> <gen_image>"),
+        "gen_captions": row(gen_captions=["a", "b"]),
+        "conversations": {
+            **row(),
+            "conversations": [
+                {"from": "human", "value": "<gen_image>"},
+                {"from": "gpt", "value": "<gen_image>"},
+            ],
+        },
+    }
+    for field, raw in bad.items():
+        with pytest.raises(BadSampleError) as info:
+            normalize(raw, "llava", source="f.json", index=0)
+        assert info.value.field == field and "f.json" in str(info.value) and "g1" in str(info.value)
+
+
+def test_vokens_replace_the_tag_and_are_trained(tokenizer):
+    encoder = ConversationEncoder(tokenizer, "vicuna_v1", num_vokens=VOKENS)
+    record = normalize(row(), "llava", source="f.json", index=0)
+    sample = encoder.encode(record)
+    ids = voken_ids(tokenizer, VOKENS)
+    at = list(sample.input_ids).index(ids[0])
+    assert list(sample.input_ids[at : at + VOKENS]) == ids
+    assert list(sample.labels[at : at + VOKENS]) == ids  # vokens are answer tokens
+    assert sample.labels[at + VOKENS] == tokenizer.eos_token_id  # then the STOP, trained
+    assert sample.num_gen_images == 1
+    plain = ConversationEncoder(tokenizer, "vicuna_v1")
+    with pytest.raises(BadSampleError, match="no vokens") as info:
+        plain.encode(record)
+    assert info.value.field == "gen_images"
+
+
+def test_caption_pairs_become_text_to_image_samples(tokenizer):
+    raw = {"id": "c1", "image": "red.png", "caption": "a red square"}
+    record = normalize(raw, "caption", source="c.json", index=0)
+    encoder = ConversationEncoder(
+        tokenizer, "vicuna_v1", num_vokens=VOKENS, caption_task="generate"
+    )
+    prepared = encoder.prepare_record(record)
+    assert prepared.turns[0].content == "a red square" and not prepared.images
+    assert prepared.extra == {"gen_images": ["red.png"], "gen_captions": ["a red square"]}
+    sample = encoder.encode(record)
+    trained = [int(t) for t in sample.labels if t != IGNORE_INDEX]
+    assert trained == [*voken_ids(tokenizer, VOKENS), tokenizer.eos_token_id]
+    with pytest.raises(ValueError, match="needs num_vokens"):
+        ConversationEncoder(tokenizer, "vicuna_v1", caption_task="generate")
+
+
+def test_story_expansion_into_three_tasks(tmp_path):
+    story = [{"text": f"step {k}", "image": f"{k}.png"} for k in range(3)]
+    rows = story_samples(story, "s")
+    assert [r["id"] for r in rows] == [
+        f"s-{k}-{t}" for k in (1, 2) for t in ("text", "image", "text_image")
+    ]
+    last = rows[-1]
+    assert last["images"] == ["0.png", "1.png"]
+    assert last["conversations"][0]["value"] == "<image>\nstep 0\n<image>\nstep 1"
+    assert last["conversations"][1]["value"] == "step 2\n<gen_image>"
+    assert last["gen_images"] == ["2.png"] and last["gen_captions"] == ["step 2"]
+    assert rows[0]["gen_images"] == [] and rows[0]["conversations"][1]["value"] == "step 1"
+    (tmp_path / "stories.json").write_text(json.dumps([{"id": "s", "story": story}]))
+    assert expand_stories(tmp_path / "stories.json", tmp_path / "out.json") == 6
+    source = open_source(str(tmp_path / "out.json"), cache_dir=str(tmp_path / "cache"))
+    assert source.get(5).extra["gen_images"] == ["2.png"]
+    with pytest.raises(BadSampleError, match=r"story\[1\].image"):
+        story_samples([story[0], {"text": "x"}], "s")
+
+
+def test_truncation_drops_the_targets_of_cut_answers_and_collates(tokenizer, tmp_path):
+    for name, colour in (("a", (200, 0, 0)), ("b", (0, 0, 200))):
+        Image.new("RGB", (16, 16), colour).save(tmp_path / f"{name}.png")
+    raw = {
+        "id": "two",
+        "conversations": [
+            {"from": "human", "value": "Draw a."},
+            {"from": "gpt", "value": "<gen_image>"},
+            {"from": "human", "value": "Now draw b, please, with many words around it."},
+            {"from": "gpt", "value": "Sure <gen_image>"},
+        ],
+        "gen_images": ["a.png", "b.png"],
+        "gen_captions": ["a", None],
+    }
+    (tmp_path / "d.json").write_text(json.dumps([raw]))
+    source = open_source(str(tmp_path / "d.json"), cache_dir=str(tmp_path / "cache"))
+    full = ConversationEncoder(tokenizer, "vicuna_v1", num_vokens=VOKENS)
+    length = len(full.encode(source.get(0)).input_ids)
+
+    def target(images):
+        return torch.stack(
+            [torch.from_numpy(np.asarray(i, dtype=np.float32)).permute(2, 0, 1) for i in images]
+        )
+
+    for max_length, expected in ((length, 2), (length - 5, 1)):
+        encoder = ConversationEncoder(
+            tokenizer, "vicuna_v1", num_vokens=VOKENS, model_max_length=max_length
+        )
+        dataset = SupervisedDataset(
+            source, encoder, ImageLoader(None, tmp_path), target_images=target
+        )
+        item = dataset[0]
+        assert len(item["gen_pixel_values"]) == expected
+        assert item["gen_captions"] == ["a", None][:expected]
+    batch = MultimodalCollator(0)([dataset[0], dataset[0]])
+    assert batch["gen_pixel_values"].shape[0] == 2 and batch["gen_captions"] == ["a", "a"]
+    assert batch["gen_pixel_values"][0, 0, 0, 0] == 200  # a.png first, in batch order
