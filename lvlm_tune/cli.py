@@ -14,6 +14,7 @@ COMMANDS = {
     "merge": ("lvlm_tune.commands.merge", "fold adapters in and export a standard HF folder"),
     "eval": ("lvlm_tune.commands.eval", "loss, perplexity and answer accuracy on a data file"),
     "chat": ("lvlm_tune.commands.chat", "talk to a merged folder or an adapter checkpoint"),
+    "stories": ("lvlm_tune.commands.stories", "expand story data into MiniGPT-5's three tasks"),
 }
 
 USAGE = (

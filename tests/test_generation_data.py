@@ -109,6 +109,14 @@ def test_story_expansion_into_three_tasks(tmp_path):
     assert rows[0]["gen_images"] == [] and rows[0]["conversations"][1]["value"] == "step 1"
     (tmp_path / "stories.json").write_text(json.dumps([{"id": "s", "story": story}]))
     assert expand_stories(tmp_path / "stories.json", tmp_path / "out.json") == 6
+    from lvlm_tune.cli import main as cli
+
+    assert cli(["stories", str(tmp_path / "stories.json"), str(tmp_path / "cli.json")]) == 0
+    assert json.loads((tmp_path / "cli.json").read_text()) == json.loads(
+        (tmp_path / "out.json").read_text()
+    )
+    (tmp_path / "bad.json").write_text(json.dumps([{"id": "b", "story": [story[0]]}]))
+    assert cli(["stories", str(tmp_path / "bad.json"), str(tmp_path / "x.json")]) == 2
     source = open_source(str(tmp_path / "out.json"), cache_dir=str(tmp_path / "cache"))
     assert source.get(5).extra["gen_images"] == ["2.png"]
     with pytest.raises(BadSampleError, match=r"story\[1\].image"):
