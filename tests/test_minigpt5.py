@@ -255,3 +255,19 @@ def test_minigpt4_backbone_trains_vokens(tiny_parts, tiny_blip2, tiny_captions, 
         "trainable_tokens_delta" in n or n.startswith("mapper.") for n in trainable
     )
     assert (Path(trainer.args.output_dir) / "voken_mapper.safetensors").exists()
+
+
+def test_new_rows_start_at_the_mean_of_the_original_rows(voken_model, tiny_parts):
+    model, processor, _ = voken_model
+    original = AutoModelForCausalLM.from_pretrained(tiny_parts["llm"])
+    ids = voken_ids(processor.tokenizer, VOKENS)
+    base = model.lvlm.get_base_model()
+    for layer, source in (
+        (base.get_input_embeddings(), original.get_input_embeddings().weight),
+        (base.get_output_embeddings(), original.get_output_embeddings().weight),
+    ):
+        adapter = getattr(layer, "token_adapter", layer)  # wrapper or the layer itself
+        rows = adapter.trainable_tokens_delta["default"]
+        assert rows.shape == (VOKENS, source.shape[1])
+        assert torch.allclose(rows, source.mean(0).expand_as(rows), atol=1e-6)
+        assert adapter.token_indices["default"] == ids
