@@ -6,6 +6,7 @@ import os
 import random
 
 import pytest
+from transformers import TrainerCallback
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -124,6 +125,17 @@ def tiny_data(tmp_path_factory):
 
 
 MINIGPT4_QUERIES = 8
+
+
+class StopAt(TrainerCallback):
+    """Stops training after ``step`` (a run cut short, to be resumed)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
 
 
 @pytest.fixture(scope="session")

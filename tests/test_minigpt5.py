@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import MINIGPT4_QUERIES, tiny_recipe
+from conftest import MINIGPT4_QUERIES, StopAt, tiny_recipe
 from transformers import AutoModelForCausalLM, set_seed
 
 from lvlm_tune.config import parse_recipe
@@ -271,3 +271,37 @@ def test_new_rows_start_at_the_mean_of_the_original_rows(voken_model, tiny_parts
         assert rows.shape == (VOKENS, source.shape[1])
         assert torch.allclose(rows, source.mean(0).expand_as(rows), atol=1e-6)
         assert adapter.token_indices["default"] == ids
+
+
+def test_resume_restores_rows_mapper_and_the_loss_sequence(tiny_parts, tiny_captions, sd, tmp_path):
+    common = {
+        "max_steps": 4,
+        "save_strategy": "steps",
+        "save_steps": 2,
+        "per_device_train_batch_size": 2,
+    }
+    full = run(
+        *parse(
+            voken_recipe(tiny_parts, tiny_captions, tmp_path / "full", sd, **common),
+            tmp_path,
+            "a.yaml",
+        )
+    )
+    reference = [h["loss"] for h in full.state.log_history if "loss" in h]
+    out = tmp_path / "cut"
+    run(
+        *parse(voken_recipe(tiny_parts, tiny_captions, out, sd, **common), tmp_path, "b.yaml"),
+        callbacks=[StopAt(2)],
+    )
+    assert {"adapter_model.safetensors", "voken_mapper.safetensors"} <= set(
+        os.listdir(out / "checkpoint-2")
+    )
+    resumed = run(
+        *parse(
+            voken_recipe(tiny_parts, tiny_captions, out, sd, resume_from_checkpoint=True, **common),
+            tmp_path,
+            "c.yaml",
+        )
+    )
+    losses = [h["loss"] for h in resumed.state.log_history if "loss" in h]
+    assert len(reference) == 4 and losses[-2:] == pytest.approx(reference[-2:], rel=1e-5)

@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 import yaml
-from conftest import MINIGPT4_QUERIES, tiny_recipe
-from transformers import TrainerCallback, set_seed
+from conftest import MINIGPT4_QUERIES, StopAt, tiny_recipe
+from transformers import set_seed
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from lvlm_tune.config import parse_recipe
@@ -119,15 +119,6 @@ def test_stage1_to_lora_stage2_chain(tmp_path, tiny_parts, tiny_data):
         "lvlm_tune.json",
         "processor_config.json",
     } <= files
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def test_resume_reproduces_the_uninterrupted_loss_sequence(tmp_path, tiny_parts, tiny_data):
