@@ -160,3 +160,26 @@ def test_truncation_drops_the_targets_of_cut_answers_and_collates(tokenizer, tmp
     batch = MultimodalCollator(0)([dataset[0], dataset[0]])
     assert batch["gen_pixel_values"].shape[0] == 2 and batch["gen_captions"] == ["a", "a"]
     assert batch["gen_pixel_values"][0, 0, 0, 0] == 200  # a.png first, in batch order
+
+
+def test_everything_but_minigpt5_runs_without_diffusers(tiny_parts, tiny_data, tmp_path):
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.modules['diffusers'] = None\n"
+        "import lvlm_tune.train, lvlm_tune.commands.chat, lvlm_tune.commands.merge\n"
+        "import lvlm_tune.commands.eval, lvlm_tune.commands.inspect, lvlm_tune.cli\n"
+        "from lvlm_tune.config import parse_recipe\n"
+        "from lvlm_tune.train import build_model\n"
+        f"args = parse_recipe(None, ['--vision_tower', {tiny_parts['vision']!r}, "
+        f"'--llm_name_or_path', {tiny_parts['llm']!r}, '--output_dir', {str(tmp_path)!r}, "
+        "'--use_cpu', 'true', '--stage', 'vokens', '--num_vokens', '2', "
+        "'--diffusion_model', 'x', '--report_to', 'none'])\n"
+        "try:\n    build_model(*args)\nexcept ImportError as e:\n    print('IMPORT', e)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "IMPORT num_vokens > 0 (MiniGPT-5) needs diffusers" in done.stdout

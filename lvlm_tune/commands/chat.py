@@ -21,8 +21,6 @@ from lvlm_tune.checkpoint_loading import LoadedRun, load_run
 from lvlm_tune.data.encoder import ConversationEncoder
 from lvlm_tune.data.images import ImageLoader
 from lvlm_tune.data.record import IMAGE_TAG, Conversation, Turn
-from lvlm_tune.generation.diffusion import load_diffusion_parts
-from lvlm_tune.generation.generate import VokenGenerator, split_at_vokens
 from lvlm_tune.generation.vokens import GEN_IMAGE_TAG, voken_ids
 from lvlm_tune.inference import Answerer, sampling_kwargs
 from lvlm_tune.models.parts import unwrap_model
@@ -86,6 +84,9 @@ class ChatSession:
         self.saved_images: list[str] = []
         self.generator = None
         if loaded.mapper is not None:  # MiniGPT-5: answers may hold generated images
+            from lvlm_tune.generation.diffusion import load_diffusion_parts  # the gen extra
+            from lvlm_tune.generation.generate import VokenGenerator
+
             self.generator = VokenGenerator(
                 loaded.model, loaded.mapper,
                 load_diffusion_parts(diffusion_model or loaded.diffusion_model),
@@ -125,6 +126,8 @@ class ChatSession:
             stop_kwargs=self.answerer.stop_kwargs(), **sampling_kwargs(temperature),
         )  # fmt: skip
         tokenizer = self.loaded.processor.tokenizer
+        from lvlm_tune.generation.generate import split_at_vokens
+
         pieces = split_at_vokens(
             result.token_ids, self.generator.first_voken_id, self.generator.num_vokens
         )

@@ -17,7 +17,6 @@ import torch
 from peft import PeftModel
 from PIL import Image
 
-from lvlm_tune.generation.diffusion import DiffusionParts, image_tensor, load_diffusion_parts
 from lvlm_tune.generation.mapper import MapperConfig, VokenMapper, has_mapper, load_mapper
 from lvlm_tune.generation.model import LossWeights, VokenModel
 from lvlm_tune.generation.vokens import voken_ids
@@ -32,6 +31,8 @@ class TargetImages:
     image_size: int
 
     def __call__(self, images: list[Image.Image]) -> torch.Tensor:
+        from lvlm_tune.generation.diffusion import image_tensor
+
         return image_tensor(self, images)  # reads only ``image_size``
 
 
@@ -42,7 +43,7 @@ def fold_pretrained_vokens(model: Any, run_dir: str | os.PathLike) -> Any:
     return PeftModel.from_pretrained(model, os.fspath(run_dir)).merge_and_unload()
 
 
-def new_mapper(lvlm: Any, parts: DiffusionParts, model_args: Any) -> VokenMapper:
+def new_mapper(lvlm: Any, parts: Any, model_args: Any) -> VokenMapper:
     """A fresh mapping module from the LLM width to the diffusion condition shape."""
     num_queries, cond_dim = parts.cond_shape
     config = MapperConfig(
@@ -62,6 +63,12 @@ def build_voken_model(
     lvlm: Any, tokenizer: Any, model_args: Any, train_args: Any, dtype: torch.dtype
 ) -> VokenModel:
     """Wrap the (stage-wrapped) LVLM with the mapping module and the frozen diffusion parts."""
+    try:
+        from lvlm_tune.generation.diffusion import load_diffusion_parts
+    except ImportError as error:
+        raise ImportError(
+            f"num_vokens > 0 (MiniGPT-5) needs diffusers: pip install 'lvlm-tune[gen]' ({error})"
+        ) from error
     with zero3_init_paused():  # frozen and outside DeepSpeed's module tree: never partitioned
         parts = load_diffusion_parts(model_args.diffusion_model, dtype=dtype)
     if model_args.pretrained_vokens:

@@ -17,15 +17,17 @@ it has one). With probability ``cfg_drop`` an image's voken states are replaced 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from lvlm_tune.generation.diffusion import DiffusionParts, caption_embeddings, ldm_loss
 from lvlm_tune.generation.mapper import VokenMapper
 from lvlm_tune.generation.vokens import voken_hidden_states, voken_runs
+
+if TYPE_CHECKING:  # diffusers (the ``gen`` extra) is imported only when a model uses it
+    from lvlm_tune.generation.diffusion import DiffusionParts
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,8 @@ class VokenModel(nn.Module):
             states = voken_hidden_states(hidden, runs, self.num_vokens)
             drop = self.drop_mask(count, hidden.device)
             condition = self.condition(states, drop)
+            from lvlm_tune.generation.diffusion import ldm_loss
+
             parts = self._diffusion_on(hidden.device)
             unet_dtype = parts.unet.dtype
             ldm = ldm_loss(
@@ -188,6 +192,8 @@ class VokenModel(nn.Module):
         ]
         if not keep:
             return condition.new_zeros(()) + 0.0 * condition.sum()
+        from lvlm_tune.generation.diffusion import caption_embeddings
+
         target = caption_embeddings(parts, [captions[k] for k in keep])
         mapped = condition[keep].float()
         return nn.functional.mse_loss(mapped, target.to(mapped.device, torch.float32))
