@@ -210,7 +210,12 @@ def test_text_only_batch_runs_the_vision_path_with_zero_effect(stages, tmp_path)
         model=model, args=args[2], family=family, run_card={},
         blank_pixel_values=dataset.images.blank(),
     )  # fmt: skip
+    model.train()
+    assert model.qformer.config.hidden_dropout_prob > 0 and model.qformer.training
     loss = trainer.compute_loss(model, batch)
+    # the frozen ViT and Q-Former run without dropout, as in the original MiniGPT-4
+    assert not model.qformer.training and not model.vision_model.training
+    assert model.language_model.training
     assert torch.isfinite(loss)
     loss.backward()
     grad = model.language_projection.weight.grad

@@ -2,6 +2,7 @@
 
 What it adds, and nothing else:
 
+* frozen vision modules stay in eval mode (no dropout) while the rest trains;
 * optimizer groups: the projector gets ``projector_lr``; biases and norm weights (every
   parameter with fewer than 2 dimensions) get no weight decay;
 * the modality-and-length grouped sampler (``group_by_modality_length``): each forward pass
@@ -145,9 +146,25 @@ class LvlmTrainer(Trainer):
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any
     ) -> Any:
+        self._frozen_parts_in_eval_mode(model)
         loss, outputs = self._loss_and_outputs(model, inputs, **kwargs)
         self._record_loss_parts(outputs)
         return (loss, outputs) if return_outputs else loss
+
+    def _frozen_parts_in_eval_mode(self, model: Any) -> None:
+        """Frozen vision modules run as in inference (no dropout), as the original code does.
+
+        ``Trainer`` puts the whole model in training mode every step; a frozen BLIP-2 Q-Former
+        (dropout 0.1) would otherwise give different image features on every pass.
+        """
+        base = unwrap_model(self.accelerator.unwrap_model(model))
+        for name in self.family.vision_modules:
+            try:
+                module = base.get_submodule(name)
+            except AttributeError:
+                continue  # a bare parameter (query_tokens) or a part this model lacks
+            if not any(p.requires_grad for p in module.parameters()):
+                module.eval()
 
     def _loss_and_outputs(self, model: Any, inputs: dict[str, Any], **kwargs: Any) -> Any:
         if "pixel_values" in inputs or self.blank_pixel_values is None:
