@@ -2,11 +2,13 @@
 
 Answers are checked against the drawn pixels (not against the generator's own bookkeeping), the
 files must load through the same reader as real data, and the base models must load back through
-``from_pretrained`` and compose into a LLaVA.
+``from_pretrained`` and compose into a LLaVA, or (the MiniGPT-4 variant) into a MiniGPT-4 whose
+LLM was pre-trained on exactly the training encoding with captions where the images go.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -14,8 +16,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Blip2ForConditionalGeneration,
+    CLIPVisionModel,
+)
 
+from lvlm_tune.data.encoder import ConversationEncoder
 from lvlm_tune.data.sources import open_source
 from lvlm_tune.demo import shapes
 from lvlm_tune.demo.pretrain import (
@@ -23,8 +32,19 @@ from lvlm_tune.demo.pretrain import (
     VisionTowerConfig,
     pretrain_language_model,
     pretrain_vision_tower,
+    train_tokenizer,
+)
+from lvlm_tune.demo.pretrain_minigpt4 import (
+    STAGE_DATA,
+    Blip2EncoderConfig,
+    caption_corpus,
+    described_records,
+    pretrain_blip2,
+    pretrain_minigpt4_llm,
+    query_states,
 )
 from lvlm_tune.models.llava import build_llava
+from lvlm_tune.models.minigpt4 import build_minigpt4
 
 JSON_FILES = ("captions_train", "instruct_train", "instruct_test", "instruct_test_blank")
 REFERENCE = np.array(list(shapes.COLORS.values()), dtype=float)
@@ -190,3 +210,67 @@ def test_base_models_save_load_and_compose(dataset: dict[str, Path], tmp_path: P
     assert (inputs["input_ids"] == model.config.image_token_index).sum() == 16
     out = model(**inputs, labels=inputs["input_ids"])
     assert torch.isfinite(out.loss)
+
+
+def test_minigpt4_base_models_save_load_and_compose(
+    dataset: dict[str, Path], tmp_path: Path
+) -> None:
+    rng_state = torch.random.get_rng_state()
+    config = Blip2EncoderConfig(num_images=16, steps=2, batch_size=4)
+    report = pretrain_blip2(tmp_path / "blip2", config)
+    llm_report = pretrain_minigpt4_llm(
+        dataset, tmp_path / "llm", LanguageModelConfig(steps=2, batch_size=4, max_length=400)
+    )
+    assert torch.equal(torch.random.get_rng_state(), rng_state)
+    for key in ("acc_local_colour", "acc_local_shape", "acc_count", "acc_shared"):
+        assert 0.0 <= report[key] <= 1.0, key
+    assert llm_report["vocab_size"] > 259
+
+    model, processor = build_minigpt4(tmp_path / "blip2", tmp_path / "llm", num_query_tokens=16)
+    image = Image.open(dataset["root"] / load(dataset, "instruct_test")[0]["image"])
+    pixels = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, 32, 32)  # 64 px data resized to the BLIP-2's 32 px
+    saved = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "blip2").eval()
+    model.train()  # as the Trainer does: the frozen Q-Former must still give the saved queries
+    with torch.no_grad():
+        queries = query_states(model, pixels)
+        assert queries.shape == (1, 16, config.qformer_hidden_size)
+        assert torch.equal(queries, query_states(saved, pixels))
+    prompt = (
+        "###Human: <Img>" + "<image>" * 16 + "</Img> What color is the shape? ###Assistant: red###"
+    )
+    inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+    assert (inputs["input_ids"] == model.config.image_token_index).sum() == 16
+    assert torch.isfinite(model(**inputs, labels=inputs["input_ids"]).loss)
+
+
+def test_minigpt4_llm_corpus_is_the_training_encoding_with_captions_for_images(
+    dataset: dict[str, Path],
+) -> None:
+    tokenizer = train_tokenizer(dataset["text_corpus"].read_text().splitlines(), 400)
+    sequences = caption_corpus(dataset, tokenizer, seed=0, max_length=1000)
+    described = described_records(dataset)
+    assert len(sequences) == len(described) == 2 * 60  # captions, then conversations
+    with_image = copy.deepcopy(tokenizer)
+    with_image.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_id = with_image.convert_tokens_to_ids("<image>")
+    encoders = {
+        template: ConversationEncoder(
+            with_image, template, num_image_tokens=16, image_position=position, seed=0
+        )
+        for template, _, position in STAGE_DATA
+    }
+    placements = set()
+    for index, ((template, record, caption), sequence) in enumerate(zip(described, sequences, strict=True)):  # fmt: skip
+        encoder = encoders[template]
+        real = encoder.encode(record, index).input_ids.tolist()  # what stage 1 / 2 train on
+        at = real.index(image_id)
+        assert real[at : at + 16] == [image_id] * 16 and image_id not in real[at + 16 :]
+        caption_ids = tokenizer(caption, add_special_tokens=False)["input_ids"]
+        assert sequence == [*real[:at], *caption_ids, *real[at + 16 :], tokenizer.eos_token_id]
+        text = encoder.render(record, index).text
+        if template == "plain":
+            assert text == "<image>" + caption + "\n"
+        else:
+            placements.add("before" if "<Img><image></Img> What" in text else "after")
+    assert placements == {"before", "after"}

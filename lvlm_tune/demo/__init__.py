@@ -1,6 +1,9 @@
-"""The embedded demo: synthetic coloured-shapes data, tiny base models, two-stage LLaVA training.
+"""The embedded demo: synthetic coloured-shapes data, tiny base models, two-stage training.
 
 ``shapes`` writes the dataset (PNG images, caption pairs, multi-turn instructions, a held-out
-split and its blank-image twin, a text corpus); ``pretrain`` builds and briefly pre-trains the
-tiny vision tower and LLM that the demo's stage 1 and stage 2 recipes start from.
+split and its blank-image twin, a text corpus); ``probes`` holds the linear probes the tiny
+vision encoders are pre-trained with; ``pretrain`` builds and briefly pre-trains the LLaVA
+demo's vision tower and LLM, ``pretrain_minigpt4`` the MiniGPT-4 variant's BLIP-2 and LLM;
+``run`` takes either family from data to ``eval`` and ``chat`` (``make demo``,
+``make demo-minigpt4``).
 """

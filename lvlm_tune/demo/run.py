@@ -1,13 +1,17 @@
 """``make demo``: the whole LLaVA recipe on synthetic shapes, offline, on a CPU, in minutes.
 
-Steps (each timed, outputs under ``--out``, default ``runs/demo/``):
+``--family minigpt4`` (``make demo-minigpt4``) runs the MiniGPT-4 variant the same way.
+Steps (each timed, outputs under ``--out``, default ``runs/demo/`` or ``runs/demo_minigpt4/``):
 
 1. data: coloured shapes on backgrounds, captions, multi-turn questions, a held-out split
    and the same held-out questions on blank images;
-2. base models: a tiny CLIP vision tower and a tiny LLaMA with its tokenizer, pre-trained
-   quickly on the demo's own images and text (they stand in for CLIP-L and Vicuna);
-3. stage 1 (feature alignment, projector only) and stage 2 (LoRA on the LLM + projector),
-   run by the same recipe machinery as real runs (``recipes/demo/*.yaml``);
+2. base models, pre-trained quickly on the demo's own images and text: a tiny CLIP vision
+   tower and a tiny LLaMA with its tokenizer (they stand in for CLIP-L and Vicuna), or for
+   MiniGPT-4 a tiny BLIP-2 (ViT + Q-Former) and a tiny LLaMA that already answers from a
+   caption written where the image goes (:mod:`lvlm_tune.demo.pretrain_minigpt4`);
+3. stage 1 (feature alignment, projector only) and stage 2 (LLaVA: LoRA on the LLM +
+   projector; MiniGPT-4: the linear projection only, on instructions), run by the same recipe
+   machinery as real runs (``recipes/demo/{family}_*.yaml``);
 4. the last steps use the user commands: ``lvlm-tune merge`` (LoRA folded into a standalone
    folder, ``merged/``), ``lvlm-tune eval`` on the held-out questions with real and with blank
    images (colour + shape exact match; answers must come from the image path), and
@@ -25,6 +29,8 @@ import logging
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +40,55 @@ from lvlm_tune.commands import chat as chat_command
 from lvlm_tune.commands import eval as eval_command
 from lvlm_tune.commands import merge as merge_command
 from lvlm_tune.config import parse_recipe
-from lvlm_tune.demo import pretrain, shapes
+from lvlm_tune.demo import pretrain, pretrain_minigpt4, shapes
 from lvlm_tune.train import run
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "demo"
 SCORED_KINDS = ("colour", "shape")
+
+
+def llava_base_models(data: dict[str, Path], base: Path, quick: bool) -> dict[str, Any]:
+    """The CLIP vision tower (``base/vision``) and the LLM (``base/llm``) of the LLaVA demo."""
+    vision_config, llm_config = pretrain.VisionTowerConfig(), pretrain.LanguageModelConfig()
+    if quick:
+        vision_config.steps = llm_config.steps = 5
+        vision_config.num_images = 64
+    return {
+        "vision_pretrain": pretrain.pretrain_vision_tower(base / "vision", vision_config),
+        "llm_pretrain": pretrain.pretrain_language_model(
+            data["text_corpus"], base / "llm", llm_config
+        ),
+    }
+
+
+def minigpt4_base_models(data: dict[str, Path], base: Path, quick: bool) -> dict[str, Any]:
+    """The BLIP-2 folder (``base/vision``) and the LLM (``base/llm``) of the MiniGPT-4 variant."""
+    blip2_config = pretrain_minigpt4.Blip2EncoderConfig()
+    llm_config = pretrain.LanguageModelConfig(max_length=pretrain_minigpt4.MAX_LENGTH)
+    if quick:
+        blip2_config.steps = llm_config.steps = 5
+        blip2_config.num_images = 64
+    return {
+        "vision_pretrain": pretrain_minigpt4.pretrain_blip2(base / "vision", blip2_config),
+        "llm_pretrain": pretrain_minigpt4.pretrain_minigpt4_llm(data, base / "llm", llm_config),
+    }
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What differs between the demo's model families; every other step is shared."""
+
+    base_models: Callable[[dict[str, Path], Path, bool], dict[str, Any]]
+    recipes: tuple[str, str]  # stage 1, stage 2 under recipes/demo/
+    stage2_trains: str  # for the summary
+
+
+VARIANTS: dict[str, Variant] = {
+    "llava": Variant(llava_base_models, ("llava_stage1.yaml", "llava_stage2_lora.yaml"), "LoRA"),
+    "minigpt4": Variant(
+        minigpt4_base_models, ("minigpt4_stage1.yaml", "minigpt4_stage2.yaml"), "projector"
+    ),
+}
 
 
 def evaluate(model_dir: Path, path: Path) -> dict[str, Any]:
@@ -66,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="lvlm_tune.demo.run", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--out", default="runs/demo", help="output folder")
+    parser.add_argument("--family", choices=tuple(VARIANTS), default="llava")
+    parser.add_argument(
+        "--out", help="output folder (default: runs/demo, or runs/demo_minigpt4 for minigpt4)"
+    )
     parser.add_argument("--train-images", type=int, default=3000)
     parser.add_argument("--test-images", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
@@ -80,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING
     )
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    out = Path(args.out)
+    variant = VARIANTS[args.family]
+    out = Path(args.out or ("runs/demo" if args.family == "llava" else f"runs/demo_{args.family}"))
     times: dict[str, float] = {}
     summary: dict[str, Any] = {"times_s": times}
 
@@ -94,17 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     times["data"] = time.perf_counter() - start
 
-    start = step("base models: vision tower and LLM pre-training")
-    vision_config, llm_config = pretrain.VisionTowerConfig(), pretrain.LanguageModelConfig()
-    if args.quick:
-        vision_config.steps = llm_config.steps = 5
-        vision_config.num_images = 64
-    summary["vision_pretrain"] = pretrain.pretrain_vision_tower(
-        out / "base" / "vision", vision_config
-    )
-    summary["llm_pretrain"] = pretrain.pretrain_language_model(
-        paths["text_corpus"], out / "base" / "llm", llm_config
-    )
+    start = step("base models: vision side and LLM pre-training")
+    summary.update(variant.base_models(paths, out / "base", args.quick))
     times["base_models"] = time.perf_counter() - start
 
     # The recipes name runs/demo/...; point them at --out (the same paths for `make demo`).
@@ -113,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         "stage2": {"data_path": paths["instruct_train"], "pretrained_projector": out / "stage1"},
     }
     trainers = {}
-    for stage, recipe in (("stage1", "llava_stage1.yaml"), ("stage2", "llava_stage2_lora.yaml")):
+    for stage, recipe in zip(("stage1", "stage2"), variant.recipes, strict=True):
         start = step(f"{stage}: lvlm-tune train recipes/demo/{recipe}")
         values = {
             "vision_tower": out / "base" / "vision", "llm_name_or_path": out / "base" / "llm",
@@ -172,9 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     times["total"] = sum(times.values())
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
-    print("\n==== lvlm-tune demo summary ====")
+    print(f"\n==== lvlm-tune demo summary ({args.family}) ====")
     print(f"stage 1 (projector) final loss: {summary['stage1_final_loss']:.3f}")
-    print(f"stage 2 (LoRA) final loss:      {summary['stage2_final_loss']:.3f}")
+    label = f"stage 2 ({variant.stage2_trains}) final loss:"
+    print(f"{label:<32}{summary['stage2_final_loss']:.3f}")
     print(
         f"held-out colour+shape exact match: {summary['accuracy']:.3f}  (by kind: {test['by_kind']})"
     )
