@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, default=7.5, help="MiniGPT-5: CFG scale")
     p.add_argument("--steps", type=int, default=25, help="MiniGPT-5: denoising steps per image")
     p.add_argument("--diffusion-model", help="MiniGPT-5: diffusion folder, if it moved")
+    p.add_argument("--seed", type=int, default=0, help="MiniGPT-5: seed of the image noise")
     return p
 
 
@@ -77,6 +78,7 @@ class ChatSession:
         guidance_scale: float = 7.5,
         steps: int = 25,
         diffusion_model: str | None = None,
+        seed: int | None = 0,
     ) -> None:
         card = loaded.card
         self.loaded = loaded
@@ -91,7 +93,7 @@ class ChatSession:
                 loaded.model, loaded.mapper,
                 load_diffusion_parts(diffusion_model or loaded.diffusion_model),
                 first_voken_id=voken_ids(loaded.processor.tokenizer, loaded.mapper.config.num_vokens)[0],
-                guidance_scale=guidance_scale, num_inference_steps=steps,
+                guidance_scale=guidance_scale, num_inference_steps=steps, seed=seed,
             )  # fmt: skip
         self.encoder = ConversationEncoder(
             loaded.processor.tokenizer,
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             load_run(args.model, base=args.base, device=device), args.template,
             image_dir=args.image_dir, force_image=args.force_image,
             guidance_scale=args.guidance_scale, steps=args.steps,
-            diffusion_model=args.diffusion_model,
+            diffusion_model=args.diffusion_model, seed=args.seed,
         )  # fmt: skip
         if args.prompt is not None:
             session.ask(

@@ -229,11 +229,22 @@ class ConversationEncoder:
         cuts: list[int] = []  # token count that ends right after answer k (truncation points)
         first = 0
         for k, span in enumerate(rendered.spans):
+            floor = first
             # First token overlapping the span (zero-width tokens such as BOS never train).
             while first < n and (
                 offsets[first][1] <= span.start or offsets[first][0] == offsets[first][1]
             ):
                 first += 1
+            # A separator the tokenizer kept as its own token (e.g. the space before a special
+            # token such as [IMG0], or before a digit) trains too: the generation prompt ends
+            # before it, so the model has to write it.
+            while (
+                first > floor
+                and offsets[first - 1][0] >= span.sep_start
+                and offsets[first - 1][0] < offsets[first - 1][1] <= span.start
+                and not text[offsets[first - 1][0] : offsets[first - 1][1]].strip()
+            ):
+                first -= 1
             last = first
             while last < n and offsets[last][0] < span.end:
                 last += 1

@@ -21,7 +21,8 @@ IMAGE_POSITIONS = ("before", "after", "random", "keep")
 @dataclass(frozen=True)
 class Span:
     """A trained answer: ``text[start:end]`` is answer + STOP; ``text[sep_start:start]`` is the
-    separator before it (e.g. the space after ``ASSISTANT:``), never trained on its own."""
+    separator before it (e.g. the space after ``ASSISTANT:``). The generation prompt ends before
+    the separator, so its tokens are trained, merged into the first answer token or alone."""
 
     sep_start: int
     start: int
