@@ -206,3 +206,37 @@ def tiny_recipe(parts, data, out, **overrides):
     }
     recipe.update(overrides)
     return recipe
+
+
+def parse(recipe, tmp_path, name="recipe.yaml"):
+    """Write ``recipe`` as YAML into ``tmp_path/name`` and parse it as ``lvlm-tune train`` does."""
+    import yaml
+
+    from lvlm_tune.config import parse_recipe
+
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(recipe))
+    return parse_recipe(path)
+
+
+def train_and_compare(tmp_path, recipe, name="recipe"):
+    """Train ``recipe``; assert every trainable parameter changed and every frozen one did not.
+
+    Returns the trainer and the names of the trainable parameters.
+    """
+    import torch
+    from transformers import set_seed
+
+    from lvlm_tune.train import build_model, run
+
+    args = parse(recipe, tmp_path, f"{name}.yaml")
+    set_seed(args[2].seed)
+    before = {n: p.detach().clone() for n, p in build_model(*args)[0].named_parameters()}
+    trainer = run(*parse(recipe, tmp_path, f"{name}.yaml"))
+    after = dict(trainer.model.named_parameters())
+    assert before.keys() == after.keys()
+    trainable = {n for n, p in after.items() if p.requires_grad}
+    for key, param in after.items():
+        same = torch.equal(before[key], param.detach())
+        assert same != (key in trainable), f"{key}: trainable={key in trainable} same={same}"
+    return trainer, trainable

@@ -16,21 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import MINIGPT4_QUERIES, minigpt4_recipe
-from transformers import set_seed
+from conftest import MINIGPT4_QUERIES, minigpt4_recipe, parse, train_and_compare
 
 from lvlm_tune.commands.inspect import main as inspect_main
-from lvlm_tune.config import parse_recipe
 from lvlm_tune.data.encoder import IGNORE_INDEX
-from lvlm_tune.train import build_model, run
+from lvlm_tune.train import build_model
 
 PROJECTION = {"language_projection.weight", "language_projection.bias"}
-
-
-def parse(recipe: dict, tmp_path, name: str = "recipe.yaml"):
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(recipe))
-    return parse_recipe(path)
 
 
 def inspect_json(argv: list[str]) -> list[dict]:
@@ -139,20 +131,6 @@ def test_stage2_caption_pairs_draw_minigpt4_instructions(tiny_parts, tiny_captio
         runs = trained_runs(row["labels"])
         assert [tokenizer.decode(r).strip() for r in runs] == [sample["caption"] + "###"]
     assert len(drawn) > 1  # drawn per sample
-
-
-def train_and_compare(tmp_path, recipe, name):
-    args = parse(recipe, tmp_path, f"{name}.yaml")
-    set_seed(args[2].seed)
-    before = {n: p.detach().clone() for n, p in build_model(*args)[0].named_parameters()}
-    trainer = run(*parse(recipe, tmp_path, f"{name}.yaml"))
-    after = dict(trainer.model.named_parameters())
-    assert before.keys() == after.keys()
-    trainable = {n for n, p in after.items() if p.requires_grad}
-    for key, param in after.items():
-        same = torch.equal(before[key], param.detach())
-        assert same != (key in trainable), f"{key}: trainable={key in trainable} same={same}"
-    return trainer, trainable
 
 
 @pytest.fixture(scope="module")

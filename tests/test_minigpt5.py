@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import MINIGPT4_QUERIES, StopAt, tiny_recipe
+from conftest import MINIGPT4_QUERIES, StopAt, parse, tiny_recipe, train_and_compare
 from transformers import AutoModelForCausalLM, set_seed
 
 from lvlm_tune.config import parse_recipe
@@ -35,26 +34,6 @@ def voken_recipe(parts, data, out, sd, **overrides):
     )  # fmt: skip
     recipe.update(overrides)
     return recipe
-
-
-def parse(recipe, tmp_path, name="recipe.yaml"):
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(recipe))
-    return parse_recipe(path)
-
-
-def train_and_compare(tmp_path, recipe, name):
-    args = parse(recipe, tmp_path, f"{name}.yaml")
-    set_seed(args[2].seed)
-    before = {n: p.detach().clone() for n, p in build_model(*args)[0].named_parameters()}
-    trainer = run(*parse(recipe, tmp_path, f"{name}.yaml"))
-    after = dict(trainer.model.named_parameters())
-    assert before.keys() == after.keys()
-    trainable = {n for n, p in after.items() if p.requires_grad}
-    for key, param in after.items():
-        same = torch.equal(before[key], param.detach())
-        assert same != (key in trainable), f"{key}: trainable={key in trainable} same={same}"
-    return trainer, trainable
 
 
 @pytest.fixture(scope="module")

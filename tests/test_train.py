@@ -9,8 +9,7 @@ import os
 import pytest
 import torch
 import yaml
-from conftest import MINIGPT4_QUERIES, StopAt, tiny_recipe
-from transformers import set_seed
+from conftest import MINIGPT4_QUERIES, StopAt, parse, tiny_recipe, train_and_compare
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from lvlm_tune.config import parse_recipe
@@ -20,30 +19,6 @@ from lvlm_tune.train import build_model, run
 PROJECTOR = ("model.multi_modal_projector",)
 LANGUAGE = ("model.language_model", "lm_head")
 VISION = ("model.vision_tower",)
-
-
-def parse(recipe: dict, tmp_path, name="recipe.yaml"):
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(recipe))
-    return parse_recipe(path)
-
-
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def train_and_compare(tmp_path, recipe):
-    args = parse(recipe, tmp_path)
-    set_seed(args[2].seed)
-    before = snapshot(build_model(*args)[0])
-    trainer = run(*parse(recipe, tmp_path))
-    after = dict(trainer.model.named_parameters())
-    assert before.keys() == after.keys()
-    trainable = {n for n, p in after.items() if p.requires_grad}
-    for name, param in after.items():
-        same = torch.equal(before[name], param.detach())
-        assert same != (name in trainable), f"{name}: trainable={name in trainable} same={same}"
-    return trainer, trainable
 
 
 def test_pretrain_trains_only_the_projector_and_writes_a_self_describing_folder(
