@@ -21,7 +21,7 @@ from peft import PeftModel
 from transformers import AutoProcessor
 
 from lvlm_tune.generation.mapper import VokenMapper, has_mapper, load_mapper
-from lvlm_tune.generation.vokens import voken_tokens
+from lvlm_tune.generation.vokens import added_special_tokens
 from lvlm_tune.models.parts import unwrap_model
 from lvlm_tune.models.registry import ModelFamily, get_model_family
 from lvlm_tune.templates.jinja import set_chat_template
@@ -75,11 +75,7 @@ def checkpoint_kind(folder: str | os.PathLike) -> str:
 
 def _extra_tokens(card: dict[str, Any]) -> tuple[str, ...]:
     template = card.get("template", TOKENIZER_TEMPLATE)
-    tokens = (
-        () if template == TOKENIZER_TEMPLATE else get_template(template).required_special_tokens
-    )
-    vokens = card.get("model_args", {}).get("num_vokens") or 0
-    return (*tokens, *voken_tokens(vokens)) if vokens else tokens
+    return added_special_tokens(template, card.get("model_args", {}).get("num_vokens") or 0)
 
 
 def _check_exists(path: str, what: str) -> None:

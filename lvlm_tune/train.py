@@ -23,7 +23,7 @@ from lvlm_tune.data.images import ImageLoader
 from lvlm_tune.data.sources import open_source
 from lvlm_tune.generation.build import TargetImages, build_voken_model, fold_pretrained_vokens
 from lvlm_tune.generation.model import VokenModel
-from lvlm_tune.generation.vokens import voken_ids, voken_tokens
+from lvlm_tune.generation.vokens import added_special_tokens, voken_ids
 from lvlm_tune.models.llava import enable_gradient_checkpointing
 from lvlm_tune.models.parts import load_projector, save_projector
 from lvlm_tune.models.registry import ModelFamily, get_model_family
@@ -48,13 +48,7 @@ def build_model(
 ) -> tuple[Any, Any, ModelFamily]:
     """Build or load the model and processor, load a stage-1 projector, freeze for the stage."""
     family = get_model_family(model_args.family)
-    extra = (
-        ()
-        if data_args.template == TOKENIZER_TEMPLATE
-        else get_template(data_args.template).required_special_tokens
-    )
-    if model_args.num_vokens:
-        extra = (*extra, *voken_tokens(model_args.num_vokens))
+    extra = added_special_tokens(data_args.template, model_args.num_vokens)
     common = {
         "dtype": model_dtype(train_args),
         "attn_implementation": model_args.attn_implementation,

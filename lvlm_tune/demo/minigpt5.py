@@ -49,6 +49,7 @@ from lvlm_tune.generation.diffusion import load_diffusion_parts
 from lvlm_tune.models.tiny import write_tiny_vision_tower
 from lvlm_tune.templates.registry import get_template
 from lvlm_tune.train import run
+from lvlm_tune.training.trainer import LOSS_PARTS
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "demo"
 SCORED = ("red", "green", "blue")  # the prompts "a red square", ...; yellow is trained, not scored
@@ -138,7 +139,7 @@ def final_losses(trainer: Any) -> dict[str, float]:
     """The last logged value of each loss the trainer reported."""
     last: dict[str, float] = {}
     for entry in trainer.state.log_history:
-        for key in ("loss", "text_loss", "ldm_loss", "caption_loss"):
+        for key in ("loss", *LOSS_PARTS):
             if key in entry:
                 last[key] = round(float(entry[key]), 4)
     return last

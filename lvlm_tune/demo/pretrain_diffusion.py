@@ -29,16 +29,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.training_utils import compute_snr
 from PIL import Image
 
 from lvlm_tune.demo.probes import fit
 from lvlm_tune.generation.diffusion import (
     DiffusionParts,
     caption_embeddings,
+    denoising_target,
     image_tensor,
     load_diffusion_parts,
     make_pipeline,
+    min_snr_weight,
 )
 from lvlm_tune.models.tiny_diffusion import write_tiny_stable_diffusion
 
@@ -140,7 +141,6 @@ def _train_unet(
     table = caption_embeddings(parts, [*texts, ""])  # the last row: unconditional
     index = torch.tensor([texts.index(c) for c in captions])
     empty = len(texts)
-    prediction_type = scheduler.config.prediction_type
 
     def batch_loss() -> torch.Tensor:
         rows = torch.randint(0, len(pixels), (config.unet_batch_size,))
@@ -152,17 +152,10 @@ def _train_unet(
         dropped = torch.rand(len(rows)) < config.caption_dropout
         condition = table[torch.where(dropped, empty, index[rows])]
         noisy = scheduler.add_noise(latents, noise, steps)
-        target = (
-            noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, steps)
-        )
+        target = denoising_target(scheduler, latents, noise, steps)
         prediction = unet(noisy, steps, encoder_hidden_states=condition).sample
         loss = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
-        snr = compute_snr(scheduler, steps)
-        if prediction_type == "epsilon":
-            weight = (config.min_snr_gamma / snr).clamp(max=1.0)
-        else:
-            weight = snr.clamp(max=config.min_snr_gamma) / (snr + 1)
-        return (loss * weight).mean()
+        return (loss * min_snr_weight(scheduler, steps, config.min_snr_gamma)).mean()
 
     unet.train().requires_grad_(True)
     final_loss = fit(unet.parameters(), config.unet_steps, config.unet_learning_rate, batch_loss)

@@ -15,6 +15,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -209,20 +210,30 @@ def ldm_loss(
         device=generator.device if generator is not None else device,
     ).to(device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    if prediction_type == "epsilon":
-        target = noise
-    else:
-        target = scheduler.get_velocity(latents, noise, timesteps)
+    target = denoising_target(scheduler, latents, noise, timesteps)
     prediction = unet(noisy, timesteps, encoder_hidden_states=condition.to(unet.dtype)).sample
     loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if min_snr_gamma is not None:
-        snr = compute_snr(scheduler, timesteps)
-        if prediction_type == "epsilon":  # min(snr, gamma) / snr, finite at snr = 0
-            weight = (min_snr_gamma / snr).clamp(max=1.0)
-        else:
-            weight = snr.clamp(max=min_snr_gamma) / (snr + 1)
-        loss = loss * weight
+        loss = loss * min_snr_weight(scheduler, timesteps, min_snr_gamma)
     return loss.mean() if reduction == "mean" else loss
+
+
+def denoising_target(
+    scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet learns to predict: the noise (``epsilon``) or the velocity (``v``)."""
+    if scheduler.config.prediction_type == "epsilon":
+        return noise
+    return scheduler.get_velocity(latents, noise, timesteps)
+
+
+def min_snr_weight(scheduler: Any, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample min-SNR weights (Hang et al. 2023): ``min(snr, gamma) / snr`` for epsilon
+    (written to stay finite at snr = 0), ``min(snr, gamma) / (snr + 1)`` for v."""
+    snr = compute_snr(scheduler, timesteps)
+    if scheduler.config.prediction_type == "epsilon":
+        return (gamma / snr).clamp(max=1.0)
+    return snr.clamp(max=gamma) / (snr + 1)
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from PIL import Image
 from lvlm_tune.generation.diffusion import DiffusionParts, make_pipeline
 from lvlm_tune.generation.mapper import VokenMapper
 from lvlm_tune.generation.model import last_hidden_state
+from lvlm_tune.generation.vokens import voken_hidden_states
 
 
 @dataclass
@@ -91,9 +92,8 @@ class VokenGenerator:
         if pixel_values is not None:
             inputs["pixel_values"] = pixel_values
         hidden = last_hidden_state(self.lvlm(**inputs, output_hidden_states=True))
-        start = ids.shape[1] - self.num_vokens  # position of [IMG0]
-        states = hidden[:, start - 1 : start - 1 + self.num_vokens]
-        return self.mapper(states)
+        run = torch.tensor([[0, ids.shape[1] - self.num_vokens]], device=ids.device)  # [IMG0]
+        return self.mapper(voken_hidden_states(hidden, run, self.num_vokens))
 
     @torch.no_grad()
     def draw(self, condition: torch.Tensor) -> Image.Image:

@@ -28,6 +28,18 @@ def voken_tokens(count: int) -> tuple[str, ...]:
     return tuple(f"[IMG{k}]" for k in range(count))
 
 
+def added_special_tokens(template: str, num_vokens: int = 0) -> tuple[str, ...]:
+    """Special tokens a run adds to the tokenizer: its template's markers (none for the
+    tokenizer's own chat template) and its vokens. Used when a run is built (``train``) and when
+    its base is rebuilt or its folder loaded (``merge``, ``chat``, ``eval``)."""
+    from lvlm_tune.templates.registry import TOKENIZER_TEMPLATE, get_template
+
+    tokens = (
+        () if template == TOKENIZER_TEMPLATE else get_template(template).required_special_tokens
+    )
+    return (*tokens, *voken_tokens(num_vokens)) if num_vokens else tuple(tokens)
+
+
 def voken_text(count: int) -> str:
     """The answer text that generates one image: all vokens in order."""
     return "".join(voken_tokens(count))
