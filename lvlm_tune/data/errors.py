@@ -21,6 +21,10 @@ REASONS: tuple[str, ...] = (
     "image_tag_mismatch",
     "no_trained_tokens",
     "tokenization",
+    "special_text",
+    "template",
+    "image_outside_folder",
+    "image_too_large",
 )
 
 
