@@ -120,7 +120,7 @@ def load_tokenizer(path: str, num_vokens: int = 0) -> Any:
     from transformers import AutoTokenizer
 
     from lvlm_tune.generation.vokens import voken_tokens
-    from lvlm_tune.models.llava import prepare_tokenizer
+    from lvlm_tune.models.tokens import prepare_tokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     prepare_tokenizer(tokenizer, voken_tokens(num_vokens) if num_vokens else ())

@@ -2,31 +2,44 @@
 
 ``registry`` names the families; ``llava`` builds and loads LLaVA; ``projectors`` maps projector
 types onto the HF projector class; ``parts`` finds parts inside (PEFT-wrapped) models and saves
-/ loads the projector; ``tiny`` writes tiny offline models for tests and the demo.
+/ loads the projector; ``tokens`` prepares a tokenizer; ``tiny`` writes tiny offline models for
+tests and the demo.
+
+The names below are imported on first use (PEP 562), so importing one light submodule (e.g.
+``lvlm_tune.models.tokens`` for ``lvlm-tune inspect``) does not load the model code, PEFT or
+the modeling half of transformers.
 """
 
-from lvlm_tune.models.llava import (
-    IMAGE_TOKEN,
-    build_llava,
-    enable_gradient_checkpointing,
-    load_llava,
-    num_image_tokens,
-)
-from lvlm_tune.models.parts import PROJECTOR_FILE, load_projector, save_projector, unwrap_model
-from lvlm_tune.models.registry import MODEL_FAMILIES, ModelFamily, family_names, get_model_family
+from __future__ import annotations
 
-__all__ = [
-    "IMAGE_TOKEN",
-    "MODEL_FAMILIES",
-    "PROJECTOR_FILE",
-    "ModelFamily",
-    "build_llava",
-    "enable_gradient_checkpointing",
-    "family_names",
-    "get_model_family",
-    "load_llava",
-    "load_projector",
-    "num_image_tokens",
-    "save_projector",
-    "unwrap_model",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "IMAGE_TOKEN": "lvlm_tune.models.tokens",
+    "prepare_tokenizer": "lvlm_tune.models.tokens",
+    "build_llava": "lvlm_tune.models.llava",
+    "enable_gradient_checkpointing": "lvlm_tune.models.llava",
+    "load_llava": "lvlm_tune.models.llava",
+    "num_image_tokens": "lvlm_tune.models.llava",
+    "PROJECTOR_FILE": "lvlm_tune.models.parts",
+    "load_projector": "lvlm_tune.models.parts",
+    "save_projector": "lvlm_tune.models.parts",
+    "unwrap_model": "lvlm_tune.models.parts",
+    "MODEL_FAMILIES": "lvlm_tune.models.registry",
+    "ModelFamily": "lvlm_tune.models.registry",
+    "family_names": "lvlm_tune.models.registry",
+    "get_model_family": "lvlm_tune.models.registry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -2,11 +2,11 @@
 
 Owns: composing a new LLaVA from a vision-tower folder (CLIP or SigLIP, vision-only or full
 dual-encoder) and a LLaMA-family LLM folder, joined by a fresh projector; preparing the tokenizer
-(``<image>`` and pad tokens, embeddings resized) and the ``LlavaProcessor`` (PIL image processor,
-no torchvision needed); loading an existing HF LLaVA folder; the number of image tokens one image
-expands to; the attention-implementation check and gradient checkpointing. The parts' weights
-are used as loaded (same tensors, never re-initialised); only the projector and the rows of newly
-added tokens are new.
+(``<image>`` and pad tokens from :mod:`lvlm_tune.models.tokens`, embeddings resized) and the
+``LlavaProcessor`` (PIL image processor, no torchvision needed); loading an existing HF LLaVA
+folder; the number of image tokens one image expands to; the attention-implementation check and
+gradient checkpointing. The parts' weights are used as loaded (same tensors, never
+re-initialised); only the projector and the rows of newly added tokens are new.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from transformers import (
-    AddedToken,
     AutoConfig,
     AutoImageProcessor,
     AutoModelForCausalLM,
@@ -36,9 +35,8 @@ from transformers import (
 from transformers.utils import is_flash_attn_2_available
 
 from lvlm_tune.models.projectors import new_projector, projector_config_kwargs
+from lvlm_tune.models.tokens import IMAGE_TOKEN, prepare_tokenizer
 
-IMAGE_TOKEN = "<image>"
-PAD_TOKEN = "<pad>"
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 SELECT_STRATEGIES = ("default", "full")
 
@@ -102,30 +100,6 @@ def num_image_tokens(model_or_config: Any) -> int:
     if config.vision_feature_select_strategy == "default":
         count -= 1
     return count
-
-
-def prepare_tokenizer(
-    tokenizer: PreTrainedTokenizerBase, extra_special_tokens: Sequence[str] = ()
-) -> list[str]:
-    """Add ``<image>``, a pad token and ``extra_special_tokens`` to ``tokenizer`` in place.
-
-    ``<image>`` is added as a special, non-normalised token so it is always exactly one id. When
-    the tokenizer has no pad token, a new ``<pad>`` is added (as in ``llava-hf`` checkpoints)
-    rather than reusing ``<unk>``: a pad id that no real text produces keeps padding unambiguous.
-
-    Returns:
-        The tokens that were new to the vocabulary (the embeddings must grow by that many).
-    """
-    vocab = tokenizer.get_vocab()
-    wanted = [IMAGE_TOKEN, *extra_special_tokens]
-    new = [t for t in dict.fromkeys(wanted) if t not in vocab]
-    added = [AddedToken(t, special=True, normalized=False) for t in new]
-    tokenizer.add_tokens(added, special_tokens=True)
-    if tokenizer.pad_token is None:
-        if PAD_TOKEN not in vocab:
-            new.append(PAD_TOKEN)
-        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-    return new
 
 
 def _sync_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
