@@ -20,6 +20,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoProcessor
 
+from lvlm_tune.errors import UserError, looks_like_path
 from lvlm_tune.generation.mapper import VokenMapper, has_mapper, load_mapper
 from lvlm_tune.generation.vokens import added_special_tokens
 from lvlm_tune.models.parts import unwrap_model
@@ -78,14 +79,45 @@ def _extra_tokens(card: dict[str, Any]) -> tuple[str, ...]:
     return added_special_tokens(template, card.get("model_args", {}).get("num_vokens") or 0)
 
 
+BASE_HELP = (
+    "--base PATH (a whole model folder of the family) or --base LLM=PATH,VISION=PATH (the "
+    "parts; give one of them alone to keep the other from the run card)"
+)
+
+
 def _check_exists(path: str, what: str) -> None:
     # a hub id is "org/name": only paths that cannot be one are checked here
-    looks_local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
-    if looks_local and not os.path.exists(path):
+    if looks_like_path(path) and not os.path.exists(path):
         raise FileNotFoundError(
-            f"{what} {path} recorded in the run card does not exist (moved?); pass --base PATH "
-            "(a LLaVA folder, or LLM=PATH,VISION=PATH for the parts)"
+            f"{what} {path} recorded in the run card does not exist (moved?); pass {BASE_HELP}"
         )
+
+
+def parse_base(base: str) -> dict[str, str]:
+    """Read ``--base``: ``{"model": PATH}`` for a whole model, else the parts it names.
+
+    Forms: ``PATH`` (a model folder of the family); ``LLM=PATH,VISION=PATH``, either part alone
+    (``VISION=PATH``), or ``LLM_PATH,VISION_PATH`` by position. VISION is the vision tower (the
+    BLIP-2 checkpoint for MiniGPT-4). Returns keys ``"model"``, or ``"llm"`` and/or ``"vision"``.
+
+    Raises:
+        UserError: more than two parts, or a part given twice.
+    """
+    pieces = [piece.strip() for piece in base.split(",")]
+    if len(pieces) > 2:
+        raise UserError(f"--base {base}: expected {BASE_HELP}")
+    parts: dict[str, str] = {}
+    for position, piece in zip(("llm", "vision"), pieces, strict=False):
+        name, eq, path = piece.partition("=")
+        key = name.strip().lower()
+        if not (eq and key in ("llm", "vision")):
+            if len(pieces) == 1:
+                return {"model": base}  # one folder: the whole model
+            key, path = position, piece
+        if key in parts:
+            raise UserError(f"--base {base}: {key.upper()} given twice")
+        parts[key] = path.strip()
+    return parts
 
 
 def build_base(
@@ -95,8 +127,8 @@ def build_base(
 
     Args:
         card: the run card of the adapter checkpoint.
-        base: override for moved parts: a model folder of the family, or ``"LLM,VISION"`` (two
-            folders; VISION is the BLIP-2 checkpoint for MiniGPT-4).
+        base: override for moved parts: a model folder of the family, or its parts
+            (``"LLM=PATH,VISION=PATH"``, one of them, or ``"LLM,VISION"``; see :func:`parse_base`).
         dtype: parameter dtype.
 
     Returns:
@@ -112,18 +144,19 @@ def build_base(
     llm, vision = args.get("llm_name_or_path"), args.get("vision_tower")
     whole = args.get("model_name_or_path") or None
     if base:
-        if "," in base:
-            llm, vision = base.split(",", 1)
-            whole = None
-        else:
-            whole = base
+        parts = parse_base(base)
+        whole = parts.get("model")
         if whole and not os.path.exists(whole):
             raise FileNotFoundError(f"--base {whole}: no such folder")
+        for key, path in parts.items():
+            if key != "model" and not os.path.exists(path):
+                raise FileNotFoundError(f"--base {key.upper()}={path}: no such folder")
+        llm, vision = parts.get("llm", llm), parts.get("vision", vision)
     if whole:
         _check_exists(whole, "base model")
         return family.load(whole, **common)
     if not llm or not vision:
-        raise ValueError("the run card records no base model; pass --base PATH")
+        raise UserError(f"the run card records no base model; pass {BASE_HELP}")
     _check_exists(llm, "base LLM")
     _check_exists(vision, "vision tower")
     options = {key: args[key] for key in family.build_options if key in args}

@@ -1,4 +1,9 @@
-"""The ``lvlm-tune`` command: dispatches ``lvlm-tune <command> ...`` to ``lvlm_tune.commands``."""
+"""The ``lvlm-tune`` command: dispatches ``lvlm-tune <command> ...`` to ``lvlm_tune.commands``.
+
+Each command module is imported only when it runs, so ``lvlm-tune inspect`` never loads the
+training stack. Every command's ``main`` reports user errors as one line and exit status 2
+(:func:`lvlm_tune.errors.command`; ``LVLM_TUNE_DEBUG=1`` shows the traceback).
+"""
 
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"lvlm-tune: unknown command {name!r}\n\n{USAGE}", file=sys.stderr)
+        print(f"lvlm-tune: error: unknown command {name!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest) or 0)

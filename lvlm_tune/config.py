@@ -3,8 +3,11 @@
 A recipe is one flat YAML mapping. Its keys are the fields of :class:`ModelArguments`,
 :class:`DataArguments` and :class:`LvlmTrainingArguments` (which extends
 ``transformers.TrainingArguments``, so every Trainer option is a recipe key). Command-line
-``--key value`` pairs override the file. An unknown key fails, naming the closest valid one.
-Cross-field checks live in ``__post_init__`` and name the offending key.
+``--key value`` pairs override the file; a list key takes ``a,b``, ``a`` or ``[a, b]``. An
+unknown key fails, naming the closest valid one; so does a LoRA key set for a stage without
+adapters. Value and cross-field checks live in ``__post_init__`` and name the offending key;
+:func:`check_paths` refuses missing local files and folders before any model loads. Every
+such problem is a :class:`~lvlm_tune.errors.UserError`.
 """
 
 from __future__ import annotations
@@ -22,15 +25,41 @@ from lvlm_tune.data.dataset import BAD_SAMPLE_POLICIES
 from lvlm_tune.data.encoder import CAPTION_TASKS
 from lvlm_tune.data.images import ASPECT_RATIOS
 from lvlm_tune.data.prompts import INSTRUCTION_POOLS
+from lvlm_tune.errors import UserError, require_path
 from lvlm_tune.models.registry import family_names
+from lvlm_tune.recipe_file import load_recipe
 from lvlm_tune.templates.registry import template_names
 from lvlm_tune.templates.render import IMAGE_POSITIONS
 from lvlm_tune.training.distributed import check_deepspeed_config
 from lvlm_tune.training.freezing import STAGES, VOKEN_STAGES
 
+LORA_STAGES = ("finetune_lora", "vokens_lora")
+LORA_KEYS = (
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "use_dora",
+    "use_rslora",
+)
+
 
 def _help(text: str, **kwargs: Any) -> Any:
     return field(metadata={"help": text}, **kwargs)
+
+
+def _check_range(
+    obj: Any, key: str, *, low: float, high: float | None = None, open_low: bool = False
+) -> None:
+    """Refuse ``obj.key`` outside ``[low, high]`` (``(low, high]`` with ``open_low``)."""
+    value = getattr(obj, key)
+    if value is None:
+        return
+    below = value <= low if open_low else value < low
+    if below or (high is not None and value > high):
+        bound = f"> {low}" if open_low else f">= {low}"
+        span = f"{bound}" + (f" and <= {high}" if high is not None else "")
+        raise UserError(f"{key}: must be {span}, got {value}")
 
 
 @dataclass
@@ -99,23 +128,34 @@ class ModelArguments:
 
     def __post_init__(self) -> None:
         if self.family not in family_names():
-            raise ValueError(
+            raise UserError(
                 f"family: unknown {self.family!r}; choose one of: {', '.join(family_names())}"
             )
         if self.stage not in STAGES:
-            raise ValueError(f"stage: unknown {self.stage!r}; choose one of: {', '.join(STAGES)}")
+            raise UserError(f"stage: unknown {self.stage!r}; choose one of: {', '.join(STAGES)}")
         if (self.stage in VOKEN_STAGES) != (self.num_vokens > 0):
-            raise ValueError(
+            raise UserError(
                 f"stage: {self.stage!r} with num_vokens={self.num_vokens}; the MiniGPT-5 stages "
                 f"({', '.join(VOKEN_STAGES)}) need num_vokens > 0 and the others num_vokens: 0"
             )
         if self.num_vokens and not self.diffusion_model:
-            raise ValueError("diffusion_model: MiniGPT-5 (num_vokens > 0) needs a diffusers folder")
+            raise UserError("diffusion_model: MiniGPT-5 (num_vokens > 0) needs a diffusers folder")
         if not self.model_name_or_path and not (self.vision_tower and self.llm_name_or_path):
-            raise ValueError(
+            raise UserError(
                 "model_name_or_path: set it to an existing checkpoint, or set both vision_tower "
                 "and llm_name_or_path to compose a new model"
             )
+        for key in (
+            "lora_r",
+            "num_query_tokens",
+            "mapper_hidden_size",
+            "mapper_layers",
+            "mapper_heads",
+        ):
+            _check_range(self, key, low=1)
+        _check_range(self, "num_vokens", low=0)
+        _check_range(self, "lora_alpha", low=0, open_low=True)
+        _check_range(self, "lora_dropout", low=0, high=1)
 
 
 @dataclass
@@ -164,9 +204,9 @@ class DataArguments:
         }
         for key, (value, choices) in checks.items():
             if value not in choices:
-                raise ValueError(f"{key}: unknown {value!r}; choose one of: {', '.join(choices)}")
+                raise UserError(f"{key}: unknown {value!r}; choose one of: {', '.join(choices)}")
         if self.model_max_length < 1:
-            raise ValueError("model_max_length: must be positive")
+            raise UserError("model_max_length: must be positive")
 
 
 @dataclass
@@ -192,8 +232,30 @@ class LvlmTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        self._check_values()
         super().__post_init__()
         check_deepspeed_config(self)  # fail before the model is built, naming the block
+
+    def _check_values(self) -> None:
+        """Refuse values that would otherwise fail (or silently misbehave) once training runs."""
+        for key in (
+            "per_device_train_batch_size", "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+        ):  # fmt: skip
+            _check_range(self, key, low=1)
+        for key in ("learning_rate", "projector_lr", "weight_decay", "dataloader_num_workers"):
+            _check_range(self, key, low=0)
+        for key in ("text_loss_weight", "ldm_loss_weight", "caption_loss_weight", "min_snr_gamma"):
+            _check_range(self, key, low=0)
+        _check_range(self, "cfg_drop", low=0, high=1)
+        if self.max_steps == 0 or self.max_steps < -1:
+            # transformers reads max_steps <= 0 as "train num_train_epochs", so 0 would train
+            raise UserError(
+                f"max_steps: {self.max_steps} is not a number of steps; give a positive number, "
+                "or leave it out (-1) to train for num_train_epochs"
+            )
+        if self.max_steps == -1:
+            _check_range(self, "num_train_epochs", low=0, open_low=True)
 
 
 RecipeArgs = tuple[ModelArguments, DataArguments, LvlmTrainingArguments]
@@ -215,7 +277,9 @@ def _cli_pairs(argv: list[str]) -> dict[str, Any]:
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            raise SystemExit(f"unexpected argument {arg!r}; overrides look like --key value")
+            raise UserError(
+                f"command line: unexpected argument {arg!r}; overrides look like --key value"
+            )
         key, eq, value = arg[2:].partition("=")
         key = key.replace("-", "_")
         if not eq:
@@ -223,7 +287,14 @@ def _cli_pairs(argv: list[str]) -> dict[str, Any]:
                 value, i = argv[i + 1], i + 1
             else:
                 value = "true"
-        out[key] = yaml.safe_load(value) if value.startswith(("[", "{")) else value
+        if value.startswith(("[", "{")):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise UserError(
+                    f"--{key}: cannot read {value!r} as a YAML list or mapping"
+                ) from None
+        out[key] = value
         i += 1
     return out
 
@@ -235,13 +306,31 @@ def _field_types() -> dict[str, Any]:
     return hints
 
 
+def _as_list(key: str, value: Any, kind: Any) -> list[Any] | None:
+    """A list field's value: ``[a, b]`` as it is, ``"a,b"`` or ``"a"`` split at the commas."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+        return value or None  # "" means unset
+    if not isinstance(value, (list, tuple)):
+        raise UserError(f"{key}: expected a list such as [a, b] (or a,b), got {value!r}")
+    (item,) = typing.get_args(kind) or (Any,)
+    wrong = [v for v in value if item is not Any and not isinstance(v, item)]
+    if wrong:
+        raise UserError(f"{key}: expected {item.__name__} items, got {wrong[0]!r} in {value!r}")
+    return list(value)
+
+
 def _coerce(values: dict[str, Any]) -> dict[str, Any]:
-    """Convert string values of numeric/bool fields (YAML reads ``2e-5`` as a string)."""
+    """Convert string values of numeric/bool/list fields (YAML reads ``2e-5`` as a string)."""
     hints = _field_types()
     out = {}
     for key, value in values.items():
         kinds = set(typing.get_args(hints.get(key)) or (hints.get(key),)) - {type(None)}
-        if isinstance(value, str) and value != "" and len(kinds) == 1:
+        if len(kinds) == 1 and typing.get_origin(next(iter(kinds))) is list:
+            value = _as_list(key, value, next(iter(kinds)))
+        elif isinstance(value, str) and value != "" and len(kinds) == 1:
             (kind,) = kinds
             try:
                 if kind is bool:
@@ -249,7 +338,7 @@ def _coerce(values: dict[str, Any]) -> dict[str, Any]:
                 elif kind in (int, float):
                     value = kind(float(value)) if kind is int and "." in value else kind(value)
             except (KeyError, ValueError):
-                raise SystemExit(f"{key}: expected {kind.__name__}, got {value!r}") from None
+                raise UserError(f"{key}: expected {kind.__name__}, got {value!r}") from None
         elif isinstance(value, int) and not isinstance(value, bool) and float in kinds:
             value = float(value)
         out[key] = value
@@ -262,30 +351,72 @@ def _check_keys(values: dict[str, Any], where: str) -> None:
         if key not in keys:
             close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise SystemExit(f"{where}: unknown key {key!r}{hint}")
+            raise UserError(f"{where}: unknown key {key!r}{hint}")
 
 
-def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a flat YAML recipe into a dict (raises naming the file when it is not flat)."""
-    with open(path, encoding="utf-8") as f:
-        values = yaml.safe_load(f) or {}
-    if not isinstance(values, dict):
-        raise SystemExit(f"{path}: a recipe is a flat YAML mapping of key: value")
-    return values
+def _check_stage_keys(given: dict[str, str], stage: str) -> None:
+    """Refuse LoRA keys the user set for a stage that trains no adapters (they would do nothing).
+
+    Args:
+        given: the keys the recipe and command line set, each mapped to where it was set.
+        stage: the run's stage.
+    """
+    if stage in LORA_STAGES:
+        return
+    unused = [key for key in LORA_KEYS if key in given]
+    if unused:
+        where = given[unused[0]]
+        raise UserError(
+            f"{where}: {', '.join(unused)} only act in the LoRA stages "
+            f"({', '.join(LORA_STAGES)}), but stage is {stage!r}; remove "
+            f"{'it' if len(unused) == 1 else 'them'} or set stage: finetune_lora"
+        )
 
 
 def parse_recipe(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RecipeArgs:
-    """Recipe file + ``--key value`` overrides -> (model, data, training) arguments."""
+    """Recipe file + ``--key value`` overrides -> (model, data, training) arguments.
+
+    Raises:
+        UserError: naming the file or key: a missing or malformed recipe, an unknown key, a value
+            of the wrong type or out of range, a LoRA key for a stage without adapters, or an
+            option combination ``transformers.TrainingArguments`` refuses.
+    """
     values = load_recipe(path) if path else {}
     _check_keys(values, str(path))
     cli = _cli_pairs(list(overrides or []))
     _check_keys(cli, "command line")
+    given = {key: str(path) for key in values} | {key: "command line" for key in cli}
     values.update(cli)
     values = _coerce(values)
     values.setdefault("output_dir", "runs/default")
-    values["recipe_path"] = os.fspath(path) if path else None
-    recipe_path = values.pop("recipe_path")
+    recipe_path = os.fspath(path) if path else None
     parser = HfArgumentParser(ARG_CLASSES)
-    model_args, data_args, train_args = parser.parse_dict(values, allow_extra_keys=False)
+    try:
+        model_args, data_args, train_args = parser.parse_dict(values, allow_extra_keys=False)
+    except UserError:
+        raise
+    except ValueError as error:  # TrainingArguments' own checks; their messages name the options
+        raise UserError(str(error)) from error
+    _check_stage_keys(given, model_args.stage)
     train_args.recipe_path = recipe_path  # recorded with every checkpoint
     return model_args, data_args, train_args
+
+
+def check_paths(model_args: ModelArguments, data_args: DataArguments) -> None:
+    """Refuse missing local files and folders, naming the key, before any model loads.
+
+    Keys that also take a Hugging Face Hub id are checked only when the value cannot be one
+    (``./x``, ``/abs/x``, ``a/b/c``...), so a mistyped folder is not reported as a bad repo id.
+
+    Raises:
+        UserError: ``KEY: PATH: no such file or folder``.
+    """
+    for key in ("model_name_or_path", "vision_tower", "llm_name_or_path", "diffusion_model"):
+        if getattr(model_args, key):
+            require_path(getattr(model_args, key), key)
+    for key in ("pretrained_projector", "pretrained_vokens"):
+        if getattr(model_args, key):
+            require_path(getattr(model_args, key), key, hub_id_ok=False)
+    for key in ("data_path", "image_folder"):
+        if getattr(data_args, key):
+            require_path(getattr(data_args, key), key, hub_id_ok=False)

@@ -15,12 +15,19 @@ from typing import Any
 import torch
 from transformers import set_seed
 
-from lvlm_tune.config import DataArguments, LvlmTrainingArguments, ModelArguments, parse_recipe
+from lvlm_tune.config import (
+    DataArguments,
+    LvlmTrainingArguments,
+    ModelArguments,
+    check_paths,
+    parse_recipe,
+)
 from lvlm_tune.data.collator import MultimodalCollator, pad_token_id
 from lvlm_tune.data.dataset import SupervisedDataset
 from lvlm_tune.data.encoder import ConversationEncoder
 from lvlm_tune.data.images import ImageLoader
 from lvlm_tune.data.sources import open_source
+from lvlm_tune.errors import UserError, command
 from lvlm_tune.generation.build import TargetImages, build_voken_model, fold_pretrained_vokens
 from lvlm_tune.generation.model import VokenModel
 from lvlm_tune.generation.vokens import added_special_tokens, voken_ids
@@ -122,7 +129,7 @@ def build_dataset(
     their target images into the diffusion VAE's input.
     """
     if not data_args.data_path:
-        raise SystemExit("data_path: a training recipe needs data")
+        raise UserError("data_path: a training recipe needs data; set data_path")
     encoder = ConversationEncoder(
         processor.tokenizer,
         data_args.template,
@@ -157,7 +164,14 @@ def run(
     train_args: LvlmTrainingArguments,
     callbacks: list[Any] | None = None,
 ) -> LvlmTrainer:
-    """Train one stage; returns the trainer (state, log history, output folder)."""
+    """Train one stage; returns the trainer (state, log history, output folder).
+
+    Raises:
+        UserError: before any model loads, for missing data or a missing local path.
+    """
+    if not data_args.data_path:
+        raise UserError("data_path: a training recipe needs data; set data_path")
+    check_paths(model_args, data_args)
     set_seed(train_args.seed)
     model, processor, family = build_model(model_args, data_args, train_args)
     image_tokens = family.num_image_tokens(model)
@@ -192,6 +206,7 @@ def run(
     return trainer
 
 
+@command("lvlm-tune train")
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # The deepspeed launcher puts --local_rank=N first; LOCAL_RANK in the environment says the same.

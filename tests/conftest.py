@@ -173,16 +173,21 @@ def tiny_sd(tmp_path_factory):
 
 def minigpt4_recipe(parts, blip2, data, out, **overrides):
     """A tiny MiniGPT-4 recipe: projector-only stage, the minigpt4 template."""
-    recipe = tiny_recipe(
-        parts, data, out, family="minigpt4", vision_tower=blip2,
-        num_query_tokens=MINIGPT4_QUERIES, stage="pretrain", template="minigpt4",
-    )  # fmt: skip
-    recipe.update(overrides)
-    return recipe
+    defaults = {
+        "family": "minigpt4", "vision_tower": blip2, "num_query_tokens": MINIGPT4_QUERIES,
+        "stage": "pretrain", "template": "minigpt4",
+    }  # fmt: skip
+    return tiny_recipe(parts, data, out, **{**defaults, **overrides})
+
+
+LORA_STAGES = ("finetune_lora", "vokens_lora")
 
 
 def tiny_recipe(parts, data, out, **overrides):
-    """A recipe dict for a tiny run (CPU, fp32, a few steps)."""
+    """A recipe dict for a tiny run (CPU, fp32, a few steps); small LoRA in the LoRA stages.
+
+    LoRA keys are left out of the other stages, where ``lvlm-tune train`` refuses them.
+    """
     recipe = {
         "vision_tower": parts["vision"],
         "llm_name_or_path": parts["llm"],
@@ -199,11 +204,10 @@ def tiny_recipe(parts, data, out, **overrides):
         "use_cpu": True,
         "dataloader_num_workers": 0,
         "seed": 7,
-        "lora_r": 4,
-        "lora_alpha": 8,
-        "lora_dropout": 0.0,
         "disable_tqdm": True,
     }
+    if overrides.get("stage") in LORA_STAGES:
+        recipe.update({"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0})
     recipe.update(overrides)
     return recipe
 

@@ -108,10 +108,11 @@ def test_recipe_settings_and_bad_data(capsys, tmp_path, data_file, sp_tokenizer_
         inspect_cmd.main(
             ["--data", str(bad), "--tokenizer", str(sp_tokenizer_dir), "--template", "plain"]
         )
-        == 1
+        == 2
     )
     err = capsys.readouterr().err
     assert "bad.json" in err and "z9" in err and "conversations[0].from" in err
+    assert err.startswith("lvlm-tune inspect: error: ") and "Traceback" not in err
 
 
 def test_console_script(tmp_path, data_file, sp_tokenizer_dir):

@@ -28,12 +28,11 @@ def sd(tiny_sd):
 
 
 def voken_recipe(parts, data, out, sd, **overrides):
-    recipe = tiny_recipe(
-        parts, data, out, num_vokens=VOKENS, diffusion_model=sd, stage="vokens",
-        caption_task="generate", weight_decay=0.5, **MAPPER,
-    )  # fmt: skip
-    recipe.update(overrides)
-    return recipe
+    defaults = {
+        "num_vokens": VOKENS, "diffusion_model": sd, "stage": "vokens", "caption_task": "generate",
+        "weight_decay": 0.5, **MAPPER,
+    }  # fmt: skip
+    return tiny_recipe(parts, data, out, **{**defaults, **overrides})
 
 
 @pytest.fixture(scope="module")

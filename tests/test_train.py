@@ -13,6 +13,7 @@ from conftest import MINIGPT4_QUERIES, StopAt, parse, tiny_recipe, train_and_com
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from lvlm_tune.config import parse_recipe
+from lvlm_tune.errors import UserError
 from lvlm_tune.models.parts import canonical_name, is_under
 from lvlm_tune.train import build_model, run
 
@@ -183,9 +184,7 @@ def test_every_recipe_parses_and_builds_with_tiny_stand_ins(
 
 
 def test_unknown_recipe_key_names_the_closest(tmp_path, tiny_parts, tiny_data):
-    with pytest.raises(
-        SystemExit, match="unknown key 'learning_rat'; did you mean 'learning_rate'"
-    ):
+    with pytest.raises(UserError, match="unknown key 'learning_rat'; did you mean 'learning_rate'"):
         parse(tiny_recipe(tiny_parts, tiny_data, tmp_path, learning_rat=1), tmp_path)
     with pytest.raises(ValueError, match="stage: unknown 'stage3'"):
         parse(tiny_recipe(tiny_parts, tiny_data, tmp_path, stage="stage3"), tmp_path)

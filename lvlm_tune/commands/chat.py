@@ -1,7 +1,8 @@
 """``lvlm-tune chat``: talk to a merged folder or an adapter checkpoint.
 
 One-shot with ``--prompt``; otherwise a REPL where ``/image PATH`` attaches an image to the next
-turn, ``/reset`` clears the conversation and ``/exit`` (or end of input) quits. Prompts are the
+turn, ``/reset`` clears the conversation and ``/exit`` (or end of input) quits. A mistake in the
+REPL (a missing or unreadable image) is printed and the conversation goes on unchanged. Prompts are the
 training rendering (the run card's template, image settings and system prompt) of the whole
 conversation so far; tokens are printed as they come (``TextStreamer``) and the answer ends at
 the template's STOP.
@@ -15,12 +16,14 @@ import sys
 from typing import Any
 
 import torch
+from PIL import Image
 from transformers import TextStreamer
 
 from lvlm_tune.checkpoint_loading import LoadedRun, load_run
 from lvlm_tune.data.encoder import ConversationEncoder
 from lvlm_tune.data.images import ImageLoader
 from lvlm_tune.data.record import IMAGE_TAG, Conversation, Turn
+from lvlm_tune.errors import UserError, command, debug_enabled, is_user_error, report
 from lvlm_tune.generation.vokens import GEN_IMAGE_TAG, voken_ids
 from lvlm_tune.inference import Answerer, sampling_kwargs
 from lvlm_tune.models.parts import unwrap_model
@@ -154,6 +157,24 @@ class ChatSession:
         self.turns: list[Turn] = []
         self.image_paths: list[str] = []
 
+    @staticmethod
+    def check_image(path: str) -> str:
+        """The absolute path of the image file at ``path``.
+
+        Raises:
+            UserError: no file there, or one that does not decode as an image.
+        """
+        if not path:
+            raise UserError("no image given: /image PATH")
+        if not os.path.isfile(path):
+            raise UserError(f"no image at {path}")
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except (OSError, SyntaxError, ValueError) as error:
+            raise UserError(f"{path}: not a readable image ({error})") from None
+        return os.path.abspath(path)
+
     @torch.no_grad()
     def ask(
         self,
@@ -165,17 +186,18 @@ class ChatSession:
     ) -> str:
         """Answer ``text`` (with ``image`` attached) given the conversation so far.
 
-        ``stream``: a file to print tokens to as they come (``None``: no streaming).
+        ``stream``: a file to print tokens to as they come (``None``: no streaming). A failed
+        question (e.g. an unreadable image) leaves the conversation as it was.
         """
+        image_paths = list(self.image_paths)
         if image is not None:
-            if not os.path.isfile(image):
-                raise FileNotFoundError(f"no image at {image}")
-            self.image_paths.append(os.path.abspath(image))
+            image_paths.append(self.check_image(image))
             if IMAGE_TAG not in text:  # image before the question, joined as in training
                 text = f"{IMAGE_TAG}{self.encoder.template.image_join}{text}"
         turns = [*self.turns, Turn("user", text)]
-        record = Conversation("chat", turns, list(self.image_paths))
+        record = Conversation("chat", turns, image_paths)
         inputs, length = self.answerer.model_inputs([record])
+        self.image_paths = image_paths
         tokenizer = self.loaded.processor.tokenizer
         if self.generator is not None:
             return self._ask_interleaved(turns, inputs, max_new_tokens, temperature, stream)
@@ -193,7 +215,11 @@ class ChatSession:
 
 
 def repl(session: ChatSession, args: argparse.Namespace, lines: Any = None) -> None:
-    """Read questions from ``lines`` (default: stdin) until ``/exit`` or end of input."""
+    """Read questions from ``lines`` (default: stdin) until ``/exit`` or end of input.
+
+    A user error (``/image`` of a missing or unreadable file) is printed on stderr as one line
+    and the session goes on; with ``LVLM_TUNE_DEBUG=1`` it ends with the traceback instead.
+    """
     lines = lines if lines is not None else sys.stdin
     pending = args.image
     print("lvlm-tune chat: /image PATH attaches an image, /reset, /exit", flush=True)
@@ -206,31 +232,45 @@ def repl(session: ChatSession, args: argparse.Namespace, lines: Any = None) -> N
         if line == "/reset":
             session.reset()
             continue
-        if line.startswith("/image "):
-            pending = line.removeprefix("/image ").strip()
+        if line == "/image" or line.startswith("/image "):
+            path = line.removeprefix("/image").strip()
+            try:
+                pending = session.check_image(path)
+            except UserError as error:
+                _report_or_raise(error)
             continue
         print("ASSISTANT: ", end="", flush=True)
-        session.ask(line, pending, args.max_new_tokens, args.temperature, stream=sys.stdout)
-        pending = None
+        try:
+            session.ask(line, pending, args.max_new_tokens, args.temperature, stream=sys.stdout)
+        except Exception as error:
+            print(flush=True)
+            _report_or_raise(error)
+        pending = None  # an image that failed is not carried to the next question
 
 
+def _report_or_raise(error: Exception) -> None:
+    """Print a user error as one line (the REPL goes on); re-raise anything else."""
+    if debug_enabled() or not is_user_error(error):
+        raise error
+    report(error, "lvlm-tune chat")
+
+
+@command("lvlm-tune chat", also=(ValueError,))
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        session = ChatSession(
-            load_run(args.model, base=args.base, device=device), args.template,
-            image_dir=args.image_dir, force_image=args.force_image,
-            guidance_scale=args.guidance_scale, steps=args.steps,
-            diffusion_model=args.diffusion_model, seed=args.seed,
-        )  # fmt: skip
-        if args.prompt is not None:
-            session.ask(
-                args.prompt, args.image, args.max_new_tokens, args.temperature, stream=sys.stdout
-            )
-        else:
-            repl(session, args)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"lvlm-tune chat: {error}", file=sys.stderr)
-        return 2
+    if args.image is not None:
+        ChatSession.check_image(args.image)  # before the model loads
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    session = ChatSession(
+        load_run(args.model, base=args.base, device=device), args.template,
+        image_dir=args.image_dir, force_image=args.force_image,
+        guidance_scale=args.guidance_scale, steps=args.steps,
+        diffusion_model=args.diffusion_model, seed=args.seed,
+    )  # fmt: skip
+    if args.prompt is not None:
+        session.ask(
+            args.prompt, args.image, args.max_new_tokens, args.temperature, stream=sys.stdout
+        )
+    else:
+        repl(session, args)
     return 0

@@ -5,7 +5,9 @@ dataset and collator (same template, masking, image expansion and truncation), a
 averaged over every trained token of the file. Answer accuracy: for samples whose final answer is
 short, the model answers the conversation up to its last question (greedy, batched, the training
 prompt and STOP) and the answer is compared to the reference: exact match and "contains" after
-lower-casing and stripping punctuation. Works on merged folders and adapter checkpoints.
+lower-casing and stripping punctuation. Works on merged folders and adapter checkpoints. Loss
+and perplexity are ``null`` (never NaN) when the samples hold no answer tokens; ``--json`` and
+``--limit`` are checked before the model loads.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import math
 import os
 import re
 import string
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from lvlm_tune.data.dataset import SupervisedDataset
 from lvlm_tune.data.encoder import IGNORE_INDEX, ConversationEncoder
 from lvlm_tune.data.images import ImageLoader
 from lvlm_tune.data.sources import open_source
+from lvlm_tune.errors import UserError, command, require_path, require_writable_file
 from lvlm_tune.inference import Answerer
 from lvlm_tune.models.parts import unwrap_model
 
@@ -83,6 +85,16 @@ def answer_loss(model: Any, batches: Any, blank: torch.Tensor | None = None) -> 
     return total, count
 
 
+def perplexity(loss: float | None) -> float | None:
+    """``exp(loss)``; ``None`` without a loss or where it would overflow (JSON has no inf)."""
+    if loss is None:
+        return None
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return None
+
+
 def evaluate(
     model_dir: str | os.PathLike,
     data: str | os.PathLike,
@@ -96,7 +108,18 @@ def evaluate(
     base: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate ``model_dir`` on ``data``; returns the report (``metrics`` + per-sample answers)."""
+    """Evaluate ``model_dir`` on ``data``; returns the report (``metrics`` + per-sample answers).
+
+    Raises:
+        UserError: ``limit`` or ``batch_size`` below 1, or a missing data file or image folder
+            (checked before the model loads).
+    """
+    for key, value in (("--limit", limit), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise UserError(f"{key}: must be at least 1, got {value}")
+    require_path(os.fspath(data), "--data", hub_id_ok=False)
+    if image_folder:
+        require_path(os.fspath(image_folder), "--image-folder", hub_id_ok=False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     loaded = load_run(model_dir, base=base, device=device)
     card, processor = loaded.card, loaded.processor
@@ -154,10 +177,10 @@ def evaluate(
                     "contains": normalize(reference) in normalize(prediction),
                 }
             )
-    mean = total / count if count else float("nan")
+    mean = total / count if count else None  # no answer tokens: no loss (JSON has no NaN)
     metrics: dict[str, Any] = {
         "loss": mean,
-        "perplexity": math.exp(mean) if count else float("nan"),
+        "perplexity": perplexity(mean),
         "answer_tokens": count,
         "num_samples": len(indices),
         "num_generated": len(samples),
@@ -174,24 +197,24 @@ def evaluate(
     }
 
 
+@command("lvlm-tune eval", also=(ValueError,))
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        report = evaluate(
-            args.model,
-            args.data,
-            template=args.template,
-            image_folder=args.image_folder,
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-            short_answer_words=args.short_answer_words,
-            limit=args.limit,
-            base=args.base,
-        )
-    except (FileNotFoundError, ValueError) as error:
-        print(f"lvlm-tune eval: {error}", file=sys.stderr)
-        return 2
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(report, indent=2), encoding="utf-8")
-    print(json.dumps(report["metrics"], indent=2))
+        require_writable_file(args.json_out, "--json")  # before the whole evaluation runs
+    report = evaluate(
+        args.model,
+        args.data,
+        template=args.template,
+        image_folder=args.image_folder,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        short_answer_words=args.short_answer_words,
+        limit=args.limit,
+        base=args.base,
+    )
+    if args.json_out:
+        text = json.dumps(report, indent=2, allow_nan=False)
+        Path(args.json_out).write_text(text, encoding="utf-8")
+    print(json.dumps(report["metrics"], indent=2, allow_nan=False))
     return 0

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
 import numpy as np
-import yaml
 
 from lvlm_tune.data.encoder import IGNORE_INDEX, ConversationEncoder, EncodedSample
 from lvlm_tune.data.errors import BadSampleError, SkipLedger
+from lvlm_tune.errors import UserError, command, require_path
+from lvlm_tune.recipe_file import load_recipe
 from lvlm_tune.templates import template_names
 from lvlm_tune.templates.render import IMAGE_POSITIONS
 
@@ -70,13 +72,14 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
         "data_format": "auto", "instruction_pool": None, "num_vokens": 0,
         "caption_task": "describe",
     }  # fmt: skip
+    tokenizer_key = None
     if args.recipe:
-        with open(args.recipe, encoding="utf-8") as f:
-            recipe = yaml.safe_load(f) or {}
+        recipe = load_recipe(args.recipe)
         for key, name in RECIPE_KEYS.items():
             if recipe.get(key) is not None:
                 settings[name] = recipe[key]
-        settings["tokenizer"] = next((recipe[k] for k in TOKENIZER_KEYS if recipe.get(k)), None)
+        tokenizer_key = next((k for k in TOKENIZER_KEYS if recipe.get(k)), None)
+        settings["tokenizer"] = recipe[tokenizer_key] if tokenizer_key else None
         if recipe.get("num_image_tokens") is None:
             settings["num_image_tokens"] = recipe_image_tokens(recipe) or 1
     for name in settings:
@@ -85,7 +88,16 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
             settings[name] = value
     missing = [n for n in ("data", "tokenizer", "template") if not settings[n]]
     if missing:
-        raise SystemExit(f"lvlm-tune inspect: missing {', '.join('--' + m for m in missing)}")
+        raise UserError(f"missing {', '.join('--' + m for m in missing)}")
+    if settings["template"] not in template_names():
+        raise UserError(
+            f"template: unknown {settings['template']!r}; choose one of: "
+            f"{', '.join(template_names())}"
+        )
+    data_key = "--data" if args.data else f"{args.recipe}: data_path"
+    require_path(os.fspath(settings["data"]), data_key, hub_id_ok=False)
+    tokenizer_key = "--tokenizer" if args.tokenizer else f"{args.recipe}: {tokenizer_key}"
+    require_path(os.fspath(settings["tokenizer"]), tokenizer_key)
     return settings
 
 
@@ -164,6 +176,7 @@ def stats_report(samples: list[EncodedSample], ledger: SkipLedger) -> str:
     )
 
 
+@command("lvlm-tune inspect")
 def main(argv: list[str] | None = None) -> int:
     from lvlm_tune.data.sources import open_source
 
@@ -190,8 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             sample = encoder.encode(source.get(index), index)
         except BadSampleError as err:
             if args.on_bad_sample == "error":
-                print(f"lvlm-tune inspect: {err}", file=sys.stderr)
-                return 1
+                raise  # printed as one line by @command, exit status 2
             ledger.add(err.reason)
             print(f"skipped: {err}", file=sys.stderr)
             continue

@@ -13,11 +13,11 @@ import argparse
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 from lvlm_tune.checkpoint_loading import DTYPES, eval_figures, load_run
+from lvlm_tune.errors import command
 from lvlm_tune.generation.mapper import save_mapper
 from lvlm_tune.models.registry import get_model_family
 from lvlm_tune.training.run_card import write_run_card
@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder to write (must be empty or new)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="saved weight dtype")
     p.add_argument(
-        "--base", help="base model when the recorded one moved: a LLaVA folder or LLM,VISION"
+        "--base",
+        help="base model when the recorded one moved: a model folder, or LLM=PATH,VISION=PATH "
+        "(either part alone keeps the other from the run card)",
     )
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
@@ -154,19 +156,16 @@ def merge(
     return output_dir
 
 
+@command("lvlm-tune merge", also=(ValueError,))
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        out = merge(
-            args.checkpoint,
-            args.output,
-            dtype=args.dtype,
-            base=args.base,
-            max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite,
-        )
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
-        print(f"lvlm-tune merge: {error}", file=sys.stderr)
-        return 2
+    out = merge(
+        args.checkpoint,
+        args.output,
+        dtype=args.dtype,
+        base=args.base,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+    )
     print(json.dumps({"merged": str(out), "files": sorted(os.listdir(out))}))
     return 0

@@ -12,20 +12,17 @@ import argparse
 import json
 import sys
 
-from lvlm_tune.data.errors import BadSampleError
 from lvlm_tune.data.generation import expand_stories
+from lvlm_tune.errors import command
 
 
+@command("lvlm-tune stories", also=(ValueError, OSError))
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lvlm-tune stories", description=__doc__.split("\n\n")[0])
     p.add_argument("stories", help="JSON list of {id, story: [{text, image}, ...]}")
     p.add_argument("output", help="LLaVA JSON to write (image paths are kept as they are)")
     args = p.parse_args(argv)
-    try:
-        count = expand_stories(args.stories, args.output)
-    except (BadSampleError, ValueError, OSError) as error:
-        print(f"lvlm-tune stories: {error}", file=sys.stderr)
-        return 2
+    count = expand_stories(args.stories, args.output)
     print(json.dumps({"samples": count, "output": args.output}))
     return 0
 

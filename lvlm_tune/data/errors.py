@@ -1,15 +1,17 @@
 """Bad-sample errors and the skip ledger.
 
 Every problem with one sample raises :class:`BadSampleError`, which names the file, the sample
-id and the field. Under ``on_bad_sample: skip`` the dataset records the reason in a
-:class:`SkipLedger` instead; its counts live in shared memory so DataLoader worker processes
-report into the same table, and they are printed at the end of a run. Nothing is dropped
-without being counted.
+id and the field; it is a user error, so the commands print it as one line. Under
+``on_bad_sample: skip`` the dataset records the reason in a :class:`SkipLedger` instead; its
+counts live in shared memory so DataLoader worker processes report into the same table, and
+they are printed at the end of a run. Nothing is dropped without being counted.
 """
 
 from __future__ import annotations
 
 import torch
+
+from lvlm_tune.errors import UserError
 
 # Fixed reasons so the ledger can be a small shared tensor.
 REASONS: tuple[str, ...] = (
@@ -28,8 +30,11 @@ REASONS: tuple[str, ...] = (
 )
 
 
-class BadSampleError(ValueError):
-    """A sample that cannot be trained on, with enough context to find and fix it."""
+class BadSampleError(UserError):
+    """A sample that cannot be trained on, with enough context to find and fix it.
+
+    A :class:`~lvlm_tune.errors.UserError` (so a ``ValueError``): commands print it as one line.
+    """
 
     def __init__(
         self, source: str, sample_id: str | None, field: str, problem: str, reason: str
