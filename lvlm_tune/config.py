@@ -25,6 +25,7 @@ from lvlm_tune.data.dataset import BAD_SAMPLE_POLICIES
 from lvlm_tune.data.encoder import CAPTION_TASKS
 from lvlm_tune.data.images import ASPECT_RATIOS
 from lvlm_tune.data.prompts import INSTRUCTION_POOLS
+from lvlm_tune.data.sources import SOURCE_FORMATS
 from lvlm_tune.errors import UserError, require_path
 from lvlm_tune.models.registry import family_names
 from lvlm_tune.recipe_file import load_recipe
@@ -201,6 +202,7 @@ class DataArguments:
             "on_bad_sample": (self.on_bad_sample, BAD_SAMPLE_POLICIES),
             "instruction_pool": (self.instruction_pool or "brief", tuple(INSTRUCTION_POOLS)),
             "caption_task": (self.caption_task, CAPTION_TASKS),
+            "data_format": (self.data_format, SOURCE_FORMATS),
         }
         for key, (value, choices) in checks.items():
             if value not in choices:
@@ -256,6 +258,9 @@ class LvlmTrainingArguments(TrainingArguments):
             )
         if self.max_steps == -1:
             _check_range(self, "num_train_epochs", low=0, open_low=True)
+        ds = self.deepspeed
+        if isinstance(ds, str) and ds.endswith(".json") and not os.path.isfile(ds):
+            raise UserError(f"deepspeed: {ds} does not exist (a DeepSpeed JSON config)")
 
 
 RecipeArgs = tuple[ModelArguments, DataArguments, LvlmTrainingArguments]

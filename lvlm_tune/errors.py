@@ -5,8 +5,8 @@ raise its subclass :class:`~lvlm_tune.data.errors.BadSampleError`). Every comman
 wrapped in :func:`command`, which prints such an error as ``lvlm-tune CMD: error: MESSAGE`` on
 stderr and exits with status 2, as argparse does for a bad option. Also reported that way: a
 missing, existing or unreadable path (``FileNotFoundError`` and its siblings), and a
-``ValueError``/``KeyError`` raised by lvlm-tune's own code, whose messages all name the key,
-file or sample at fault. Anything else keeps its traceback: it is a bug. Set
+``ValueError`` (or a ``KeyError`` with a sentence for its message) raised by lvlm-tune's own
+code, whose messages name the key, file or sample at fault. Anything else keeps its traceback: it is a bug. Set
 ``LVLM_TUNE_DEBUG=1`` to see the traceback of a user error too.
 """
 
@@ -57,7 +57,10 @@ def is_user_error(error: BaseException) -> bool:
     """Whether ``error`` is the user's to fix (printed as one line) rather than a bug."""
     if isinstance(error, (UserError, *PATH_ERRORS)):
         return True
-    return isinstance(error, (ValueError, KeyError)) and _raised_by_lvlm_tune(error)
+    if isinstance(error, KeyError):  # a lookup that names the choices, not a bare missing key
+        text = error.args[0] if len(error.args) == 1 else None
+        return isinstance(text, str) and " " in text and _raised_by_lvlm_tune(error)
+    return isinstance(error, ValueError) and _raised_by_lvlm_tune(error)
 
 
 def message(error: BaseException) -> str:

@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -172,6 +173,9 @@ def test_unknown_key_template_and_command(capsys, recipe):
         capsys, ["train", path, "--template", "vicuna"], "template: unknown 'vicuna'", "vicuna_v1"
     )
     fails(capsys, ["train", path, "stray"], "unexpected argument 'stray'")
+    fails(capsys, ["train", path, "--data_format", "csv"], "data_format: unknown 'csv'")
+    fails(capsys, ["train", path, "--deepspeed", "nope.json"], "deepspeed: nope.json does not")
+    fails(capsys, ["train", path, "--bf16", "true", "--fp16", "true"], "fp16 and bf16")
     assert cli(["trian"]) == 2
     assert "unknown command 'trian'" in capsys.readouterr().err
 
@@ -387,3 +391,35 @@ def test_console_script_prints_one_line_or_the_traceback(tmp_path, recipe, debug
     else:
         assert done.returncode == 2 and "Traceback" not in done.stderr
         assert done.stderr.strip().splitlines()[-1].startswith("lvlm-tune train: error: ")
+
+
+def test_only_user_errors_lose_their_traceback(capsys):
+    from lvlm_tune.errors import command
+    from lvlm_tune.templates.registry import get_template
+
+    @command("lvlm-tune x")
+    def library_error(argv):
+        raise ValueError("raised outside lvlm_tune")  # e.g. deep in torch: a bug, keep it
+
+    @command("lvlm-tune x")
+    def bug(argv):
+        raise RuntimeError("boom")
+
+    @command("lvlm-tune x")
+    def lookup(argv):
+        get_template("nope")  # lvlm-tune's own KeyError naming the choices
+
+    @command("lvlm-tune x")
+    def missing_file(argv):
+        Path("/no/such/file.txt").read_text()
+
+    with pytest.raises(ValueError, match="outside"):
+        library_error([])
+    with pytest.raises(RuntimeError):
+        bug([])
+    assert lookup([]) == 2
+    assert capsys.readouterr().err.startswith("lvlm-tune x: error: unknown template 'nope'")
+    assert missing_file([]) == 2
+    assert capsys.readouterr().err == (
+        "lvlm-tune x: error: /no/such/file.txt: No such file or directory\n"
+    )
