@@ -4,7 +4,9 @@ Times, in fresh subprocesses and alternating so that machine load hits both alik
 ``python -c "from transformers import AutoTokenizer; AutoTokenizer.from_pretrained(DIR)"`` and
 ``lvlm-tune inspect --data X --tokenizer DIR --template vicuna_v1 --limit 10`` on a small JSON
 written to a temp folder, and prints both medians and their ratio (the target is under 1.5).
-Run: ``.venv/bin/python benchmarks/inspect_startup.py [--tokenizer DIR] [--repeats 5]``.
+Run: ``.venv/bin/python benchmarks/inspect_startup.py [--tokenizer DIR] [--repeats 5]``. The
+commands run in a temp folder, so the ``lvlm_tune`` measured is the installed one, or the one
+on ``PYTHONPATH`` (to compare two checkouts).
 """
 
 from __future__ import annotations
@@ -39,10 +41,12 @@ def write_data(folder: Path, count: int = 20) -> Path:
     return path
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> float:
+def timed(cmd: list[str], env: dict[str, str], cwd: str) -> float:
     """Wall-clock seconds of one run of ``cmd`` (which must succeed)."""
     start = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    subprocess.run(
+        cmd, env=env, cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     return time.perf_counter() - start
 
 
@@ -68,11 +72,11 @@ def main() -> None:
             sys.executable, "-m", "lvlm_tune.cli", "inspect", "--data", str(data),
             "--tokenizer", args.tokenizer, "--template", "vicuna_v1", "--limit", "10",
         ]  # fmt: skip
-        timed(inspect, env)  # warm the page cache and build the data cache once
+        timed(inspect, env, tmp)  # warm the page cache and build the data cache once
         times: dict[str, list[float]] = {"tokenizer": [], "inspect": []}
         for _ in range(args.repeats):
-            times["tokenizer"].append(timed(plain, env))
-            times["inspect"].append(timed(inspect, env))
+            times["tokenizer"].append(timed(plain, env, tmp))
+            times["inspect"].append(timed(inspect, env, tmp))
     medians = {name: statistics.median(values) for name, values in times.items()}
     for name, values in times.items():
         runs = " ".join(f"{v:.2f}" for v in values)
