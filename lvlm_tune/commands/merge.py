@@ -20,6 +20,7 @@ from typing import Any
 from lvlm_tune.checkpoint_loading import DTYPES, eval_figures, load_run
 from lvlm_tune.generation.mapper import save_mapper
 from lvlm_tune.models.registry import get_model_family
+from lvlm_tune.models.tokenizer_saving import save_processor
 from lvlm_tune.training.run_card import write_run_card
 
 SUB_CONFIGS = ("text_config", "vision_config")
@@ -135,7 +136,7 @@ def merge(
         if config is not None:
             config.dtype = DTYPES[dtype]
     model.save_pretrained(output_dir, max_shard_size=max_shard_size, safe_serialization=True)
-    run.processor.save_pretrained(output_dir)
+    save_processor(run.processor, output_dir)
     if run.mapper is not None:  # MiniGPT-5: the mapping module travels with the LVLM
         save_mapper(run.mapper.to(DTYPES[dtype]), output_dir)
     card = {

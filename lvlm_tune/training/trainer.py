@@ -40,6 +40,7 @@ from lvlm_tune.generation.model import VokenModel
 from lvlm_tune.generation.saving import load_voken_state, save_voken_model
 from lvlm_tune.models.parts import canonical_name, is_under, save_projector, unwrap_model
 from lvlm_tune.models.registry import ModelFamily
+from lvlm_tune.models.tokenizer_saving import restore_tokenizer_options, save_processor
 from lvlm_tune.training.checkpoints import (
     complete_checkpoint_steps,
     publish_checkpoint,
@@ -237,10 +238,14 @@ class LvlmTrainer(Trainer):
             if self.args.should_save:
                 save_voken_model(model, output_dir, state_dict)
                 if self.processing_class is not None:
-                    self.processing_class.save_pretrained(output_dir)
+                    save_processor(self.processing_class, output_dir)
         else:
             super()._save(output_dir, state_dict=state_dict)
         if self.args.should_save:
+            if self.processing_class is not None:  # save_pretrained drops `legacy`
+                restore_tokenizer_options(
+                    output_dir, getattr(self.processing_class, "tokenizer", self.processing_class)
+                )
             # Trainer pickles its arguments; keep a JSON copy instead (nothing to unpickle later).
             pickled = os.path.join(output_dir, TRAINING_ARGS_NAME)
             if os.path.exists(pickled):
