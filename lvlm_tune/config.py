@@ -19,7 +19,12 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from lvlm_tune.data.dataset import BAD_SAMPLE_POLICIES
-from lvlm_tune.data.encoder import CAPTION_TASKS
+from lvlm_tune.data.encoder import (
+    CAPTION_TASKS,
+    PLAIN_MULTI_TURN,
+    SPECIAL_TEXT_POLICIES,
+    STOP_TEXT_POLICIES,
+)
 from lvlm_tune.data.images import ASPECT_RATIOS
 from lvlm_tune.data.prompts import INSTRUCTION_POOLS
 from lvlm_tune.models.registry import family_names
@@ -152,6 +157,21 @@ class DataArguments:
         "(MiniGPT-4 stage 2)",
         default=None,
     )
+    special_text: str = _help(
+        "data text that spells a control token (</s>, <|im_end|> ...): escape (tokenize it as "
+        "ordinary text) | refuse (a bad sample naming the token) | allow (it becomes the token)",
+        default="escape",
+    )
+    stop_text_in_answer: str = _help(
+        "an answer holding the template's plain-text STOP (### of llava_v0 / minigpt4): refuse "
+        "(a bad sample: the model would learn to stop mid-answer) | allow",
+        default="refuse",
+    )
+    plain_multi_turn: str = _help(
+        "a sample with several answers under the plain template: refuse | first (train its "
+        "first question/answer pair)",
+        default="refuse",
+    )
 
     def __post_init__(self) -> None:
         checks = {
@@ -161,6 +181,9 @@ class DataArguments:
             "on_bad_sample": (self.on_bad_sample, BAD_SAMPLE_POLICIES),
             "instruction_pool": (self.instruction_pool or "brief", tuple(INSTRUCTION_POOLS)),
             "caption_task": (self.caption_task, CAPTION_TASKS),
+            "special_text": (self.special_text, SPECIAL_TEXT_POLICIES),
+            "stop_text_in_answer": (self.stop_text_in_answer, STOP_TEXT_POLICIES),
+            "plain_multi_turn": (self.plain_multi_turn, PLAIN_MULTI_TURN),
         }
         for key, (value, choices) in checks.items():
             if value not in choices:

@@ -134,6 +134,9 @@ def build_dataset(
         instruction_pool=data_args.instruction_pool,
         num_vokens=num_vokens,
         caption_task=data_args.caption_task,
+        special_text=data_args.special_text,
+        stop_text_in_answer=data_args.stop_text_in_answer,
+        plain_multi_turn=data_args.plain_multi_turn,
     )
     images = ImageLoader(
         processor.image_processor, data_args.image_folder, data_args.image_aspect_ratio

@@ -50,6 +50,7 @@ def test_json_interface(capsys, data_file, sp_tokenizer_dir, template):
     rows = run_json(
         capsys, "--data", str(data_file), "--tokenizer", str(sp_tokenizer_dir), "--template", template,
         "--num-image-tokens", "5", "--image-position", "after", "--seed", "1",
+        *(["--plain-multi-turn", "first"] if template == "plain" else []),
     )  # fmt: skip
     assert [r["id"] for r in rows] == ["a1", "t2"]
     tok = AutoTokenizer.from_pretrained(sp_tokenizer_dir)
@@ -65,7 +66,8 @@ def test_json_interface(capsys, data_file, sp_tokenizer_dir, template):
     assert len(images) == 5
     trained = tok.decode([t for t in rows[0]["labels"] if t != -100])
     stop = {"llava_v0": "###", "vicuna_v1": "</s>", "plain": "\n", "minigpt4": "###"}[template]
-    assert "".join(trained.split()) == "".join(f"red{stop}a square{stop}".split())
+    expected = f"red{stop}" if template == "plain" else f"red{stop}a square{stop}"  # first pair
+    assert "".join(trained.split()) == "".join(expected.split())
 
 
 def test_human_view_marks_trained_spans_and_prints_stats(capsys, data_file, sp_tokenizer_dir):
@@ -140,3 +142,30 @@ def test_recipe_image_tokens_come_from_the_vision_tower(capsys, tmp_path, data_f
     assert (
         rows[0]["input_ids"].count(rows[0]["image_token_id"]) == 16
     )  # 32 px / patch 8, CLS dropped
+
+
+HOSTILE = [
+    {"id": "ok", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]},
+    {"id": "eos", "conversations": [{"from": "human", "value": "Say </s>"},
+                                    {"from": "gpt", "value": "</s> and </s>"}]},
+    {"id": "hash", "conversations": [{"from": "human", "value": "Markdown?"},
+                                     {"from": "gpt", "value": "### Title"}]},
+]  # fmt: skip
+
+
+def test_inspect_counts_escaped_and_refused_control_text(
+    capsys, tmp_path, monkeypatch, sp_tokenizer_dir
+):
+    monkeypatch.setenv("LVLM_TUNE_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "hostile.json"
+    data.write_text(json.dumps(HOSTILE))
+    base = ["--data", str(data), "--tokenizer", str(sp_tokenizer_dir), "--on-bad-sample", "skip"]
+    assert inspect_cmd.main([*base, "--template", "llava_v0"]) == 0
+    out = capsys.readouterr()
+    assert "samples encoded: 2" in out.out
+    assert "control-token text tokenized as text: 3 occurrence(s) in 1 sample(s)" in out.out
+    assert "special_text=1" in out.out and "'###'" in out.err  # the ### answer is refused
+    assert inspect_cmd.main([*base, "--template", "vicuna_v1", "--special-text", "refuse"]) == 0
+    out = capsys.readouterr()
+    assert "samples encoded: 2" in out.out and "special_text=1" in out.out
+    assert "control token(s) '</s>'" in out.err

@@ -36,6 +36,9 @@ RECIPE_KEYS = {
     "instruction_pool": "instruction_pool",
     "num_vokens": "num_vokens",
     "caption_task": "caption_task",
+    "special_text": "special_text",
+    "stop_text_in_answer": "stop_text_in_answer",
+    "plain_multi_turn": "plain_multi_turn",
 }
 TOKENIZER_KEYS = ("tokenizer_name_or_path", "llm_name_or_path", "model_name_or_path")
 
@@ -55,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instruction-pool", help="caption pairs' instructions: brief | detailed")
     p.add_argument("--num-vokens", type=int, help="MiniGPT-5 vokens per generated image")
     p.add_argument("--caption-task", choices=("describe", "generate"), help="caption pairs' task")
+    p.add_argument(
+        "--special-text", choices=("escape", "refuse", "allow"),
+        help="data text spelling a control token: escape (default) | refuse | allow",
+    )  # fmt: skip
+    p.add_argument(
+        "--stop-text-in-answer", choices=("refuse", "allow"),
+        help="answers holding a plain-text STOP (###): refuse (default) | allow",
+    )  # fmt: skip
+    p.add_argument(
+        "--plain-multi-turn", choices=("refuse", "first"),
+        help="several answers under the plain template: refuse (default) | first",
+    )  # fmt: skip
     p.add_argument("--limit", type=int, default=1000, help="samples to encode (default 1000)")
     p.add_argument("--show", type=int, default=3, help="samples to print in full (human view)")
     p.add_argument("--on-bad-sample", choices=("error", "skip"), default="error")
@@ -68,7 +83,8 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
         "data": None, "tokenizer": None, "template": None, "image_folder": None,
         "image_position": "before", "num_image_tokens": 1, "model_max_length": 2048, "seed": 0,
         "data_format": "auto", "instruction_pool": None, "num_vokens": 0,
-        "caption_task": "describe",
+        "caption_task": "describe", "special_text": "escape", "stop_text_in_answer": "refuse",
+        "plain_multi_turn": "refuse",
     }  # fmt: skip
     if args.recipe:
         with open(args.recipe, encoding="utf-8") as f:
@@ -159,6 +175,8 @@ def stats_report(samples: list[EncodedSample], ledger: SkipLedger) -> str:
             f"trained tokens: {trained} of {total} ({trained / total:.1%})",
             f"length p50/p90/p99/max: {p50:.0f}/{p90:.0f}/{p99:.0f}/{lengths.max()}",
             f"truncated: {sum(s.truncated for s in samples)}",
+            f"control-token text tokenized as text: {sum(s.num_escaped for s in samples)} "
+            f"occurrence(s) in {sum(1 for s in samples if s.num_escaped)} sample(s)",
             ledger.summary(),
         ]
     )
@@ -180,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         instruction_pool=cfg["instruction_pool"],
         num_vokens=int(cfg["num_vokens"]),
         caption_task=cfg["caption_task"],
+        special_text=cfg["special_text"],
+        stop_text_in_answer=cfg["stop_text_in_answer"],
+        plain_multi_turn=cfg["plain_multi_turn"],
     )
     source = open_source(cfg["data"], fmt=cfg["data_format"])
     ledger = SkipLedger()
