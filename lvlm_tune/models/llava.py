@@ -178,23 +178,63 @@ def build_llava(
         ``AutoProcessor.from_pretrained`` load.
     """
     check_attn_implementation(attn_implementation)
-    if vision_feature_select_strategy not in SELECT_STRATEGIES:
+    kind = vision_tower_kind(AutoConfig.from_pretrained(vision_tower).model_type)
+    check_select_strategy(kind, vision_feature_select_strategy, vision_tower)
+    load = {"dtype": dtype, "attn_implementation": attn_implementation}
+    vision = kind.model_class.from_pretrained(vision_tower, **load)
+    language = AutoModelForCausalLM.from_pretrained(llm, **load)
+    return compose_llava(
+        vision,
+        language,
+        AutoTokenizer.from_pretrained(llm),
+        AutoImageProcessor.from_pretrained(vision_tower, backend="pil"),
+        projector_type=projector_type,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        chat_template=chat_template,
+        extra_special_tokens=extra_special_tokens,
+    )
+
+
+def check_select_strategy(kind: VisionTowerKind, strategy: str, vision_tower: Any) -> None:
+    """Refuse an unknown strategy, and ``"default"`` on a tower without a CLS token."""
+    if strategy not in SELECT_STRATEGIES:
         raise ValueError(
-            f"unknown vision_feature_select_strategy {vision_feature_select_strategy!r}; "
+            f"unknown vision_feature_select_strategy {strategy!r}; "
             f"choose one of: {', '.join(SELECT_STRATEGIES)}"
         )
-    kind = vision_tower_kind(AutoConfig.from_pretrained(vision_tower).model_type)
-    if kind.num_prefix_tokens == 0 and vision_feature_select_strategy == "default":
+    if kind.num_prefix_tokens == 0 and strategy == "default":
         raise ValueError(
             f"vision tower {vision_tower} has no CLS token: 'default' would drop a real patch; "
             "set vision_feature_select_strategy='full'"
         )
-    load = {"dtype": dtype, "attn_implementation": attn_implementation}
-    vision = kind.model_class.from_pretrained(vision_tower, **load)
-    language = AutoModelForCausalLM.from_pretrained(llm, **load)
-    tokenizer = AutoTokenizer.from_pretrained(llm)
-    prepare_tokenizer(tokenizer, extra_special_tokens)
 
+
+def compose_llava(
+    vision: PreTrainedModel,
+    language: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    image_processor: Any,
+    *,
+    projector_type: str,
+    vision_feature_layer: int | list[int],
+    vision_feature_select_strategy: str,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    chat_template: str | None = None,
+    extra_special_tokens: Sequence[str] = (),
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Join loaded parts into a LLaVA with a fresh projector (see :func:`build_llava`).
+
+    ``vision`` and ``language`` (a causal LM) are used as they are, not copied; ``tokenizer``
+    gets ``<image>``, a pad token and ``extra_special_tokens`` in place, and the embeddings grow
+    to match (new rows: the mean of the old ones).
+    """
+    kind = vision_tower_kind(vision.config.model_type)
+    check_select_strategy(kind, vision_feature_select_strategy, vision.config.name_or_path)
+    prepare_tokenizer(tokenizer, extra_special_tokens)
     config = LlavaConfig(
         vision_config=vision.config,
         text_config=language.config,
@@ -220,7 +260,7 @@ def build_llava(
     _sync_vocab(model, tokenizer)
 
     processor = LlavaProcessor(
-        image_processor=AutoImageProcessor.from_pretrained(vision_tower, backend="pil"),
+        image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=vision.config.patch_size,
         vision_feature_select_strategy=vision_feature_select_strategy,
