@@ -3,10 +3,10 @@
 Owns: composing a new LLaVA from a vision-tower folder (CLIP or SigLIP, vision-only or full
 dual-encoder) and a LLaMA-family LLM folder, joined by a fresh projector; preparing the tokenizer
 (``<image>`` and pad tokens, embeddings resized) and the ``LlavaProcessor`` (PIL image processor,
-no torchvision needed); loading an existing HF LLaVA folder; the number of image tokens one image
-expands to; the attention-implementation check and gradient checkpointing. The parts' weights
-are used as loaded (same tensors, never re-initialised); only the projector and the rows of newly
-added tokens are new.
+no torchvision needed); loading an existing LLaVA folder (HF layout, or the original one through
+``llava_original``); the number of image tokens one image expands to; the attention-implementation
+check and gradient checkpointing. The parts' weights are used as loaded (same tensors, never
+re-initialised); only the projector and the rows of newly added tokens are new.
 """
 
 from __future__ import annotations
@@ -276,9 +276,14 @@ def load_llava(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
     extra_special_tokens: Sequence[str] = (),
+    vision_tower: str | Path | None = None,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """Load an existing HF LLaVA folder or hub id (e.g. ``llava-hf/llava-1.5-7b-hf``).
+    """Load an existing LLaVA folder or hub id (e.g. ``llava-hf/llava-1.5-7b-hf``).
 
+    A folder in the original LLaVA layout (``liuhaotian/llava-v1.5-7b``: ``llava_llama``
+    config, ``mm_projector`` weights) is converted in memory, see
+    :mod:`lvlm_tune.models.llava_original`; ``vision_tower`` then replaces its
+    ``mm_vision_tower`` (it is ignored for HF folders, which hold their tower).
     A pad token and ``extra_special_tokens`` are added if missing (embeddings grow to match).
     Raises ``ValueError`` when the processor's image token is not the model's
     ``image_token_index``.
@@ -286,7 +291,14 @@ def load_llava(
     Returns:
         ``(model, processor)``.
     """
+    # imported here: llava_original composes its model with this module's functions
+    from lvlm_tune.models.llava_original import is_original_llava, load_original_llava
+
     check_attn_implementation(attn_implementation)
+    if is_original_llava(path):
+        return load_original_llava(
+            path, dtype, attn_implementation, extra_special_tokens, vision_tower
+        )
     model = LlavaForConditionalGeneration.from_pretrained(
         path, dtype=dtype, attn_implementation=attn_implementation
     )

@@ -46,7 +46,6 @@ from lvlm_tune.models.llava import (
     check_attn_implementation,
     check_select_strategy,
     compose_llava,
-    load_llava,
     num_image_tokens,
     vision_tower_kind,
 )
@@ -426,21 +425,3 @@ def load_original_llava(
     except RuntimeError as error:
         raise ValueError(f"{settings.folder}: {PROJECTOR_PREFIX}* do not fit: {error}") from None
     return model, processor
-
-
-def load_llava_checkpoint(
-    path: str | os.PathLike,
-    dtype: torch.dtype = torch.float32,
-    attn_implementation: str = "sdpa",
-    extra_special_tokens: Sequence[str] = (),
-    vision_tower: str | None = None,
-) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """Load a LLaVA checkpoint in either layout: original (converted) or HF (``load_llava``).
-
-    ``vision_tower`` only applies to the original layout (its tower lives outside the folder).
-    """
-    if is_original_llava(path):
-        return load_original_llava(
-            path, dtype, attn_implementation, extra_special_tokens, vision_tower
-        )
-    return load_llava(path, dtype, attn_implementation, extra_special_tokens)

@@ -18,8 +18,7 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig
 
-from lvlm_tune.models.llava import build_llava, num_image_tokens
-from lvlm_tune.models.llava_original import load_llava_checkpoint
+from lvlm_tune.models.llava import build_llava, load_llava, num_image_tokens
 from lvlm_tune.models.minigpt4 import build_minigpt4, load_minigpt4, read_original_projection
 from lvlm_tune.models.projectors import fixed_projector_parameters
 
@@ -102,7 +101,7 @@ class ModelFamily:
 LLAVA = ModelFamily(
     name="llava",
     build=build_llava,
-    load=load_llava_checkpoint,
+    load=load_llava,
     projector_modules=("model.multi_modal_projector",),
     vision_modules=("model.vision_tower",),
     language_modules=("model.language_model", "lm_head"),
