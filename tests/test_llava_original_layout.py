@@ -27,7 +27,7 @@ from transformers import (
 
 from lvlm_tune.checkpoint_loading import build_base, load_run
 from lvlm_tune.cli import main as cli_main
-from lvlm_tune.commands.inspect import recipe_image_tokens
+from lvlm_tune.commands.inspect import load_tokenizer, recipe_image_tokens
 from lvlm_tune.models import IMAGE_TOKEN, build_llava, get_model_family
 from lvlm_tune.models.llava_original import (
     is_original_llava,
@@ -273,6 +273,8 @@ def test_vision_tower_override_and_clear_error_when_offline(tmp_path, tiny_parts
     assert original_llava_config(folder, tiny_parts["vision"]).image_seq_length == 16
     recipe = {"model_name_or_path": str(folder), "vision_tower": tiny_parts["vision"]}
     assert recipe_image_tokens(recipe) == 16  # lvlm-tune inspect
+    tokenizer = load_tokenizer(str(folder))
+    assert tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == loaded[0][0].config.image_token_index
 
 
 @pytest.mark.parametrize(
@@ -305,7 +307,7 @@ def test_detection_leaves_hf_folders_alone(tmp_path, tiny_parts, mlp_folder):
 
 @pytest.mark.slow
 def test_stage2_lora_on_an_original_folder_trains_merges_and_chats(
-    tmp_path, tiny_parts, tiny_data, mlp_folder, capsys
+    tmp_path, tiny_parts, tiny_data, mlp_folder, capsys, caplog
 ):
     folder = mlp_folder[0]
     out = tmp_path / "lora"
@@ -315,7 +317,9 @@ def test_stage2_lora_on_an_original_folder_trains_merges_and_chats(
     )  # fmt: skip
     del recipe["vision_tower"], recipe["llm_name_or_path"]
     (tmp_path / "lora.yaml").write_text(yaml.safe_dump(recipe))
+    caplog.set_level(logging.WARNING)
     assert cli_main(["train", str(tmp_path / "lora.yaml")]) == 0
+    assert TYPE_WARNING not in caplog.text
     card = read_run_card(out)
     assert card["model_args"]["model_name_or_path"] == str(folder)
     assert card["image_aspect_ratio"] == "pad"  # the checkpoint's, as the recipe left it unset

@@ -125,8 +125,12 @@ def load_tokenizer(path: str, num_vokens: int = 0) -> Any:
 
     from lvlm_tune.generation.vokens import voken_tokens
     from lvlm_tune.models.llava import prepare_tokenizer
+    from lvlm_tune.models.llava_original import is_original_llava, original_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    if is_original_llava(path):
+        tokenizer = original_tokenizer(path)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path)
     prepare_tokenizer(tokenizer, voken_tokens(num_vokens) if num_vokens else ())
     return tokenizer
 

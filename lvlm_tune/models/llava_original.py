@@ -223,6 +223,18 @@ def original_image_aspect_ratio(path: str | os.PathLike | None) -> str | None:
     return "pad" if config.get("image_aspect_ratio") == "pad" else "none"
 
 
+def original_tokenizer(path_or_settings: str | os.PathLike | OriginalLlava) -> Any:
+    """The tokenizer saved in an original-layout folder, as saved (no tokens added).
+
+    It is given the LLaMA config: without one, ``AutoTokenizer`` reads ``config.json`` and warns
+    about the unknown model type.
+    """
+    settings = path_or_settings
+    if not isinstance(settings, OriginalLlava):
+        settings = read_original_config(settings)
+    return AutoTokenizer.from_pretrained(settings.folder, config=settings.text_config)
+
+
 def _tower_config(settings: OriginalLlava) -> Any:
     """The vision tower's config, loaded from a folder or the hub cache, with a clear error."""
     try:
@@ -408,8 +420,7 @@ def load_original_llava(
     model, processor = compose_llava(
         vision,
         _language_model(llm, settings, dtype, attn_implementation),
-        # the LLaMA config, or AutoTokenizer reads config.json and warns about its type
-        AutoTokenizer.from_pretrained(settings.folder, config=settings.text_config),
+        original_tokenizer(settings),
         AutoImageProcessor.from_pretrained(settings.vision_tower, backend="pil"),
         projector_type=settings.projector_type,
         vision_feature_layer=settings.vision_feature_layer,
