@@ -22,6 +22,7 @@ from transformers import AutoProcessor
 
 from lvlm_tune.generation.mapper import VokenMapper, has_mapper, load_mapper
 from lvlm_tune.generation.vokens import added_special_tokens
+from lvlm_tune.models.llava_original import is_original_llava
 from lvlm_tune.models.parts import unwrap_model
 from lvlm_tune.models.registry import ModelFamily, get_model_family
 from lvlm_tune.templates.jinja import set_chat_template
@@ -96,7 +97,8 @@ def build_base(
     Args:
         card: the run card of the adapter checkpoint.
         base: override for moved parts: a model folder of the family, or ``"LLM,VISION"`` (two
-            folders; VISION is the BLIP-2 checkpoint for MiniGPT-4).
+            folders; VISION is the BLIP-2 checkpoint for MiniGPT-4). For an original-layout
+            LLaVA folder, ``"FOLDER,VISION"`` names the folder and its vision tower.
         dtype: parameter dtype.
 
     Returns:
@@ -111,17 +113,20 @@ def build_base(
     }
     llm, vision = args.get("llm_name_or_path"), args.get("vision_tower")
     whole = args.get("model_name_or_path") or None
+    load_options = {key: args[key] for key in family.load_options if args.get(key)}
     if base:
         if "," in base:
             llm, vision = base.split(",", 1)
             whole = None
+            if "vision_tower" in family.load_options and is_original_llava(llm):
+                whole, load_options["vision_tower"] = llm, vision  # its tower lives outside
         else:
             whole = base
         if whole and not os.path.exists(whole):
             raise FileNotFoundError(f"--base {whole}: no such folder")
     if whole:
         _check_exists(whole, "base model")
-        return family.load(whole, **common)
+        return family.load(whole, **load_options, **common)
     if not llm or not vision:
         raise ValueError("the run card records no base model; pass --base PATH")
     _check_exists(llm, "base LLM")

@@ -139,8 +139,10 @@ class DataArguments:
     image_position: str = _help(
         "image in the first user turn: before | after | random | keep", default="before"
     )
-    image_aspect_ratio: str = _help(
-        "none | pad (pad to square with the mean colour)", default="none"
+    image_aspect_ratio: str | None = _help(
+        "none | pad (pad to square with the mean colour); unset: the checkpoint's (pad for an "
+        "original LLaVA-1.5 model_name_or_path), else none",
+        default=None,
     )
     model_max_length: int = _help("maximum tokens per sample after image expansion", default=2048)
     on_bad_sample: str = _help(
@@ -177,7 +179,7 @@ class DataArguments:
         checks = {
             "template": (self.template, template_names()),
             "image_position": (self.image_position, IMAGE_POSITIONS),
-            "image_aspect_ratio": (self.image_aspect_ratio, ASPECT_RATIOS),
+            "image_aspect_ratio": (self.image_aspect_ratio or "none", ASPECT_RATIOS),
             "on_bad_sample": (self.on_bad_sample, BAD_SAMPLE_POLICIES),
             "instruction_pool": (self.instruction_pool or "brief", tuple(INSTRUCTION_POOLS)),
             "caption_task": (self.caption_task, CAPTION_TASKS),

@@ -25,6 +25,7 @@ from lvlm_tune.generation.build import TargetImages, build_voken_model, fold_pre
 from lvlm_tune.generation.model import VokenModel
 from lvlm_tune.generation.vokens import added_special_tokens, voken_ids
 from lvlm_tune.models.llava import enable_gradient_checkpointing
+from lvlm_tune.models.llava_original import original_image_aspect_ratio
 from lvlm_tune.models.parts import load_projector, save_projector
 from lvlm_tune.models.registry import ModelFamily, get_model_family
 from lvlm_tune.templates.jinja import set_chat_template
@@ -46,8 +47,15 @@ def model_dtype(args: LvlmTrainingArguments) -> torch.dtype:
 def build_model(
     model_args: ModelArguments, data_args: DataArguments, train_args: LvlmTrainingArguments
 ) -> tuple[Any, Any, ModelFamily]:
-    """Build or load the model and processor, load a stage-1 projector, freeze for the stage."""
+    """Build or load the model and processor, load a stage-1 projector, freeze for the stage.
+
+    An unset ``image_aspect_ratio`` becomes the loaded checkpoint's (``pad`` for an original
+    LLaVA-1.5 folder), else ``none``.
+    """
     family = get_model_family(model_args.family)
+    if data_args.image_aspect_ratio is None:
+        base = original_image_aspect_ratio(model_args.model_name_or_path)
+        data_args.image_aspect_ratio = base or "none"
     extra = added_special_tokens(data_args.template, model_args.num_vokens)
     common = {
         "dtype": model_dtype(train_args),
@@ -59,7 +67,9 @@ def build_model(
     # zero.Init-partitioned parameters.
     with zero3_init_paused():
         if model_args.model_name_or_path:
-            model, processor = family.load(model_args.model_name_or_path, **common)
+            options = {k: getattr(model_args, k) for k in family.load_options}
+            options = {k: v for k, v in options.items() if v}
+            model, processor = family.load(model_args.model_name_or_path, **options, **common)
         else:
             options = {key: getattr(model_args, key) for key in family.build_options}
             model, processor = family.build(
@@ -139,7 +149,7 @@ def build_dataset(
         plain_multi_turn=data_args.plain_multi_turn,
     )
     images = ImageLoader(
-        processor.image_processor, data_args.image_folder, data_args.image_aspect_ratio
+        processor.image_processor, data_args.image_folder, data_args.image_aspect_ratio or "none"
     )
     source = open_source(data_args.data_path, fmt=data_args.data_format)
     return SupervisedDataset(

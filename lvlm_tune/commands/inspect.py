@@ -110,6 +110,7 @@ def recipe_image_tokens(recipe: dict[str, Any]) -> int | None:
     from transformers import AutoConfig, LlavaConfig
 
     from lvlm_tune.models.llava import num_image_tokens
+    from lvlm_tune.models.llava_original import is_original_llava, original_llava_config
 
     strategy = recipe.get("vision_feature_select_strategy", "default")
     try:
@@ -117,7 +118,10 @@ def recipe_image_tokens(recipe: dict[str, Any]) -> int | None:
             path = recipe.get("model_name_or_path") or recipe.get("vision_tower")
             return AutoConfig.from_pretrained(path).num_query_tokens if path else None
         if recipe.get("model_name_or_path"):
-            return num_image_tokens(AutoConfig.from_pretrained(recipe["model_name_or_path"]))
+            path = recipe["model_name_or_path"]
+            if is_original_llava(path):  # AutoConfig does not know its model type
+                return num_image_tokens(original_llava_config(path, recipe.get("vision_tower")))
+            return num_image_tokens(AutoConfig.from_pretrained(path))
         if recipe.get("vision_tower"):
             vision = AutoConfig.from_pretrained(recipe["vision_tower"])
             vision = getattr(vision, "vision_config", vision)
@@ -137,8 +141,12 @@ def load_tokenizer(path: str, num_vokens: int = 0) -> Any:
 
     from lvlm_tune.generation.vokens import voken_tokens
     from lvlm_tune.models.llava import prepare_tokenizer
+    from lvlm_tune.models.llava_original import is_original_llava, original_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    if is_original_llava(path):
+        tokenizer = original_tokenizer(path)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path)
     prepare_tokenizer(tokenizer, voken_tokens(num_vokens) if num_vokens else ())
     return tokenizer
 
