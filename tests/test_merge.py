@@ -86,6 +86,7 @@ def test_merged_logits_equal_the_checkpoint_logits(tmp_path, runs, tiny_parts, t
     assert {"config.json", "README.md", "lvlm_tune.json", "processor_config.json"} <= set(files)
     assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl")) for f in files)
     assert not any("lora" in k for k in merged.state_dict())
+    assert json.loads((out / "tokenizer_config.json").read_text())["legacy"] is True
     readme = (out / "README.md").read_text()
     assert tiny_parts["llm"] in readme
     assert ("finetune_lora" if which != "stage1" else "pretrain") in readme

@@ -95,7 +95,7 @@ def test_stage2_template_masks_everything_but_answers_and_stops(
         assert [tokenizer.decode(r).strip() for r in trained_runs(row["labels"])] == [
             f"{a}###" for a in answers
         ]
-        # The whole sample is the DESIGN.md string, tokenized by a plain tokenizer call.
+        # The whole sample is the documented string (docs/masking.md), tokenized by a plain call.
         text = "###"
         for k in range(0, len(turns), 2):
             question = turns[k]["value"].replace("<image>", "").strip()

@@ -1,4 +1,4 @@
-"""Exact renderings of every template (DESIGN.md §2) and of their generation prompts."""
+"""Exact renderings of every template (docs/masking.md) and of their generation prompts."""
 
 from __future__ import annotations
 
