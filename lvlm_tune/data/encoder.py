@@ -29,9 +29,15 @@ import numpy as np
 from lvlm_tune.data.errors import BadSampleError
 from lvlm_tune.data.exact_tokenizer import exact_tokenizer
 from lvlm_tune.data.generation import caption_to_generation
-from lvlm_tune.data.labels import IGNORE_INDEX, answer_labels, crossed
+from lvlm_tune.data.labels import IGNORE_INDEX, answer_labels, crossed, expand_and_truncate
 from lvlm_tune.data.prompts import draw_instruction, get_pool, sample_uniform
 from lvlm_tune.data.record import IMAGE_TAG, Conversation, Turn
+from lvlm_tune.data.text_policy import (
+    PLAIN_MULTI_TURN,
+    SPECIAL_TEXT_POLICIES,
+    STOP_TEXT_POLICIES,
+    TextPolicy,
+)
 from lvlm_tune.generation.vokens import GEN_IMAGE_TAG, voken_ids, voken_text, voken_tokens
 from lvlm_tune.templates.chat_template import (
     CHAT_TEMPLATE_IMAGES,
@@ -43,10 +49,14 @@ from lvlm_tune.templates.registry import TOKENIZER_TEMPLATE, get_template
 from lvlm_tune.templates.render import IMAGE_POSITIONS, Rendered, place_images, render
 
 CAPTION_TASKS = ("describe", "generate")
-SPECIAL_TEXT_POLICIES = ("escape", "refuse", "allow")
-STOP_TEXT_POLICIES = ("refuse", "allow")
-PLAIN_MULTI_TURN = ("refuse", "first")
-__all__ = ["IGNORE_INDEX", "ConversationEncoder", "EncodedSample"]
+__all__ = [
+    "IGNORE_INDEX",
+    "PLAIN_MULTI_TURN",
+    "SPECIAL_TEXT_POLICIES",
+    "STOP_TEXT_POLICIES",
+    "ConversationEncoder",
+    "EncodedSample",
+]
 
 
 @dataclass
@@ -135,8 +145,6 @@ class ConversationEncoder:
             raise ValueError("caption_task 'generate' needs num_vokens > 0 (a MiniGPT-5 model)")
         self.caption_task = caption_task
         self.special_text = special_text
-        self.stop_text_in_answer = stop_text_in_answer
-        self.plain_multi_turn = plain_multi_turn
         self.num_vokens = num_vokens
         self.first_voken_id = voken_ids(tokenizer, num_vokens)[0] if num_vokens else None
         self.image_token_id = self._single_token_id(image_token, "the image token")
@@ -152,9 +160,12 @@ class ConversationEncoder:
             self.stop = chat_template_stop(tokenizer, list(self.exact.control))
         else:
             self.stop = self.template.stop_text(self.eos)
-        # A STOP written as plain text (``###``) cannot be escaped inside an answer.
-        stripped = self.stop.strip()
-        self.plain_stop = stripped if stripped and not self.exact.find_control(stripped) else ""
+        self.policy = TextPolicy(
+            self.exact, template, self.stop, special_text=special_text,
+            stop_text_in_answer=stop_text_in_answer, plain_multi_turn=plain_multi_turn,
+            drop_question=self.template.drop_question,
+        )  # fmt: skip
+        self.plain_stop = self.policy.plain_stop
 
     def _single_token_id(self, token: str, needed_by: str) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
@@ -186,44 +197,6 @@ class ConversationEncoder:
         vokens = voken_text(self.num_vokens)
         return [Turn(t.role, t.content.replace(GEN_IMAGE_TAG, vokens)) for t in turns]
 
-    def _check_turns(self, record: Conversation, turns: list[Turn], position: str) -> list[Turn]:
-        """Refuse what the template cannot train as written (see the class arguments)."""
-        if self.template.drop_question and len(turns) > 2:
-            if self.plain_multi_turn == "refuse":
-                raise self._bad(
-                    record, "conversations", f"template {self.template_name!r} trains one image "
-                    f"and one caption, but the sample has {len(turns) // 2} answers (their "
-                    "questions would be dropped); use a conversation template, or "
-                    "plain_multi_turn: first to train the first answer only", "template",
-                )  # fmt: skip
-            turns = turns[:2]
-        if position in ("before", "after"):
-            for i, turn in enumerate(turns[1:], start=1):
-                if IMAGE_TAG in turn.content:
-                    raise self._bad(
-                        record, f"turn {i + 1} ({turn.role})", f"an {IMAGE_TAG} tag in a later "
-                        f"human turn (turn {i + 1}); image_position {position!r} puts every image "
-                        "in the first user turn, image_position: keep leaves them where the "
-                        "data puts them", "image_tag_mismatch",
-                    )  # fmt: skip
-        for i, turn in enumerate(turns):
-            problem = self.exact.check_text(turn.content)
-            if problem:
-                raise self._bad(record, f"turn {i + 1} ({turn.role})", problem, "special_text")
-            if (
-                self.plain_stop
-                and turn.role == "assistant"
-                and self.plain_stop in turn.content
-                and self.stop_text_in_answer == "refuse"
-            ):
-                raise self._bad(
-                    record, f"turn {i + 1} ({turn.role})", f"the answer holds "
-                    f"{self.plain_stop!r}, the STOP of template {self.template_name!r}: the model "
-                    "would learn to stop mid-answer (stop_text_in_answer: allow trains it "
-                    "anyway)", "special_text",
-                )  # fmt: skip
-        return turns
-
     def prepare_turns(self, record: Conversation, index: int, epoch: int) -> list[Turn]:
         """The record's turns with the instruction drawn, images placed and vokens written."""
         turns = self._place_vokens(record, list(record.turns))
@@ -232,7 +205,7 @@ class ConversationEncoder:
             question = draw_instruction(pool, self.seed, index, epoch)
             turns[0] = Turn("user", turns[0].content + question)
         position = self.image_position
-        turns = self._check_turns(record, turns, position)
+        turns = self.policy.check_turns(record, turns, position)
         tags = sum(t.content.count(IMAGE_TAG) for t in turns)
         num_images = len(record.images)
         if (tags and tags != num_images) or (position == "keep" and tags != num_images):
@@ -275,34 +248,12 @@ class ConversationEncoder:
         turns = self.prepare_turns(record, index, epoch)
         system = self.system if record.system is None else record.system
         rendered = self._render_turns(record, turns, system, prompt)
-        if self.special_text == "allow":
-            return rendered, []
-        texts = [("system", system or "")] + [
-            (f"turn {i + 1} ({t.role})", t.content) for i, t in enumerate(turns)
-        ]
-        found = [(field, self.exact.control_names(text)) for field, text in texts]
-        found = [(field, names) for field, names in found if names]
-        if not found:
-            return rendered, []
-        if self.special_text == "refuse":
-            field, names = found[0]
-            raise self._bad(
-                record, field, f"the text spells control token(s) {', '.join(map(repr, names))} "
-                "(special_text: escape tokenizes such text as ordinary text, allow keeps the "
-                "tokens)", "special_text",
-            )  # fmt: skip
-        # Render again with the data's control-token texts masked: the template's own control
-        # tokens are those both renderings share.
-        masked_turns = [Turn(t.role, self.exact.mask(t.content)) for t in turns]
-        masked_system = self.exact.mask(system) if system else system
-        masked = self._render_turns(record, masked_turns, masked_system, prompt).text
-        text = rendered.text
-        if len(masked) != len(text):
-            raise self._bad(
-                record, "conversations", "the template renders control-token text in the data "
-                "differently from other text, so it cannot be escaped", "special_text",
-            )  # fmt: skip
-        escape = [(a, b) for a, b in self.exact.find_control(text) if masked[a:b] != text[a:b]]
+        escape = self.policy.escapes(
+            record, rendered.text, turns, system,
+            lambda masked_turns, masked_system: self._render_turns(
+                record, masked_turns, masked_system, prompt
+            ).text,
+        )  # fmt: skip
         return rendered, escape
 
     def encode_prompt(self, record: Conversation, index: int = 0) -> np.ndarray:
@@ -357,49 +308,16 @@ class ConversationEncoder:
     def _expand_and_truncate(
         self, record: Conversation, ids: list[int], labels: list[int], cuts: list[int]
     ) -> EncodedSample:
-        image_id = self.image_token_id
-        image_at = [k for k, t in enumerate(ids) if t == image_id] if image_id in ids else []
-        if len(image_at) != len(record.images):
-            raise BadSampleError(
-                record.source,
-                record.id,
-                "conversations",
-                f"the text holds {len(image_at)} image token(s) for {len(record.images)} "
-                "image(s) (does a message contain the image token text literally?)",
-                "image_tag_mismatch",
-            )
-        extra = self.num_image_tokens - 1
-        expanded_len = len(ids) + extra * len(image_at)
-        truncated = expanded_len > self.model_max_length
-        if truncated:
-            fitting = [
-                c for c in cuts if c + extra * sum(a < c for a in image_at) <= self.model_max_length
-            ]
-            if not fitting:
-                raise BadSampleError(
-                    record.source,
-                    record.id,
-                    "conversations",
-                    f"{expanded_len} tokens after image expansion and even the first answer "
-                    f"ends beyond model_max_length={self.model_max_length}",
-                    "no_trained_tokens",
-                )
-            keep = fitting[-1]
-            ids, labels = ids[:keep], labels[:keep]
-            image_at = [a for a in image_at if a < keep]
-        input_ids = np.asarray(ids, dtype=np.int64)
-        label_arr = np.asarray(labels, dtype=np.int64)
-        if extra and image_at:
-            repeats = np.ones(len(ids), dtype=np.int64)
-            repeats[image_at] = self.num_image_tokens
-            input_ids = np.repeat(input_ids, repeats)
-            label_arr = np.repeat(label_arr, repeats)
+        kept, input_ids, label_arr, num_images, truncated = expand_and_truncate(
+            record, ids, labels, cuts, self.image_token_id, self.num_image_tokens,
+            self.model_max_length,
+        )  # fmt: skip
         return EncodedSample(
             id=record.id,
             input_ids=input_ids,
             labels=label_arr,
-            num_images=len(image_at),
-            num_trained=sum(1 for t in labels if t != IGNORE_INDEX),
+            num_images=num_images,
+            num_trained=int((label_arr != IGNORE_INDEX).sum()),  # image tokens never train
             truncated=truncated,
-            num_gen_images=ids.count(self.first_voken_id) if self.num_vokens else 0,
+            num_gen_images=kept.count(self.first_voken_id) if self.num_vokens else 0,
         )

@@ -1,4 +1,4 @@
-"""Token labels from character spans, proved exact, and the truncation points they allow.
+"""Token labels from character spans, proved exact; image expansion and truncation.
 
 A token is trained iff it overlaps an answer + STOP span of the rendered text. Two checks then
 prove the mask is exact and raise otherwise (there is no silent "mask everything" fallback):
@@ -6,13 +6,20 @@ prove the mask is exact and raise otherwise (there is no silent "mask everything
 * no trained token reaches past the end of its STOP (it would train text of the next turn);
 * a trained token that starts before its answer only covers whitespace there (the separator
   that tokenizers merge into the first answer token, as the model will generate it).
+
+Each image token is then expanded to ``num_image_tokens`` copies (HF LLaVA convention), and
+truncation to ``model_max_length`` counts the expansion and drops whole trailing turns.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Sequence
+from typing import Any
 
+import numpy as np
+
+from lvlm_tune.data.errors import BadSampleError
 from lvlm_tune.templates.render import Span
 
 IGNORE_INDEX = -100
@@ -96,3 +103,49 @@ def crossed(offsets: Sequence[tuple[int, int]], points: Sequence[int]) -> list[i
         if k >= 0 and offsets[k][0] < p < offsets[k][1]:
             out.append(p)
     return out
+
+
+def expand_and_truncate(
+    record: Any,
+    ids: list[int],
+    labels: list[int],
+    cuts: list[int],
+    image_id: int,
+    num_image_tokens: int,
+    model_max_length: int,
+) -> tuple[list[int], np.ndarray, np.ndarray, int, bool]:
+    """Expand image tokens and cut whole trailing turns to ``model_max_length``.
+
+    Returns the kept unexpanded ids, the expanded ids and labels, the number of images kept and
+    whether the sample was truncated. Raises ``BadSampleError`` when the image tokens do not
+    match the record's images or not even the first answer fits.
+    """
+    image_at = [k for k, t in enumerate(ids) if t == image_id] if image_id in ids else []
+    if len(image_at) != len(record.images):
+        raise BadSampleError(
+            record.source, record.id, "conversations", f"the text holds {len(image_at)} image "
+            f"token(s) for {len(record.images)} image(s) (does a message contain the image "
+            "token text literally?)", "image_tag_mismatch",
+        )  # fmt: skip
+    extra = num_image_tokens - 1
+    expanded_len = len(ids) + extra * len(image_at)
+    truncated = expanded_len > model_max_length
+    if truncated:
+        fitting = [c for c in cuts if c + extra * sum(a < c for a in image_at) <= model_max_length]
+        if not fitting:
+            raise BadSampleError(
+                record.source, record.id, "conversations", f"{expanded_len} tokens after image "
+                "expansion and even the first answer ends beyond "
+                f"model_max_length={model_max_length}", "no_trained_tokens",
+            )  # fmt: skip
+        keep = fitting[-1]
+        ids, labels = ids[:keep], labels[:keep]
+        image_at = [a for a in image_at if a < keep]
+    input_ids = np.asarray(ids, dtype=np.int64)
+    label_arr = np.asarray(labels, dtype=np.int64)
+    if extra and image_at:
+        repeats = np.ones(len(ids), dtype=np.int64)
+        repeats[image_at] = num_image_tokens
+        input_ids = np.repeat(input_ids, repeats)
+        label_arr = np.repeat(label_arr, repeats)
+    return ids, input_ids, label_arr, len(image_at), truncated
