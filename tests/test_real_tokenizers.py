@@ -300,3 +300,21 @@ def test_saved_tokenizer_tokenizes_as_training_did(name):
                 again(s, add_special_tokens=False)["input_ids"]
                 == tok(s, add_special_tokens=False)["input_ids"]
             )
+
+
+def test_inference_stops_at_the_template_stop():
+    """Generation ends where training's STOP is: Phi-3.5's <|end|> id joins the EOS ids."""
+    from types import SimpleNamespace
+
+    from lvlm_tune.inference import Answerer
+
+    tok = load("phi3", "tokenizer")
+    enc = ConversationEncoder(tok, "tokenizer")
+    answerer = Answerer(None, SimpleNamespace(tokenizer=tok), enc, None)
+    kwargs = answerer.stop_kwargs()
+    assert tok.convert_tokens_to_ids("<|end|>") in kwargs["eos_token_id"]
+    assert "stop_strings" not in kwargs
+    hashes = Answerer(
+        None, SimpleNamespace(tokenizer=tok), ConversationEncoder(tok, "llava_v0"), None
+    )
+    assert hashes.stop_kwargs()["stop_strings"] == ["###"]

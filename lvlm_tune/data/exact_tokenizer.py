@@ -28,6 +28,7 @@ from typing import Any
 # published vocabulary gives a meaning to. Data holding one is refused (see ``check_text``).
 _SENTINEL_BASE = 0x100000
 _MASK = chr(_SENTINEL_BASE - 1)  # stands in for data control-token text while rendering
+_RESERVED = re.compile(f"[{_MASK}-\U0010ffff]")  # code points the sentinels and probes use
 
 
 _SHARED: weakref.WeakKeyDictionary[Any, dict[tuple, ExactTokenizer]] = weakref.WeakKeyDictionary()
@@ -94,7 +95,7 @@ class ExactTokenizer:
     @staticmethod
     def check_text(text: str) -> str | None:
         """A problem with ``text`` that makes exact tokenization impossible, else ``None``."""
-        if any(ord(c) >= _SENTINEL_BASE - 1 for c in text):
+        if _RESERVED.search(text):
             return "the text holds characters of Unicode's private use area B (U+FFFFF and up)"
         return None
 
