@@ -18,14 +18,14 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from lvlm_tune.data.dataset import BAD_SAMPLE_POLICIES
+from lvlm_tune.data.dataset import BAD_SAMPLE_POLICIES, DEFAULT_MAX_BAD_FRACTION
 from lvlm_tune.data.encoder import (
     CAPTION_TASKS,
     PLAIN_MULTI_TURN,
     SPECIAL_TEXT_POLICIES,
     STOP_TEXT_POLICIES,
 )
-from lvlm_tune.data.images import ASPECT_RATIOS
+from lvlm_tune.data.images import ASPECT_RATIOS, DEFAULT_MAX_IMAGE_PIXELS
 from lvlm_tune.data.prompts import INSTRUCTION_POOLS
 from lvlm_tune.models.registry import family_names
 from lvlm_tune.templates.registry import template_names
@@ -146,7 +146,22 @@ class DataArguments:
     )
     model_max_length: int = _help("maximum tokens per sample after image expansion", default=2048)
     on_bad_sample: str = _help(
-        "error (stop, naming the sample) | skip (count and skip)", default="error"
+        "error (stop, naming the sample) | skip (drop it from its batch and count it once)",
+        default="error",
+    )
+    max_bad_fraction: float = _help(
+        "under skip: stop the run when more than this fraction of the samples is bad "
+        "(0: none may be, 1: any number)",
+        default=DEFAULT_MAX_BAD_FRACTION,
+    )
+    max_image_pixels: int = _help(
+        "refuse images of more pixels (width x height, read from the header before decoding) "
+        "as bad samples (image_too_large); 0: no limit",
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+    )
+    allow_outside_image_folder: bool = _help(
+        "accept image paths (absolute, with .., or symlinks) that resolve outside image_folder",
+        default=False,
     )
     system_prompt: str | None = _help("override the template's default system prompt", default=None)
     caption_task: str = _help(
@@ -192,6 +207,13 @@ class DataArguments:
                 raise ValueError(f"{key}: unknown {value!r}; choose one of: {', '.join(choices)}")
         if self.model_max_length < 1:
             raise ValueError("model_max_length: must be positive")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError(
+                f"max_bad_fraction: {self.max_bad_fraction} is not a fraction; use a value "
+                "from 0 (no bad sample allowed) to 1 (any number)"
+            )
+        if self.max_image_pixels < 0:
+            raise ValueError("max_image_pixels: must be >= 0 (0: no limit)")
 
 
 @dataclass

@@ -149,12 +149,16 @@ def build_dataset(
         plain_multi_turn=data_args.plain_multi_turn,
     )
     images = ImageLoader(
-        processor.image_processor, data_args.image_folder, data_args.image_aspect_ratio or "none"
+        processor.image_processor,
+        data_args.image_folder,
+        data_args.image_aspect_ratio or "none",
+        max_image_pixels=data_args.max_image_pixels,
+        allow_outside_folder=data_args.allow_outside_image_folder,
     )
     source = open_source(data_args.data_path, fmt=data_args.data_format)
     return SupervisedDataset(
         source, encoder, images, on_bad_sample=data_args.on_bad_sample,
-        target_images=target_images,
+        target_images=target_images, max_bad_fraction=data_args.max_bad_fraction,
     )  # fmt: skip
 
 
@@ -193,6 +197,11 @@ def run(
         callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=resume_arg(train_args.resume_from_checkpoint))
+    tracker = trainer.bad_samples
+    if tracker is not None:  # on_bad_sample: skip
+        tracker.merge()  # every rank's bad samples, each once
+        dataset.check_bad_fraction()
+        card["bad_samples"] = tracker.report()  # the final folder's run card says what was skipped
     trainer.save_model()
     trainer.save_state()
     if trainer.is_world_process_zero():
@@ -201,7 +210,7 @@ def run(
             write_loss_curve(trainer.state.log_history, train_args.output_dir)
     if model_args.stage == "pretrain":
         save_projector(trainer.model, train_args.output_dir, family)
-    logger.info("%s", dataset.ledger.summary())
+    logger.info("%s", tracker.summary() if tracker is not None else dataset.ledger.summary())
     return trainer
 
 

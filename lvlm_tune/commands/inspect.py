@@ -5,6 +5,14 @@ Human view: each shown sample decoded with trained spans marked (green on a term
 first ``--limit`` samples. ``--json`` prints one object per sample per line:
 ``{"id", "input_ids", "labels", "image_token_id"}`` (labels are -100 where masked).
 ``lvlm-tune inspect RECIPE.yaml`` reads the same settings from a training recipe.
+
+Every image a sample trains with (input images and MiniGPT-5 target images that survive
+truncation) is opened and decoded under training's checks (``image_folder``,
+``max_image_pixels``, ``allow_outside_image_folder``), so a missing, empty, truncated, corrupt,
+oversized or out-of-folder image is reported like any bad sample: with ``--on-bad-sample
+error`` (the default) the first one ends the command with status 1; with ``skip`` each is
+listed and counted, and the status is 1 when more than ``max_bad_fraction`` of the inspected
+samples are bad (training would stop).
 """
 
 from __future__ import annotations
@@ -17,8 +25,15 @@ from typing import Any
 import numpy as np
 import yaml
 
+from lvlm_tune.data.dataset import BAD_SAMPLE_POLICIES, DEFAULT_MAX_BAD_FRACTION
 from lvlm_tune.data.encoder import IGNORE_INDEX, ConversationEncoder, EncodedSample
-from lvlm_tune.data.errors import BadSampleError, SkipLedger
+from lvlm_tune.data.errors import (
+    BadSampleError,
+    SkipLedger,
+    TooManyBadSamplesError,
+    check_bad_fraction,
+)
+from lvlm_tune.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageLoader
 from lvlm_tune.templates import template_names
 from lvlm_tune.templates.render import IMAGE_POSITIONS
 
@@ -39,6 +54,10 @@ RECIPE_KEYS = {
     "special_text": "special_text",
     "stop_text_in_answer": "stop_text_in_answer",
     "plain_multi_turn": "plain_multi_turn",
+    "on_bad_sample": "on_bad_sample",
+    "max_bad_fraction": "max_bad_fraction",
+    "max_image_pixels": "max_image_pixels",
+    "allow_outside_image_folder": "allow_outside_image_folder",
 }
 TOKENIZER_KEYS = ("tokenizer_name_or_path", "llm_name_or_path", "model_name_or_path")
 
@@ -72,7 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--limit", type=int, default=1000, help="samples to encode (default 1000)")
     p.add_argument("--show", type=int, default=3, help="samples to print in full (human view)")
-    p.add_argument("--on-bad-sample", choices=("error", "skip"), default="error")
+    p.add_argument(
+        "--on-bad-sample", choices=BAD_SAMPLE_POLICIES, help="error (default): stop at the first "
+        "bad sample | skip: list and count them",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-bad-fraction", type=float,
+        help=f"under skip: fail when more of the samples are bad (default {DEFAULT_MAX_BAD_FRACTION})",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-image-pixels", type=int,
+        help=f"refuse larger images (default {DEFAULT_MAX_IMAGE_PIXELS}; 0: no limit)",
+    )  # fmt: skip
+    p.add_argument(
+        "--allow-outside-image-folder", action="store_true", default=None,
+        help="accept image paths that resolve outside --image-folder",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="one JSON object per sample per line")
     return p
 
@@ -84,7 +118,9 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
         "image_position": "before", "num_image_tokens": 1, "model_max_length": 2048, "seed": 0,
         "data_format": "auto", "instruction_pool": None, "num_vokens": 0,
         "caption_task": "describe", "special_text": "escape", "stop_text_in_answer": "refuse",
-        "plain_multi_turn": "refuse",
+        "plain_multi_turn": "refuse", "on_bad_sample": "error",
+        "max_bad_fraction": DEFAULT_MAX_BAD_FRACTION,
+        "max_image_pixels": DEFAULT_MAX_IMAGE_PIXELS, "allow_outside_image_folder": False,
     }  # fmt: skip
     if args.recipe:
         with open(args.recipe, encoding="utf-8") as f:
@@ -211,18 +247,27 @@ def main(argv: list[str] | None = None) -> int:
         plain_multi_turn=cfg["plain_multi_turn"],
     )
     source = open_source(cfg["data"], fmt=cfg["data_format"])
-    ledger = SkipLedger()
+    images = ImageLoader(
+        None, cfg["image_folder"], max_image_pixels=int(cfg["max_image_pixels"]),
+        allow_outside_folder=bool(cfg["allow_outside_image_folder"]),
+    )  # fmt: skip
+    count = min(args.limit, len(source))
+    ledger = SkipLedger(count)
     color = sys.stdout.isatty()
     samples: list[EncodedSample] = []
-    for index in range(min(args.limit, len(source))):
+    for index in range(count):
         try:
-            sample = encoder.encode(source.get(index), index)
+            record = encoder.prepare_record(source.get(index))
+            sample = encoder.encode(record, index)
+            images.load(record, sample.num_images)  # decoded as training decodes them
+            if sample.num_gen_images:
+                images.load_targets(record, sample.num_gen_images)
         except BadSampleError as err:
-            if args.on_bad_sample == "error":
+            if cfg["on_bad_sample"] == "error":
                 print(f"lvlm-tune inspect: {err}", file=sys.stderr)
                 return 1
-            ledger.add(err.reason)
-            print(f"skipped: {err}", file=sys.stderr)
+            ledger.add(index, err.reason)
+            print(f"skipped ({err.reason}): {err}", file=sys.stderr)
             continue
         samples.append(sample)
         if args.json:
@@ -238,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
             print(render_sample(tokenizer, sample, encoder.image_token_id, color))
             print()
     print(stats_report(samples, ledger), file=sys.stderr if args.json else sys.stdout)
+    try:
+        check_bad_fraction(ledger, float(cfg["max_bad_fraction"]), str(cfg["data"]))
+    except TooManyBadSamplesError as err:
+        print(f"lvlm-tune inspect: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
