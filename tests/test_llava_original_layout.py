@@ -35,6 +35,7 @@ from lvlm_tune.models.llava_original import (
     original_llava_config,
     read_weights,
 )
+from lvlm_tune.models.tokenizer_saving import save_processor
 from lvlm_tune.training.run_card import read_run_card
 
 TOWER_PREFIX = "model.vision_tower.vision_tower."
@@ -113,7 +114,8 @@ def write_original(
     }
     config.pop("dtype", None)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    AutoTokenizer.from_pretrained(parts["llm"]).save_pretrained(folder)
+    # transformers 4.x, which wrote these checkpoints, keeps `legacy` in tokenizer_config.json
+    save_processor(AutoTokenizer.from_pretrained(parts["llm"]), folder)
     if weights == "safetensors":
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     else:

@@ -110,11 +110,11 @@ model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
 processor = AutoProcessor.from_pretrained(folder)
 messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the image?"}]}]
 prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-inputs = processor(images=[Image.open(image).convert("RGB")], text=prompt, return_tensors="pt", add_special_tokens=False)
+inputs = processor(images=[Image.open(image).convert("RGB")], text=prompt, return_tensors="pt")
 out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
 text = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 assert "lvlm_tune" not in sys.modules
-print(json.dumps({"prompt": prompt, "text": text.strip()}))
+print(json.dumps({"prompt": prompt, "text": text.strip(), "ids": inputs["input_ids"][0].tolist()}))
 """
 
 
@@ -152,6 +152,7 @@ def test_merged_folder_loads_with_plain_transformers_and_generates_the_same(
     )
     record = Conversation("q", [Turn("user", "<image>\nWhat color is the image?")], [image])
     assert encoder.render(record, prompt=True).text == plain["prompt"]
+    assert encoder.encode_prompt(record).tolist() == plain["ids"]  # BOS included, as trained
     assert answerer.answer([record], max_new_tokens=6) == [plain["text"]]
 
 
@@ -164,9 +165,11 @@ def test_exported_chat_template_renders_the_training_prompt(
     from lvlm_tune.data.record import Turn
     from lvlm_tune.templates import get_template, render
 
+    extra = {"plain_multi_turn": "first"} if template == "plain" else {}  # multi-turn data
     source = train(
-        tmp_path, tiny_parts, tiny_data, "s1", stage="pretrain", max_steps=1, template=template
-    )
+        tmp_path, tiny_parts, tiny_data, "s1", stage="pretrain", max_steps=1, template=template,
+        **extra,
+    )  # fmt: skip
     out = merge(source, tmp_path / "merged")
     processor = AutoProcessor.from_pretrained(out)
     tok = processor.tokenizer
