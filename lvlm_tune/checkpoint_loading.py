@@ -28,6 +28,7 @@ from lvlm_tune.models.registry import ModelFamily, get_model_family
 from lvlm_tune.templates.jinja import set_chat_template
 from lvlm_tune.templates.registry import TOKENIZER_TEMPLATE, get_template
 from lvlm_tune.training.run_card import RUN_CARD, read_run_card
+from lvlm_tune.training.run_folder import check_final_save
 
 ADAPTER_CONFIG = "adapter_config.json"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -156,9 +157,11 @@ def load_run(
     """Open a run folder, ``checkpoint-N`` or merged folder for inference.
 
     Raises ``FileNotFoundError`` for a folder without a run card, without adapters or config, or
-    whose recorded base is missing.
+    whose recorded base is missing; ``RunFolderError`` (a ``ValueError``) for a run folder
+    whose top-level save is not the final save of the run its newest checkpoint belongs to.
     """
     folder = Path(folder)
+    check_final_save(folder)
     kind = checkpoint_kind(folder)
     card = read_run_card(folder)
     family = get_model_family(card.get("family", "llava"))

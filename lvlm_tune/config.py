@@ -237,6 +237,11 @@ class LvlmTrainingArguments(TrainingArguments):
     min_snr_gamma: float = _help(
         "MiniGPT-5: min-SNR weighting of the LDM loss (0: off)", default=5.0
     )
+    overwrite_output_dir: bool = _help(
+        "start in an output_dir that holds another run (other options): that run's checkpoints "
+        "and saved files are deleted first",
+        default=False,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

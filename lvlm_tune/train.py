@@ -33,7 +33,9 @@ from lvlm_tune.templates.registry import TOKENIZER_TEMPLATE, get_template
 from lvlm_tune.training.distributed import register_token_weights, zero3_init_paused
 from lvlm_tune.training.freezing import LoraOptions, apply_stage, parameter_summary
 from lvlm_tune.training.loss_curve import write_loss_curve
-from lvlm_tune.training.run_card import make_run_card, write_run_card
+from lvlm_tune.training.pickle_scan import UnsafeCheckpointError
+from lvlm_tune.training.run_card import make_run_card, run_options, write_run_card
+from lvlm_tune.training.run_folder import RunFolderError, claim_output_dir
 from lvlm_tune.training.trainer import LvlmTrainer
 
 logger = logging.getLogger("lvlm_tune.train")
@@ -174,7 +176,16 @@ def run(
     train_args: LvlmTrainingArguments,
     callbacks: list[Any] | None = None,
 ) -> LvlmTrainer:
-    """Train one stage; returns the trainer (state, log history, output folder)."""
+    """Train one stage; returns the trainer (state, log history, output folder).
+
+    Refuses (``RunFolderError``) an ``output_dir`` that holds another run unless
+    ``overwrite_output_dir``, and a checkpoint of another run or one whose pickles import
+    anything but tensors and training state (``UnsafeCheckpointError``) to resume from.
+    """
+    options = run_options(model_args, data_args, train_args)  # before build_model adjusts them
+    claim_output_dir(
+        train_args.output_dir, {"run_options": options}, train_args.overwrite_output_dir
+    )
     set_seed(train_args.seed)
     model, processor, family = build_model(model_args, data_args, train_args)
     image_tokens = family.num_image_tokens(model)
@@ -184,7 +195,9 @@ def run(
         num_vokens=model_args.num_vokens,
         target_images=TargetImages(model.diffusion.image_size) if generates else None,
     )  # fmt: skip
-    card = make_run_card(model_args, data_args, train_args, num_image_tokens=image_tokens)
+    card = make_run_card(
+        model_args, data_args, train_args, options=options, num_image_tokens=image_tokens
+    )
     trainer = LvlmTrainer(
         model=model,
         args=train_args,
@@ -227,7 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO
     )
-    run(*parse_recipe(recipe, overrides))
+    try:
+        run(*parse_recipe(recipe, overrides))
+    except (RunFolderError, UnsafeCheckpointError) as error:
+        print(f"lvlm-tune train: {error}", file=sys.stderr)
+        return 2
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Free the engine (and any collective handles it holds) and the process groups while
         # Python is whole: gloo may otherwise abort a rank in interpreter teardown.

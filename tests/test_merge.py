@@ -245,3 +245,30 @@ def test_cli_dispatches_merge(tmp_path, runs):
     assert main(["merge", "--checkpoint", str(runs["stage1"]), "--output", str(out)]) == 0
     assert (out / "config.json").is_file()
     assert main(["merge", "--checkpoint", str(runs["stage1"]), "--output", str(out)]) == 2
+
+
+def test_an_output_that_is_contains_or_lies_inside_the_run_is_refused(tmp_path, runs, capsys):
+    import shutil
+
+    stage1, lora = tmp_path / "runs" / "stage1", tmp_path / "runs" / "lora"
+    shutil.copytree(runs["stage1"], stage1)
+    shutil.copytree(runs["lora"], lora)
+    (tmp_path / "link").symlink_to(stage1)
+    before = {p: sorted(os.listdir(p)) for p in (stage1, lora, lora / "checkpoint-2")}
+    cases = [
+        (stage1, stage1, "is"),
+        (stage1, tmp_path / "link", "is"),  # resolved: a symlink to the run is the run
+        (stage1, stage1 / "merged", "lies inside"),
+        (stage1, tmp_path / "runs" / "lora" / ".." / "stage1" / "m", "lies inside"),
+        (stage1, tmp_path / "runs", "contains"),
+        (lora / "checkpoint-1", lora, "is"),  # a checkpoint-N belongs to its run folder
+        (lora / "checkpoint-1", lora / "checkpoint-2", "lies inside"),
+    ]
+    for source, output, where in cases:
+        with pytest.raises(ValueError, match=rf"--output .* {where} the run being merged"):
+            merge(source, output, overwrite=True)
+    assert {p: sorted(os.listdir(p)) for p in before} == before  # nothing was touched
+    args = ["--checkpoint", str(stage1), "--output", str(tmp_path / "runs"), "--overwrite"]
+    assert merge_main(args) == 2
+    assert "contains the run being merged" in capsys.readouterr().err
+    assert merge(stage1, tmp_path / "outside", overwrite=True).is_dir()  # beside the run: fine

@@ -17,6 +17,10 @@ What it adds, and nothing else:
 * checkpoints are written to a staging folder and published with one rename, and
   ``resume_from_checkpoint: true`` (or ``auto``: resume when possible) picks the newest
   complete one (:mod:`lvlm_tune.training.checkpoints`);
+* a resume takes only a checkpoint of the same run (its run card's options), and only after
+  every pickle in it has been checked to import nothing but tensors and training state
+  (:mod:`lvlm_tune.training.pickle_scan`): DeepSpeed unpickles its shards with
+  ``weights_only=False``;
 * DeepSpeed: a config with its own optimizer or scheduler is refused (it would drop the
   projector group); with ZeRO-Offload the groups go to ``DeepSpeedCPUAdam``;
 * ``on_bad_sample: skip``: a batch whose samples were all bad still runs its step (same
@@ -58,7 +62,9 @@ from lvlm_tune.training.distributed import (
     offloads_optimizer,
     zero3_init_paused,
 )
+from lvlm_tune.training.pickle_scan import check_checkpoint
 from lvlm_tune.training.run_card import write_run_card
+from lvlm_tune.training.run_folder import RunFolderError, check_same_run
 
 logger = logging.getLogger(__name__)
 LOSS_PARTS = ("text_loss", "ldm_loss", "caption_loss")  # logged as averages when reported
@@ -352,8 +358,15 @@ class LvlmTrainer(Trainer):
                 )
             logger.info("resuming from %s", found or "scratch: no checkpoint yet")
             resume_from_checkpoint = found
-        if resume_from_checkpoint and self.bad_samples is not None:
-            self.bad_samples.load(resume_from_checkpoint)
+        if resume_from_checkpoint:
+            if not os.path.isdir(resume_from_checkpoint):
+                raise RunFolderError(
+                    f"resume_from_checkpoint: {resume_from_checkpoint} is not a folder"
+                )
+            check_same_run(resume_from_checkpoint, self.run_card)
+            check_checkpoint(resume_from_checkpoint)  # before DeepSpeed or Trainer unpickle it
+            if self.bad_samples is not None:
+                self.bad_samples.load(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
