@@ -23,11 +23,13 @@ from transformers import AutoProcessor
 from lvlm_tune.errors import UserError, looks_like_path
 from lvlm_tune.generation.mapper import VokenMapper, has_mapper, load_mapper
 from lvlm_tune.generation.vokens import added_special_tokens
+from lvlm_tune.models.llava_original import is_original_llava
 from lvlm_tune.models.parts import unwrap_model
 from lvlm_tune.models.registry import ModelFamily, get_model_family
 from lvlm_tune.templates.jinja import set_chat_template
 from lvlm_tune.templates.registry import TOKENIZER_TEMPLATE, get_template
 from lvlm_tune.training.run_card import RUN_CARD, read_run_card
+from lvlm_tune.training.run_folder import check_final_save
 
 ADAPTER_CONFIG = "adapter_config.json"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -128,7 +130,9 @@ def build_base(
     Args:
         card: the run card of the adapter checkpoint.
         base: override for moved parts: a model folder of the family, or its parts
-            (``"LLM=PATH,VISION=PATH"``, one of them, or ``"LLM,VISION"``; see :func:`parse_base`).
+            (``"LLM=PATH,VISION=PATH"``, one of them, or ``"LLM,VISION"``; see :func:`parse_base`;
+            VISION is the BLIP-2 checkpoint for MiniGPT-4). For an original-layout LLaVA folder,
+            ``"FOLDER,VISION"`` names the folder and its vision tower.
         dtype: parameter dtype.
 
     Returns:
@@ -143,18 +147,22 @@ def build_base(
     }
     llm, vision = args.get("llm_name_or_path"), args.get("vision_tower")
     whole = args.get("model_name_or_path") or None
+    load_options = {key: args[key] for key in family.load_options if args.get(key)}
     if base:
         parts = parse_base(base)
         whole = parts.get("model")
         if whole and not os.path.exists(whole):
             raise FileNotFoundError(f"--base {whole}: no such folder")
-        for key, path in parts.items():
-            if key != "model" and not os.path.exists(path):
+        for key, path in parts.items():  # a part may also be a hub id
+            if key != "model" and looks_like_path(path) and not os.path.exists(path):
                 raise FileNotFoundError(f"--base {key.upper()}={path}: no such folder")
         llm, vision = parts.get("llm", llm), parts.get("vision", vision)
+        original = "llm" in parts and "vision_tower" in family.load_options
+        if original and is_original_llava(parts["llm"]):  # the tower lives outside the folder
+            whole, load_options["vision_tower"] = parts["llm"], vision
     if whole:
         _check_exists(whole, "base model")
-        return family.load(whole, **common)
+        return family.load(whole, **load_options, **common)
     if not llm or not vision:
         raise UserError(f"the run card records no base model; pass {BASE_HELP}")
     _check_exists(llm, "base LLM")
@@ -184,9 +192,11 @@ def load_run(
     """Open a run folder, ``checkpoint-N`` or merged folder for inference.
 
     Raises ``FileNotFoundError`` for a folder without a run card, without adapters or config, or
-    whose recorded base is missing.
+    whose recorded base is missing; ``RunFolderError`` (a ``ValueError``) for a run folder
+    whose top-level save is not the final save of the run its newest checkpoint belongs to.
     """
     folder = Path(folder)
+    check_final_save(folder)
     kind = checkpoint_kind(folder)
     card = read_run_card(folder)
     family = get_model_family(card.get("family", "llava"))

@@ -44,16 +44,17 @@ class Answerer:
         self.images = images
         tokenizer = processor.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.stop = (
-            encoder.template.stop_text(encoder.eos).strip() if not encoder.chat_template else ""
-        )
+        self.stop = encoder.stop.strip()  # the template's STOP (e.g. Phi-3's <|end|>, ###)
 
     def stop_kwargs(self) -> dict[str, Any]:
         """``generate`` arguments that end an answer at the template's STOP."""
         tokenizer = self.processor.tokenizer
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        stop_id = self.encoder.exact.control.get(self.stop)
+        if stop_id is not None and stop_id not in eos:
+            eos.append(stop_id)  # a control-token STOP other than EOS (<|end|>, <|eot_id|>)
         kwargs: dict[str, Any] = {"eos_token_id": eos or None, "pad_token_id": self.pad_id}
-        if self.stop and self.stop != tokenizer.eos_token:
+        if self.stop and stop_id is None:
             kwargs.update(stop_strings=[self.stop], tokenizer=tokenizer)
         return kwargs
 

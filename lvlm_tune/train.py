@@ -32,6 +32,7 @@ from lvlm_tune.generation.build import TargetImages, build_voken_model, fold_pre
 from lvlm_tune.generation.model import VokenModel
 from lvlm_tune.generation.vokens import added_special_tokens, voken_ids
 from lvlm_tune.models.llava import enable_gradient_checkpointing
+from lvlm_tune.models.llava_original import original_image_aspect_ratio
 from lvlm_tune.models.parts import load_projector, save_projector
 from lvlm_tune.models.registry import ModelFamily, get_model_family
 from lvlm_tune.templates.jinja import set_chat_template
@@ -39,7 +40,8 @@ from lvlm_tune.templates.registry import TOKENIZER_TEMPLATE, get_template
 from lvlm_tune.training.distributed import register_token_weights, zero3_init_paused
 from lvlm_tune.training.freezing import LoraOptions, apply_stage, parameter_summary
 from lvlm_tune.training.loss_curve import write_loss_curve
-from lvlm_tune.training.run_card import make_run_card, write_run_card
+from lvlm_tune.training.run_card import make_run_card, run_options, write_run_card
+from lvlm_tune.training.run_folder import claim_output_dir
 from lvlm_tune.training.trainer import LvlmTrainer
 
 logger = logging.getLogger("lvlm_tune.train")
@@ -53,8 +55,15 @@ def model_dtype(args: LvlmTrainingArguments) -> torch.dtype:
 def build_model(
     model_args: ModelArguments, data_args: DataArguments, train_args: LvlmTrainingArguments
 ) -> tuple[Any, Any, ModelFamily]:
-    """Build or load the model and processor, load a stage-1 projector, freeze for the stage."""
+    """Build or load the model and processor, load a stage-1 projector, freeze for the stage.
+
+    An unset ``image_aspect_ratio`` becomes the loaded checkpoint's (``pad`` for an original
+    LLaVA-1.5 folder), else ``none``.
+    """
     family = get_model_family(model_args.family)
+    if data_args.image_aspect_ratio is None:
+        base = original_image_aspect_ratio(model_args.model_name_or_path)
+        data_args.image_aspect_ratio = base or "none"
     extra = added_special_tokens(data_args.template, model_args.num_vokens)
     common = {
         "dtype": model_dtype(train_args),
@@ -66,7 +75,9 @@ def build_model(
     # zero.Init-partitioned parameters.
     with zero3_init_paused():
         if model_args.model_name_or_path:
-            model, processor = family.load(model_args.model_name_or_path, **common)
+            options = {k: getattr(model_args, k) for k in family.load_options}
+            options = {k: v for k, v in options.items() if v}
+            model, processor = family.load(model_args.model_name_or_path, **options, **common)
         else:
             options = {key: getattr(model_args, key) for key in family.build_options}
             model, processor = family.build(
@@ -141,14 +152,21 @@ def build_dataset(
         instruction_pool=data_args.instruction_pool,
         num_vokens=num_vokens,
         caption_task=data_args.caption_task,
+        special_text=data_args.special_text,
+        stop_text_in_answer=data_args.stop_text_in_answer,
+        plain_multi_turn=data_args.plain_multi_turn,
     )
     images = ImageLoader(
-        processor.image_processor, data_args.image_folder, data_args.image_aspect_ratio
+        processor.image_processor,
+        data_args.image_folder,
+        data_args.image_aspect_ratio or "none",
+        max_image_pixels=data_args.max_image_pixels,
+        allow_outside_folder=data_args.allow_outside_image_folder,
     )
     source = open_source(data_args.data_path, fmt=data_args.data_format)
     return SupervisedDataset(
         source, encoder, images, on_bad_sample=data_args.on_bad_sample,
-        target_images=target_images,
+        target_images=target_images, max_bad_fraction=data_args.max_bad_fraction,
     )  # fmt: skip
 
 
@@ -166,12 +184,20 @@ def run(
 ) -> LvlmTrainer:
     """Train one stage; returns the trainer (state, log history, output folder).
 
+    Refuses (``RunFolderError``) an ``output_dir`` that holds another run unless
+    ``overwrite_output_dir``, and a checkpoint of another run or one whose pickles import
+    anything but tensors and training state (``UnsafeCheckpointError``) to resume from.
+
     Raises:
         UserError: before any model loads, for missing data or a missing local path.
     """
     if not data_args.data_path:
         raise UserError("data_path: a training recipe needs data; set data_path")
     check_paths(model_args, data_args)
+    options = run_options(model_args, data_args, train_args)  # before build_model adjusts them
+    claim_output_dir(
+        train_args.output_dir, {"run_options": options}, train_args.overwrite_output_dir
+    )
     set_seed(train_args.seed)
     model, processor, family = build_model(model_args, data_args, train_args)
     image_tokens = family.num_image_tokens(model)
@@ -181,7 +207,9 @@ def run(
         num_vokens=model_args.num_vokens,
         target_images=TargetImages(model.diffusion.image_size) if generates else None,
     )  # fmt: skip
-    card = make_run_card(model_args, data_args, train_args, num_image_tokens=image_tokens)
+    card = make_run_card(
+        model_args, data_args, train_args, options=options, num_image_tokens=image_tokens
+    )
     trainer = LvlmTrainer(
         model=model,
         args=train_args,
@@ -194,6 +222,11 @@ def run(
         callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=resume_arg(train_args.resume_from_checkpoint))
+    tracker = trainer.bad_samples
+    if tracker is not None:  # on_bad_sample: skip
+        tracker.merge()  # every rank's bad samples, each once
+        dataset.check_bad_fraction()
+        card["bad_samples"] = tracker.report()  # the final folder's run card says what was skipped
     trainer.save_model()
     trainer.save_state()
     if trainer.is_world_process_zero():
@@ -202,7 +235,7 @@ def run(
             write_loss_curve(trainer.state.log_history, train_args.output_dir)
     if model_args.stage == "pretrain":
         save_projector(trainer.model, train_args.output_dir, family)
-    logger.info("%s", dataset.ledger.summary())
+    logger.info("%s", tracker.summary() if tracker is not None else dataset.ledger.summary())
     return trainer
 
 
@@ -220,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO
     )
-    run(*parse_recipe(recipe, overrides))
+    run(*parse_recipe(recipe, overrides))  # user errors: one line, status 2 (@command)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Free the engine (and any collective handles it holds) and the process groups while
         # Python is whole: gloo may otherwise abort a rank in interpreter teardown.

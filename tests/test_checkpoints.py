@@ -1,13 +1,19 @@
 """Single-process checks of the distributed machinery: shipped DeepSpeed / accelerate configs,
-the refusal of DeepSpeed optimizer and scheduler blocks, ZeRO-3 init pausing, and crash-safe
-checkpoint publishing and lookup. The multi-process runs are in test_distributed.py."""
+the refusal of DeepSpeed optimizer and scheduler blocks, ZeRO-3 init pausing, crash-safe
+checkpoint publishing and lookup, and the refusal of checkpoints whose pickles would run code.
+The multi-process runs are in test_distributed.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import pickle
+import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import tiny_recipe
 from transformers.integrations.deepspeed import (
@@ -22,6 +28,7 @@ from lvlm_tune.training.checkpoints import (
     publish_checkpoint,
 )
 from lvlm_tune.training.distributed import offloads_optimizer, zero3_init_paused
+from lvlm_tune.training.pickle_scan import UnsafeCheckpointError, check_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
@@ -170,3 +177,92 @@ def test_a_run_publishes_whole_checkpoints_rotates_them_and_resumes_a_full_model
     train("cut", "auto", [StopAt2()])  # "auto" with nothing to resume: a fresh start
     resumed = train("cut", "auto")  # resumes from checkpoint-2: the trained projector is restored
     assert resumed == pytest.approx(reference, rel=1e-5)
+
+
+class CreatesFile:
+    """Unpickling this calls ``open(marker, "w")`` or ``os.system("touch marker")``."""
+
+    def __init__(self, marker, how):
+        self.marker, self.how = str(marker), how
+
+    def __reduce__(self):
+        if self.how == "open":
+            return (open, (self.marker, "w"))
+        return (os.system, (f"touch {self.marker}",))
+
+
+GLOBALS = {"open": f"{open.__module__}.open", "system": f"{os.system.__module__}.system"}
+WRITERS = {
+    "zip": ("optimizer.pt", lambda obj, f: torch.save(obj, f)),
+    "legacy": (
+        "rng_state.pth",
+        lambda obj, f: torch.save(obj, f, _use_new_zipfile_serialization=False),
+    ),
+    "pickle4": ("state.pkl", lambda obj, f: pickle.dump(obj, f, protocol=4)),  # STACK_GLOBAL
+    "deepspeed_shard": ("global_step2/zero_pp_rank_0_mp_rank_00_optim_states", pickle.dump),
+    "latest_tag": ("elsewhere/mp_rank_00_model_states", lambda obj, f: torch.save(obj, f)),
+}
+
+
+@pytest.mark.parametrize("how", list(GLOBALS))
+@pytest.mark.parametrize("fmt", list(WRITERS))
+def test_a_checkpoint_whose_pickle_would_run_code_is_refused_unread(tmp_path, fmt, how):
+    marker = tmp_path / "marker"
+    folder = _checkpoint(tmp_path / "run", 2)  # a DeepSpeed-style checkpoint-2
+    name, write = WRITERS[fmt]
+    if fmt == "latest_tag":
+        (folder / "latest").write_text("elsewhere")
+    path = folder / name
+    path.parent.mkdir(exist_ok=True)
+    payload = {"state": {"step": torch.tensor(3)}, "hook": CreatesFile(marker, how)}
+    with open(path, "wb") as f:
+        write(payload, f)
+    refused = rf"{re.escape(str(path))}: refusing .* {re.escape(GLOBALS[how])}"
+    with pytest.raises(UnsafeCheckpointError, match=refused):
+        check_checkpoint(folder)
+    assert not marker.exists()
+    # The payload is real: loading it unchecked (as DeepSpeed would) creates the file.
+    with open(path, "rb") as f, contextlib.suppress(Exception):
+        torch.load(f, weights_only=False)  # a raw pickle runs, then fails the magic number
+    assert marker.exists()
+
+
+def test_torchscript_tar_unreadable_files_and_an_escaping_latest_are_refused(tmp_path):
+    folder = _checkpoint(tmp_path / "run", 2)
+    check_checkpoint(folder)  # nothing to unpickle yet
+    (folder / "latest").write_text("../../elsewhere")
+    with pytest.raises(UnsafeCheckpointError, match=r"latest: names '\.\./\.\./elsewhere'"):
+        check_checkpoint(folder)
+    (folder / "latest").write_text("global_step2")
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), folder / "model.pt")
+    with pytest.raises(UnsafeCheckpointError, match=r"model\.pt: a TorchScript archive"):
+        check_checkpoint(folder)
+    (folder / "model.pt").write_bytes(b"\x00not a pickle")
+    with pytest.raises(UnsafeCheckpointError, match=r"model\.pt: cannot be checked"):
+        check_checkpoint(folder)
+
+
+def test_resuming_a_real_checkpoint_with_a_crafted_pickle_is_refused(
+    tmp_path, tiny_parts, tiny_data
+):
+    from conftest import StopAt, parse
+
+    from lvlm_tune.train import run
+
+    out, marker = tmp_path / "out", tmp_path / "marker"
+    recipe = tiny_recipe(
+        tiny_parts, tiny_data, out, stage="finetune_lora", save_strategy="steps", save_steps=1
+    )
+    run(*parse(recipe, tmp_path, "a.yaml"), callbacks=[StopAt(1)])
+    checkpoint = out / "checkpoint-1"
+    check_checkpoint(checkpoint)  # what Trainer really writes passes
+    state = torch.load(checkpoint / "rng_state.pth", weights_only=False)
+    state["python"] = CreatesFile(marker, "system")
+    torch.save(state, checkpoint / "rng_state.pth")
+    resume = {**recipe, "resume_from_checkpoint": True}
+    with pytest.raises(
+        UnsafeCheckpointError,
+        match=rf"checkpoint-1/rng_state\.pth: refusing .* {re.escape(GLOBALS['system'])}",
+    ):
+        run(*parse(resume, tmp_path, "b.yaml"))
+    assert not marker.exists()

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lvlm_tune.data.collator import MultimodalCollator, pad_token_id
+from lvlm_tune.data.collator import ALL_BAD, MultimodalCollator, pad_token_id
 from lvlm_tune.data.dataset import SupervisedDataset
 from lvlm_tune.data.encoder import IGNORE_INDEX, ConversationEncoder
-from lvlm_tune.data.errors import BadSampleError
+from lvlm_tune.data.errors import BadSampleError, SkippedSample, TooManyBadSamplesError
 from lvlm_tune.data.images import ImageLoader, expand_to_square
 from lvlm_tune.data.record import Conversation, Turn
 from lvlm_tune.data.sampler import ModalityLengthGroupedSampler, grouped_length, grouped_order
@@ -63,10 +63,10 @@ def record(i, image=None, n_turns=1):
     )
 
 
-def make_dataset(tokenizer, records, folder, policy="error", n_tokens=16):
+def make_dataset(tokenizer, records, folder, policy="error", n_tokens=16, **options):
     enc = ConversationEncoder(tokenizer, "vicuna_v1", num_image_tokens=n_tokens)
     return SupervisedDataset(
-        ListSource(records), enc, ImageLoader(image_processor(), folder), policy
+        ListSource(records), enc, ImageLoader(image_processor(), folder), policy, **options
     )
 
 
@@ -148,30 +148,92 @@ def test_bad_images_error_then_skip(sp_tokenizer, image_dir, image, reason, mess
     with pytest.raises(BadSampleError, match=message):
         ds[1]
     skipping = make_dataset(sp_tokenizer, records, image_dir, policy="skip")
-    assert skipping[1]["id"] == "id2"  # the next good sample takes its place
-    assert skipping.ledger.as_dict() == {reason: 1}
-    assert reason in skipping.ledger.summary()
+    assert skipping[1] == SkippedSample(1, reason)  # nothing served in its place
+    assert skipping[1] == SkippedSample(1, reason)  # read again: still counted once
+    assert skipping.ledger.as_dict() == {reason: 1} and skipping.ledger.indices() == [1]
+    assert reason in skipping.ledger.summary() and "1 of 3" in skipping.ledger.summary()
+    batch = MultimodalCollator(0)([skipping[i] for i in range(3)])
+    assert batch["input_ids"].shape[0] == 2 and ALL_BAD not in batch  # the two good ones
+    for row, good in enumerate((skipping[0], skipping[2])):
+        n = len(good["input_ids"])
+        assert torch.equal(batch["input_ids"][row, :n], torch.as_tensor(good["input_ids"]))
 
 
 def test_too_long_sample_is_skipped_and_counted_never_trained(sp_tokenizer, image_dir):
     records = [record(0, "red.png"), record(1, "red.png")]
     ds = make_dataset(sp_tokenizer, records, image_dir, policy="skip", n_tokens=16)
     ds.encoder.model_max_length = len(ds[0]["input_ids"]) - 1
-    ds.ledger.counts.zero_()
-    with pytest.raises(RuntimeError, match="consecutive bad samples"):
-        ds[0]
-    assert ds.ledger.as_dict()["no_trained_tokens"] >= 2
+    for _ in range(3):  # three epochs
+        assert [ds[0], ds[1]] == [
+            SkippedSample(0, "no_trained_tokens"),
+            SkippedSample(1, "no_trained_tokens"),
+        ]
+    assert ds.ledger.as_dict() == {"no_trained_tokens": 2}
+
+
+class RecordingCollator(MultimodalCollator):
+    """Also returns the ids of the samples it collated (which samples an epoch trained)."""
+
+    def __call__(self, items):
+        return [i["id"] for i in items if isinstance(i, dict)], super().__call__(items)
 
 
 def test_skip_ledger_is_shared_with_dataloader_workers(sp_tokenizer, image_dir):
     records = [record(i, "missing.png" if i % 3 == 0 else "red.png") for i in range(12)]
-    ds = make_dataset(sp_tokenizer, records, image_dir, policy="skip")
+    records[4] = record(4, "corrupt.png")
+    ds = make_dataset(sp_tokenizer, records, image_dir, policy="skip", max_bad_fraction=1.0)
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=4, num_workers=2, collate_fn=MultimodalCollator(0)
-    )
-    batches = list(loader)
-    assert sum(b["input_ids"].shape[0] for b in batches) == 12
-    assert ds.ledger.as_dict() == {"missing_image": 4}
+        ds, batch_size=4, num_workers=2, collate_fn=RecordingCollator(0), shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    good = {f"id{i}" for i in range(12) if i % 3 and i != 4}
+    for _ in range(2):  # two epochs: exactly N - k samples each, every bad one counted once
+        batches = list(loader)
+        assert len(batches) == 3  # batch count unchanged: resume skips batches by count
+        ids = [i for seen, _ in batches for i in seen]
+        assert sorted(ids) == sorted(good) and len(ids) == 12 - 5
+        assert sum(b["input_ids"].shape[0] for _, b in batches) == 7
+    assert ds.ledger.as_dict() == {"missing_image": 4, "corrupt_image": 1}
+    assert ds.ledger.indices() == [0, 3, 4, 6, 9]
+
+
+def test_a_long_run_of_bad_samples_is_only_counted(sp_tokenizer, image_dir):
+    records = [record(i, "missing.png") for i in range(1200)] + [record(1200, "red.png")]
+    ds = make_dataset(sp_tokenizer, records, image_dir, policy="skip", max_bad_fraction=1.0)
+    items = [ds[i] for i in range(len(ds))]  # no "consecutive bad samples" crash
+    assert all(isinstance(item, SkippedSample) for item in items[:1200])
+    assert items[1200]["id"] == "id1200"
+    assert ds.ledger.as_dict() == {"missing_image": 1200}
+    ds.check_bad_fraction()  # 1 allows any number
+
+
+def test_a_batch_of_only_bad_samples_has_nothing_to_train():
+    bad = [SkippedSample(3, "missing_image"), SkippedSample(5, "corrupt_image")]
+    for multiple, length in ((None, 1), (8, 8)):
+        batch = MultimodalCollator(7, pad_to_multiple_of=multiple)(bad)
+        assert batch[ALL_BAD] is True and batch["input_ids"].shape == (1, length)
+        assert (batch["labels"] == IGNORE_INDEX).all() and (batch["input_ids"] == 7).all()
+        assert batch["attention_mask"].sum() == length and "pixel_values" not in batch
+
+
+def test_max_bad_fraction_stops_with_a_clear_message(sp_tokenizer, image_dir):
+    records = [record(i, "missing.png" if i in (3, 7) else "red.png") for i in range(10)]
+    for fraction, stops in ((0.1, True), (0.2, False), (1.0, False), (0.0, True)):
+        ds = make_dataset(sp_tokenizer, records, image_dir, "skip", max_bad_fraction=fraction)
+        for i in range(10):
+            ds[i]
+        if not stops:
+            ds.check_bad_fraction()
+            continue
+        with pytest.raises(TooManyBadSamplesError) as caught:
+            ds.check_bad_fraction()
+        message = str(caught.value)
+        assert message.startswith("mem.json: 2 of 10 samples are bad (20.0%: missing_image=2)")
+        assert f"max_bad_fraction={fraction:g}" in message
+        assert "sample 'id3' (index 3): missing_image; sample 'id7'" in message
+        assert isinstance(caught.value, SystemExit)  # one message, exit status 1, no traceback
+    with pytest.raises(ValueError, match="max_bad_fraction"):
+        make_dataset(sp_tokenizer, records, image_dir, "skip", max_bad_fraction=1.5)
 
 
 def test_modality_lengths_sign(sp_tokenizer, image_dir):

@@ -343,3 +343,31 @@ def test_minigpt5_vokens_two_processes(zero, tiny_parts, tiny_sd, voken_data, tm
     assert torch.equal(
         merged.get_input_embeddings().weight[:size], original.get_input_embeddings().weight
     )
+
+
+def test_skip_with_batches_of_only_bad_samples_keeps_ranks_in_step(tiny_parts, tiny_data, tmp_path):
+    """ZeRO-3, one sample per rank, 1 good sample of 4: every step one rank (or both) holds
+    only a bad sample and runs a zero-loss step; nothing hangs, every bad sample is counted
+    once across ranks and epochs, and each epoch trains exactly the good one."""
+    samples = json.loads(Path(tiny_data["data_path"]).read_text())
+    good = next(s for s in samples if "image" in s)
+    gone = [{**good, "id": f"gone{k}", "image": f"gone{k}.png"} for k in range(2)]
+    roles = {**good, "id": "roles", "conversations": good["conversations"][1:]}
+    (tmp_path / "bad.json").write_text(json.dumps([gone[0], good, roles, gone[1]]))
+    data = {"data_path": str(tmp_path / "bad.json"), "image_folder": tiny_data["image_folder"]}
+    recipe = write_recipe(
+        tmp_path, tiny_parts, data, stage="finetune_lora", max_steps=-1, num_train_epochs=2,
+        per_device_train_batch_size=1, save_strategy="steps", save_steps=2,
+        deepspeed="ds_configs/zero3.json", on_bad_sample="skip", max_bad_fraction=1,
+    )  # fmt: skip
+    finish([start(torchrun(module(recipe)), tmp_path)], tmp_path)
+    out = tmp_path / "out"
+    assert len(losses(out)) == 4 and all(map(torch.isfinite, torch.tensor(losses(out))))
+    card = json.loads((out / "lvlm_tune.json").read_text())
+    assert card["bad_samples"] == {
+        "skipped": 3, "of": 4, "by_reason": {"missing_image": 2, "bad_roles": 1},
+        "max_bad_fraction": 1.0, "samples_trained_per_epoch": {"1": 1, "2": 1},
+    }  # fmt: skip
+    saved = json.loads((out / "checkpoint-2" / "bad_samples.json").read_text())
+    assert saved["samples_trained_per_epoch"] == {"0": 1}
+    assert "skipped samples: 3 of 4" in tail(tmp_path / "log.txt", 20000)

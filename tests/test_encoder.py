@@ -34,6 +34,11 @@ def conversation(n_turns: int, images: int = 1, tag: str = "<image>\n") -> Conve
 def test_exact_mask_grid(tokenizer, template, position, n_turns):
     enc = ConversationEncoder(tokenizer, template, num_image_tokens=4, image_position=position)
     record = conversation(n_turns)
+    if template == "plain" and n_turns > 1:  # one image, one caption: see test_plain_*
+        with pytest.raises(BadSampleError, match="plain_multi_turn") as err:
+            enc.encode(record)
+        assert err.value.reason == "template"
+        return
     for index in range(3):
         sample = enc.encode(record, index=index)
         assert_exact(enc, record, sample, index=index)
@@ -43,7 +48,8 @@ def test_exact_mask_grid(tokenizer, template, position, n_turns):
 @pytest.mark.parametrize("template", TEMPLATES)
 def test_text_only_and_multi_image(tokenizer, template):
     enc = ConversationEncoder(tokenizer, template, num_image_tokens=3)
-    for record in (conversation(2, images=0), conversation(2, images=3)):
+    turns = 1 if template == "plain" else 2
+    for record in (conversation(turns, images=0), conversation(turns, images=3)):
         sample = enc.encode(record)
         assert_exact(enc, record, sample)
         assert sample.num_images == len(record.images)
@@ -82,6 +88,19 @@ def conversations(draw):
 )
 def test_property_random_conversations(tokenizer, record, template, position, index):
     enc = ConversationEncoder(tokenizer, template, num_image_tokens=2, image_position=position)
+    answers = [t.content for t in record.turns[1::2]]
+    if template == "plain" and len(answers) > 1:
+        with pytest.raises(BadSampleError, match="plain_multi_turn"):
+            enc.encode(record, index=index)
+        return
+    if enc.plain_stop and any(enc.plain_stop in a for a in answers):
+        with pytest.raises(BadSampleError, match="stop_text_in_answer") as err:
+            enc.encode(record, index=index)
+        assert err.value.reason == "special_text"
+        enc = ConversationEncoder(
+            tokenizer, template, num_image_tokens=2, image_position=position,
+            stop_text_in_answer="allow",
+        )  # fmt: skip
     sample = enc.encode(record, index=index)
     assert_exact(enc, record, sample, index=index)
 

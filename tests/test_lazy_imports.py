@@ -37,6 +37,9 @@ print(json.dumps({{"code": code, "loaded": [m for m in heavy if m in sys.modules
 
 
 def test_inspect_imports_no_model_or_training_code(tmp_path, sp_tokenizer_dir):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "x.png")
     data = tmp_path / "data.json"
     rows = [
         {"id": "a", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
@@ -44,7 +47,7 @@ def test_inspect_imports_no_model_or_training_code(tmp_path, sp_tokenizer_dir):
     ]  # fmt: skip
     data.write_text(json.dumps(rows))
     argv = ["inspect", "--data", str(data), "--tokenizer", str(sp_tokenizer_dir)]
-    argv += ["--template", "vicuna_v1", "--limit", "10", "--json"]
+    argv += ["--template", "vicuna_v1", "--image-folder", str(tmp_path), "--limit", "10", "--json"]
     env = {**os.environ, "LVLM_TUNE_CACHE": str(tmp_path / "cache")}
     done = subprocess.run(
         [sys.executable, "-c", PROBE.format(heavy=json.dumps(HEAVY)), *argv],

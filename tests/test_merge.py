@@ -86,6 +86,7 @@ def test_merged_logits_equal_the_checkpoint_logits(tmp_path, runs, tiny_parts, t
     assert {"config.json", "README.md", "lvlm_tune.json", "processor_config.json"} <= set(files)
     assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl")) for f in files)
     assert not any("lora" in k for k in merged.state_dict())
+    assert json.loads((out / "tokenizer_config.json").read_text())["legacy"] is True
     readme = (out / "README.md").read_text()
     assert tiny_parts["llm"] in readme
     assert ("finetune_lora" if which != "stage1" else "pretrain") in readme
@@ -109,11 +110,11 @@ model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
 processor = AutoProcessor.from_pretrained(folder)
 messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the image?"}]}]
 prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-inputs = processor(images=[Image.open(image).convert("RGB")], text=prompt, return_tensors="pt", add_special_tokens=False)
+inputs = processor(images=[Image.open(image).convert("RGB")], text=prompt, return_tensors="pt")
 out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
 text = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 assert "lvlm_tune" not in sys.modules
-print(json.dumps({"prompt": prompt, "text": text.strip()}))
+print(json.dumps({"prompt": prompt, "text": text.strip(), "ids": inputs["input_ids"][0].tolist()}))
 """
 
 
@@ -151,6 +152,7 @@ def test_merged_folder_loads_with_plain_transformers_and_generates_the_same(
     )
     record = Conversation("q", [Turn("user", "<image>\nWhat color is the image?")], [image])
     assert encoder.render(record, prompt=True).text == plain["prompt"]
+    assert encoder.encode_prompt(record).tolist() == plain["ids"]  # BOS included, as trained
     assert answerer.answer([record], max_new_tokens=6) == [plain["text"]]
 
 
@@ -163,9 +165,11 @@ def test_exported_chat_template_renders_the_training_prompt(
     from lvlm_tune.data.record import Turn
     from lvlm_tune.templates import get_template, render
 
+    extra = {"plain_multi_turn": "first"} if template == "plain" else {}  # multi-turn data
     source = train(
-        tmp_path, tiny_parts, tiny_data, "s1", stage="pretrain", max_steps=1, template=template
-    )
+        tmp_path, tiny_parts, tiny_data, "s1", stage="pretrain", max_steps=1, template=template,
+        **extra,
+    )  # fmt: skip
     out = merge(source, tmp_path / "merged")
     processor = AutoProcessor.from_pretrained(out)
     tok = processor.tokenizer
@@ -241,3 +245,30 @@ def test_cli_dispatches_merge(tmp_path, runs):
     assert main(["merge", "--checkpoint", str(runs["stage1"]), "--output", str(out)]) == 0
     assert (out / "config.json").is_file()
     assert main(["merge", "--checkpoint", str(runs["stage1"]), "--output", str(out)]) == 2
+
+
+def test_an_output_that_is_contains_or_lies_inside_the_run_is_refused(tmp_path, runs, capsys):
+    import shutil
+
+    stage1, lora = tmp_path / "runs" / "stage1", tmp_path / "runs" / "lora"
+    shutil.copytree(runs["stage1"], stage1)
+    shutil.copytree(runs["lora"], lora)
+    (tmp_path / "link").symlink_to(stage1)
+    before = {p: sorted(os.listdir(p)) for p in (stage1, lora, lora / "checkpoint-2")}
+    cases = [
+        (stage1, stage1, "is"),
+        (stage1, tmp_path / "link", "is"),  # resolved: a symlink to the run is the run
+        (stage1, stage1 / "merged", "lies inside"),
+        (stage1, tmp_path / "runs" / "lora" / ".." / "stage1" / "m", "lies inside"),
+        (stage1, tmp_path / "runs", "contains"),
+        (lora / "checkpoint-1", lora, "is"),  # a checkpoint-N belongs to its run folder
+        (lora / "checkpoint-1", lora / "checkpoint-2", "lies inside"),
+    ]
+    for source, output, where in cases:
+        with pytest.raises(ValueError, match=rf"--output .* {where} the run being merged"):
+            merge(source, output, overwrite=True)
+    assert {p: sorted(os.listdir(p)) for p in before} == before  # nothing was touched
+    args = ["--checkpoint", str(stage1), "--output", str(tmp_path / "runs"), "--overwrite"]
+    assert merge_main(args) == 2
+    assert "contains the run being merged" in capsys.readouterr().err
+    assert merge(stage1, tmp_path / "outside", overwrite=True).is_dir()  # beside the run: fine

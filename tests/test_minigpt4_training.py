@@ -81,8 +81,8 @@ def test_stage2_template_masks_everything_but_answers_and_stops(
 ):
     rows = inspect_json(
         [
-            "--data", tiny_data["data_path"], "--tokenizer", tiny_parts["llm"],
-            "--template", "minigpt4", "--num-image-tokens", str(MINIGPT4_QUERIES),
+            "--data", tiny_data["data_path"], "--image-folder", tiny_data["image_folder"],
+            "--tokenizer", tiny_parts["llm"], "--template", "minigpt4", "--num-image-tokens", str(MINIGPT4_QUERIES),
             "--image-position", position, "--limit", "4",
         ]
     )  # fmt: skip
@@ -95,7 +95,7 @@ def test_stage2_template_masks_everything_but_answers_and_stops(
         assert [tokenizer.decode(r).strip() for r in trained_runs(row["labels"])] == [
             f"{a}###" for a in answers
         ]
-        # The whole sample is the DESIGN.md string, tokenized by a plain tokenizer call.
+        # The whole sample is the documented string (docs/masking.md), tokenized by a plain call.
         text = "###"
         for k in range(0, len(turns), 2):
             question = turns[k]["value"].replace("<image>", "").strip()
@@ -115,8 +115,8 @@ def test_stage2_caption_pairs_draw_minigpt4_instructions(tiny_parts, tiny_captio
 
     rows = inspect_json(
         [
-            "--data", tiny_captions["data_path"], "--tokenizer", tiny_parts["llm"],
-            "--template", "minigpt4", "--num-image-tokens", str(MINIGPT4_QUERIES),
+            "--data", tiny_captions["data_path"], "--image-folder", tiny_captions["image_folder"],
+            "--tokenizer", tiny_parts["llm"], "--template", "minigpt4", "--num-image-tokens", str(MINIGPT4_QUERIES),
             "--instruction-pool", "detailed", "--limit", "12",
         ]
     )  # fmt: skip

@@ -186,7 +186,7 @@ def test_cache_is_reused(tmp_path, cache, builds):
     assert os.stat(second.cache_path).st_mtime_ns == mtime and os.listdir(cache) == [
         os.path.basename(first.cache_path)
     ]
-    assert oct(os.stat(first.cache_path).st_mode & 0o777) == "0o644"
+    assert oct(os.stat(first.cache_path).st_mode & 0o777) == "0o600"
 
 
 def test_cache_is_rebuilt_when_the_file_changes(tmp_path, cache, builds):
@@ -199,6 +199,104 @@ def test_cache_is_rebuilt_when_the_file_changes(tmp_path, cache, builds):
     assert len(builds) == 2 and len(new) == 4 and new.cache_path != old.cache_path
     assert os.listdir(cache) == [os.path.basename(new.cache_path)]  # the stale cache is gone
     assert len(old) == 3 and old.get(2).id == "r2"  # an open source keeps its mapping
+
+
+def test_cache_notices_a_same_size_edit_with_the_old_mtime_restored(tmp_path, cache, builds):
+    path = tmp_path / "d.json"
+    write_json(path, [llava_record(i) for i in range(3)])
+    before = os.stat(path)
+    old = open_source(path, cache_dir=cache)
+    path.write_text(path.read_text().replace("answer number 2", "answer number 7"))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    new = open_source(path, cache_dir=cache)
+    assert len(builds) == 2 and new.cache_path != old.cache_path
+    assert new.get(2).turns[1].content == "answer number 7"
+
+
+def test_hf_cache_key_changes_when_a_rewrite_restores_size_and_mtime(tmp_path):
+    from lvlm_tune.data.cache import stat_key
+
+    path = tmp_path / "d.parquet"
+    path.write_bytes(b"abc")
+    before, st = stat_key(path), os.stat(path)
+    path.write_bytes(b"xyz")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert stat_key(path) != before  # ctime moved (the kernel sets it, os.utime cannot)
+
+
+def test_cache_folders_and_files_are_private(tmp_path):
+    old_umask = os.umask(0o022)  # the usual umask: mkdir alone would give 0755
+    try:
+        cache = tmp_path / "a" / "b" / "records"
+        src = open_source(write_json(tmp_path / "d.json", [llava_record(0)]), cache_dir=cache)
+    finally:
+        os.umask(old_umask)
+    for folder in (tmp_path / "a", tmp_path / "a" / "b", cache):
+        assert os.stat(folder).st_mode & 0o777 == 0o700, folder
+    assert os.path.dirname(src.cache_path) == str(cache)
+    assert os.stat(src.cache_path).st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775])
+def test_a_cache_folder_others_can_write_is_not_used(tmp_path, caplog, mode):
+    cache = tmp_path / "shared"
+    cache.mkdir()
+    os.chmod(cache, mode)
+    src = open_source(write_json(tmp_path / "d.json", [llava_record(0)]), cache_dir=cache)
+    assert len(src) == 1 and src.get(0).id == "r0"
+    assert os.listdir(cache) == [] and not src.cache_path.startswith(str(cache))
+    assert os.stat(os.path.dirname(src.cache_path)).st_mode & 0o777 == 0o700
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"record cache {cache}: writable by group or others (mode {mode:04o})" in warning
+    assert "running without it" in warning and "\n" not in warning
+
+
+def test_an_entry_recording_another_key_or_not_private_is_rebuilt(tmp_path, cache, caplog, builds):
+    a = write_json(tmp_path / "a.json", [llava_record(i) for i in range(3)])
+    b = write_json(tmp_path / "b.json", [llava_record(i, "other") for i in range(5)])
+    entry = open_source(a, cache_dir=cache).cache_path
+    os.replace(open_source(b, cache_dir=cache).cache_path, entry)  # b's records under a's name
+    src = open_source(a, cache_dir=cache)
+    assert (
+        len(builds) == 3 and len(src) == 3 and src.get(0).turns[0].content.endswith("What is it?")
+    )
+    assert any(f"record cache entry {entry}: records key" in r.getMessage() for r in caplog.records)
+    os.chmod(entry, 0o666)
+    assert len(open_source(a, cache_dir=cache)) == 3 and len(builds) == 4
+    assert any("not private" in r.getMessage() for r in caplog.records)
+    assert os.stat(entry).st_mode & 0o777 == 0o600
+
+
+def test_a_cache_path_under_a_file_runs_without_the_cache(tmp_path, caplog):
+    # Tests run as root, whom mode bits do not stop: a folder that cannot be created stands in
+    # for a read-only location.
+    (tmp_path / "file").write_text("not a folder")
+    cache = tmp_path / "file" / "records"
+    src = open_source(write_json(tmp_path / "d.json", [llava_record(0)]), cache_dir=cache)
+    assert len(src) == 1 and src.get(0).id == "r0"
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(f"record cache {cache}: cannot be created (Not a directory)")
+
+
+def test_a_read_only_cache_folder_runs_without_the_cache(tmp_path, caplog, monkeypatch):
+    # Root writes through chmod 0500, so os.open itself refuses files in the folder (EACCES),
+    # as it does for a user without write permission.
+    cache = tmp_path / "records"
+    cache.mkdir(mode=0o700)
+    real_open = os.open
+
+    def open_refusing_the_cache(path, *args, **kwargs):
+        if os.fspath(path).startswith(str(cache)):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_refusing_the_cache)
+    src = open_source(write_json(tmp_path / "d.json", [llava_record(0)]), cache_dir=cache)
+    assert len(src) == 1 and os.listdir(cache) == []
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(f"record cache {cache}: not writable (Permission denied)")
 
 
 def test_default_cache_dir_from_env(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Exact renderings of every template (DESIGN.md §2) and of their generation prompts."""
+"""Exact renderings of every template (docs/masking.md) and of their generation prompts."""
 
 from __future__ import annotations
 
@@ -6,7 +6,11 @@ import pytest
 
 from lvlm_tune.data.record import Turn
 from lvlm_tune.templates import get_template, render, template_names
-from lvlm_tune.templates.chat_template import render_chat_template
+from lvlm_tune.templates.chat_template import (
+    TemplateError,
+    chat_template_stop,
+    render_chat_template,
+)
 from lvlm_tune.templates.render import place_images
 
 LLAVA_SYS = (
@@ -115,7 +119,9 @@ def test_roles_out_of_order_are_rejected():
 
 
 def test_tokenizer_chat_template_incremental(bpe_tokenizer):
-    out = render_chat_template(bpe_tokenizer, TURNS, system="SYS")
+    stop = chat_template_stop(bpe_tokenizer, ["<|im_start|>", "<|im_end|>"])
+    assert stop == "<|im_end|>"
+    out = render_chat_template(bpe_tokenizer, TURNS, system="SYS", stop=stop)
     text = out.text
     assert [text[s.start : s.end] for s in out.spans] == ["a1<|im_end|>", "a2<|im_end|>"]
     assert text == bpe_tokenizer.apply_chat_template(
@@ -134,5 +140,5 @@ def test_tokenizer_chat_template_that_rewrites_history_is_refused(bpe_tokenizer)
             n = len(messages)
             return "".join(f"[{n}]{m['content']}<|im_end|>" for m in messages)
 
-    with pytest.raises(ValueError, match="rewrites earlier turns"):
-        render_chat_template(Rewriting(), TURNS)
+    with pytest.raises(TemplateError, match="differently once later turns follow"):
+        render_chat_template(Rewriting(), TURNS, stop="<|im_end|>")

@@ -40,6 +40,8 @@ def test_pretrain_trains_only_the_projector_and_writes_a_self_describing_folder(
         "loss_curve.png",
     } <= files
     assert not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
+    # the tiny LLaMA tokenizer is legacy, as LLaVA's are: every saved folder must say so
+    assert json.loads((out / "tokenizer_config.json").read_text())["legacy"] is True
     card = json.loads((out / "lvlm_tune.json").read_text())
     assert (
         card["family"] == "llava"

@@ -135,8 +135,9 @@ def evaluate(
     )
     folder = image_folder or os.path.dirname(os.path.abspath(data))
     images = ImageLoader(
-        processor.image_processor, folder, card.get("image_aspect_ratio") or "none"
-    )
+        processor.image_processor, folder, card.get("image_aspect_ratio") or "none",
+        allow_outside_folder=image_folder is None,  # only an explicit folder confines paths
+    )  # fmt: skip
     source = open_source(data)
     dataset = SupervisedDataset(source, encoder, images)
     indices = list(range(len(dataset) if limit is None else min(limit, len(dataset))))

@@ -5,6 +5,14 @@ Human view: each shown sample decoded with trained spans marked (green on a term
 first ``--limit`` samples. ``--json`` prints one object per sample per line:
 ``{"id", "input_ids", "labels", "image_token_id"}`` (labels are -100 where masked).
 ``lvlm-tune inspect RECIPE.yaml`` reads the same settings from a training recipe.
+
+Every image a sample trains with (input images and MiniGPT-5 target images that survive
+truncation) is opened and decoded under training's checks (``image_folder``,
+``max_image_pixels``, ``allow_outside_image_folder``), so a missing, empty, truncated, corrupt,
+oversized or out-of-folder image is reported like any bad sample: with ``--on-bad-sample
+error`` (the default) the first one ends the command with status 1; with ``skip`` each is
+listed and counted, and the status is 1 when more than ``max_bad_fraction`` of the inspected
+samples are bad (training would stop).
 """
 
 from __future__ import annotations
@@ -17,8 +25,15 @@ from typing import Any
 
 import numpy as np
 
+from lvlm_tune.data.dataset import BAD_SAMPLE_POLICIES, DEFAULT_MAX_BAD_FRACTION
 from lvlm_tune.data.encoder import IGNORE_INDEX, ConversationEncoder, EncodedSample
-from lvlm_tune.data.errors import BadSampleError, SkipLedger
+from lvlm_tune.data.errors import (
+    BadSampleError,
+    SkipLedger,
+    TooManyBadSamplesError,
+    check_bad_fraction,
+)
+from lvlm_tune.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageLoader
 from lvlm_tune.errors import UserError, command, require_path
 from lvlm_tune.recipe_file import load_recipe
 from lvlm_tune.templates import template_names
@@ -38,6 +53,13 @@ RECIPE_KEYS = {
     "instruction_pool": "instruction_pool",
     "num_vokens": "num_vokens",
     "caption_task": "caption_task",
+    "special_text": "special_text",
+    "stop_text_in_answer": "stop_text_in_answer",
+    "plain_multi_turn": "plain_multi_turn",
+    "on_bad_sample": "on_bad_sample",
+    "max_bad_fraction": "max_bad_fraction",
+    "max_image_pixels": "max_image_pixels",
+    "allow_outside_image_folder": "allow_outside_image_folder",
 }
 TOKENIZER_KEYS = ("tokenizer_name_or_path", "llm_name_or_path", "model_name_or_path")
 
@@ -57,9 +79,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instruction-pool", help="caption pairs' instructions: brief | detailed")
     p.add_argument("--num-vokens", type=int, help="MiniGPT-5 vokens per generated image")
     p.add_argument("--caption-task", choices=("describe", "generate"), help="caption pairs' task")
+    p.add_argument(
+        "--special-text", choices=("escape", "refuse", "allow"),
+        help="data text spelling a control token: escape (default) | refuse | allow",
+    )  # fmt: skip
+    p.add_argument(
+        "--stop-text-in-answer", choices=("refuse", "allow"),
+        help="answers holding a plain-text STOP (###): refuse (default) | allow",
+    )  # fmt: skip
+    p.add_argument(
+        "--plain-multi-turn", choices=("refuse", "first"),
+        help="several answers under the plain template: refuse (default) | first",
+    )  # fmt: skip
     p.add_argument("--limit", type=int, default=1000, help="samples to encode (default 1000)")
     p.add_argument("--show", type=int, default=3, help="samples to print in full (human view)")
-    p.add_argument("--on-bad-sample", choices=("error", "skip"), default="error")
+    p.add_argument(
+        "--on-bad-sample", choices=BAD_SAMPLE_POLICIES, help="error (default): stop at the first "
+        "bad sample | skip: list and count them",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-bad-fraction", type=float,
+        help=f"under skip: fail when more of the samples are bad (default {DEFAULT_MAX_BAD_FRACTION})",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-image-pixels", type=int,
+        help=f"refuse larger images (default {DEFAULT_MAX_IMAGE_PIXELS}; 0: no limit)",
+    )  # fmt: skip
+    p.add_argument(
+        "--allow-outside-image-folder", action="store_true", default=None,
+        help="accept image paths that resolve outside --image-folder",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="one JSON object per sample per line")
     return p
 
@@ -70,7 +119,10 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
         "data": None, "tokenizer": None, "template": None, "image_folder": None,
         "image_position": "before", "num_image_tokens": 1, "model_max_length": 2048, "seed": 0,
         "data_format": "auto", "instruction_pool": None, "num_vokens": 0,
-        "caption_task": "describe",
+        "caption_task": "describe", "special_text": "escape", "stop_text_in_answer": "refuse",
+        "plain_multi_turn": "refuse", "on_bad_sample": "error",
+        "max_bad_fraction": DEFAULT_MAX_BAD_FRACTION,
+        "max_image_pixels": DEFAULT_MAX_IMAGE_PIXELS, "allow_outside_image_folder": False,
     }  # fmt: skip
     tokenizer_key = None
     if args.recipe:
@@ -106,6 +158,7 @@ def recipe_image_tokens(recipe: dict[str, Any]) -> int | None:
     from transformers import AutoConfig, LlavaConfig
 
     from lvlm_tune.models.llava import num_image_tokens
+    from lvlm_tune.models.llava_original import is_original_llava, original_llava_config
 
     strategy = recipe.get("vision_feature_select_strategy", "default")
     try:
@@ -113,7 +166,10 @@ def recipe_image_tokens(recipe: dict[str, Any]) -> int | None:
             path = recipe.get("model_name_or_path") or recipe.get("vision_tower")
             return AutoConfig.from_pretrained(path).num_query_tokens if path else None
         if recipe.get("model_name_or_path"):
-            return num_image_tokens(AutoConfig.from_pretrained(recipe["model_name_or_path"]))
+            path = recipe["model_name_or_path"]
+            if is_original_llava(path):  # AutoConfig does not know its model type
+                return num_image_tokens(original_llava_config(path, recipe.get("vision_tower")))
+            return num_image_tokens(AutoConfig.from_pretrained(path))
         if recipe.get("vision_tower"):
             vision = AutoConfig.from_pretrained(recipe["vision_tower"])
             vision = getattr(vision, "vision_config", vision)
@@ -132,9 +188,15 @@ def load_tokenizer(path: str, num_vokens: int = 0) -> Any:
     from transformers import AutoTokenizer
 
     from lvlm_tune.generation.vokens import voken_tokens
+    from lvlm_tune.models.layout import is_original_llava
     from lvlm_tune.models.tokens import prepare_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    if is_original_llava(path):
+        from lvlm_tune.models.llava_original import original_tokenizer  # model code: only here
+
+        tokenizer = original_tokenizer(path)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path)
     prepare_tokenizer(tokenizer, voken_tokens(num_vokens) if num_vokens else ())
     return tokenizer
 
@@ -171,6 +233,8 @@ def stats_report(samples: list[EncodedSample], ledger: SkipLedger) -> str:
             f"trained tokens: {trained} of {total} ({trained / total:.1%})",
             f"length p50/p90/p99/max: {p50:.0f}/{p90:.0f}/{p99:.0f}/{lengths.max()}",
             f"truncated: {sum(s.truncated for s in samples)}",
+            f"control-token text tokenized as text: {sum(s.num_escaped for s in samples)} "
+            f"occurrence(s) in {sum(1 for s in samples if s.num_escaped)} sample(s)",
             ledger.summary(),
         ]
     )
@@ -193,19 +257,31 @@ def main(argv: list[str] | None = None) -> int:
         instruction_pool=cfg["instruction_pool"],
         num_vokens=int(cfg["num_vokens"]),
         caption_task=cfg["caption_task"],
+        special_text=cfg["special_text"],
+        stop_text_in_answer=cfg["stop_text_in_answer"],
+        plain_multi_turn=cfg["plain_multi_turn"],
     )
     source = open_source(cfg["data"], fmt=cfg["data_format"])
-    ledger = SkipLedger()
+    images = ImageLoader(
+        None, cfg["image_folder"], max_image_pixels=int(cfg["max_image_pixels"]),
+        allow_outside_folder=bool(cfg["allow_outside_image_folder"]),
+    )  # fmt: skip
+    count = min(args.limit, len(source))
+    ledger = SkipLedger(count)
     color = sys.stdout.isatty()
     samples: list[EncodedSample] = []
-    for index in range(min(args.limit, len(source))):
+    for index in range(count):
         try:
-            sample = encoder.encode(source.get(index), index)
+            record = encoder.prepare_record(source.get(index))
+            sample = encoder.encode(record, index)
+            images.load(record, sample.num_images)  # decoded as training decodes them
+            if sample.num_gen_images:
+                images.load_targets(record, sample.num_gen_images)
         except BadSampleError as err:
-            if args.on_bad_sample == "error":
+            if cfg["on_bad_sample"] == "error":
                 raise  # printed as one line by @command, exit status 2
-            ledger.add(err.reason)
-            print(f"skipped: {err}", file=sys.stderr)
+            ledger.add(index, err.reason)
+            print(f"skipped ({err.reason}): {err}", file=sys.stderr)
             continue
         samples.append(sample)
         if args.json:
@@ -221,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
             print(render_sample(tokenizer, sample, encoder.image_token_id, color))
             print()
     print(stats_report(samples, ledger), file=sys.stderr if args.json else sys.stdout)
+    try:
+        check_bad_fraction(ledger, float(cfg["max_bad_fraction"]), str(cfg["data"]))
+    except TooManyBadSamplesError as err:
+        print(f"lvlm-tune inspect: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

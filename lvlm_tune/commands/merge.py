@@ -20,7 +20,9 @@ from lvlm_tune.checkpoint_loading import DTYPES, eval_figures, load_run
 from lvlm_tune.errors import command
 from lvlm_tune.generation.mapper import save_mapper
 from lvlm_tune.models.registry import get_model_family
-from lvlm_tune.training.run_card import write_run_card
+from lvlm_tune.models.tokenizer_saving import save_processor
+from lvlm_tune.training.checkpoints import checkpoint_step
+from lvlm_tune.training.run_card import RUN_CARD, write_run_card
 
 SUB_CONFIGS = ("text_config", "vision_config")
 
@@ -38,6 +40,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     return p
+
+
+def input_run(checkpoint: str | os.PathLike) -> Path:
+    """The run folder ``checkpoint`` belongs to, resolved (its parent for a ``checkpoint-N``).
+
+    A ``checkpoint-N`` belongs to its parent when the parent holds a run card or other
+    checkpoints; a lone copied ``checkpoint-N`` is its own run.
+    """
+    source = Path(checkpoint).resolve()
+    parent = source.parent
+    if checkpoint_step(source) is not None and (
+        (parent / RUN_CARD).is_file()
+        or any(checkpoint_step(p) is not None for p in parent.iterdir() if p != source)
+    ):
+        return parent
+    return source
+
+
+def check_output_outside_run(checkpoint: str | os.PathLike, output: str | os.PathLike) -> None:
+    """Refuse an ``output`` that is, contains or lies inside the run being merged.
+
+    Writing there (``--overwrite`` deletes the folder first) would destroy or mix with the
+    run. Paths are compared resolved (symlinks, ``..``).
+    """
+    run, out = input_run(checkpoint), Path(output).resolve()
+    where = (
+        "is" if out == run else "contains" if out in run.parents else "lies inside"
+        if run in out.parents else None
+    )  # fmt: skip
+    if where is not None:
+        raise ValueError(
+            f"--output {output} {where} the run being merged ({run}); write the merged model to "
+            "a folder outside the run"
+        )
 
 
 def prepare_output(output: str | os.PathLike, overwrite: bool) -> Path:
@@ -129,6 +165,7 @@ def merge(
     """Merge ``checkpoint`` into a standalone folder at ``output``; returns the folder."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    check_output_outside_run(checkpoint, output)
     run = load_run(checkpoint, base=base)  # fp32: merge exactly, cast afterwards
     output_dir = prepare_output(output, overwrite)
     model = run.model.merge_and_unload() if run.is_adapter else run.model
@@ -137,7 +174,7 @@ def merge(
         if config is not None:
             config.dtype = DTYPES[dtype]
     model.save_pretrained(output_dir, max_shard_size=max_shard_size, safe_serialization=True)
-    run.processor.save_pretrained(output_dir)
+    save_processor(run.processor, output_dir)
     if run.mapper is not None:  # MiniGPT-5: the mapping module travels with the LVLM
         save_mapper(run.mapper.to(DTYPES[dtype]), output_dir)
     card = {

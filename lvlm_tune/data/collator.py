@@ -5,6 +5,13 @@ Samples arrive already rendered, labelled, expanded and truncated (see
 The collator right-pads ``input_ids`` (pad id), ``labels`` (-100) and builds ``attention_mask``;
 ``pixel_values`` of all images in the batch are concatenated in order, matching the order of
 the image-token runs, which is how HF LLaVA assigns image features.
+
+Bad samples skipped by the dataset (:class:`~lvlm_tune.data.errors.SkippedSample`) are dropped,
+so a batch may hold fewer rows than the batch size. When every sample of a batch was bad the
+collator returns a one-row batch with nothing to train (one pad token, label -100) and
+``ALL_BAD: True``: the trainer still runs the step (every rank runs the same number of steps,
+the same modules, as DeepSpeed needs) with a loss of exactly zero, so nothing is learnt from
+it and no other sample is substituted.
 """
 
 from __future__ import annotations
@@ -15,6 +22,9 @@ from typing import Any
 import torch
 
 from lvlm_tune.data.encoder import IGNORE_INDEX
+from lvlm_tune.data.errors import SkippedSample
+
+ALL_BAD = "all_samples_bad"  # batch key: every sample was bad (see the module docstring)
 
 
 def pad_token_id(tokenizer: Any) -> int:
@@ -37,9 +47,13 @@ class MultimodalCollator:
         self.pad_id = pad_id
         self.pad_to_multiple_of = pad_to_multiple_of
 
-    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    def __call__(self, items: Sequence[dict[str, Any] | SkippedSample]) -> dict[str, Any]:
         if not items:
             raise ValueError("cannot collate an empty batch")
+        good = [item for item in items if not isinstance(item, SkippedSample)]
+        if not good:
+            return self.all_bad_batch()
+        items = good
         length = max(len(item["input_ids"]) for item in items)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -60,3 +74,13 @@ class MultimodalCollator:
             batch["gen_pixel_values"] = torch.cat(targets, dim=0)
             batch["gen_captions"] = [c for item in items for c in item.get("gen_captions", [])]
         return batch
+
+    def all_bad_batch(self) -> dict[str, Any]:
+        """The batch standing for a batch whose samples were all bad: nothing to train."""
+        length = self.pad_to_multiple_of or 1
+        return {
+            "input_ids": torch.full((1, length), self.pad_id, dtype=torch.long),
+            "attention_mask": torch.ones((1, length), dtype=torch.long),
+            "labels": torch.full((1, length), IGNORE_INDEX, dtype=torch.long),
+            ALL_BAD: True,
+        }

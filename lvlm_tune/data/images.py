@@ -3,22 +3,55 @@
 Images are opened from a path (relative to ``image_folder``), raw bytes, or an already decoded
 PIL image (Hugging Face datasets). ``aspect_ratio="pad"`` pads to a square with the processor's
 mean colour before processing, as LLaVA-1.5 does. Processing uses the processor's PIL/numpy path
-(no torchvision). Missing and unreadable files raise ``BadSampleError`` naming the sample.
+(no torchvision).
+
+Every problem raises ``BadSampleError`` naming the file, sample and field: a missing or empty
+file (``missing_image`` / ``corrupt_image``), anything PIL cannot decode, truncated files
+included (``corrupt_image``), an image of more than ``max_image_pixels`` pixels
+(``image_too_large``: refused from the size in its header, before any pixel is decoded), and,
+when an ``image_folder`` is set, a path that resolves (through ``..``, an absolute path or a
+symlink) to a file outside it (``image_outside_folder``, unless ``allow_outside_folder``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile
 
 from lvlm_tune.data.errors import BadSampleError
+from lvlm_tune.data.generation import generation_targets
 from lvlm_tune.data.record import Conversation, ImageRef
 
 ASPECT_RATIOS = ("none", "pad")
+# PIL's own default (Image.MAX_IMAGE_PIXELS): about 9459 x 9459, a 268 MB RGB decode.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+
+@contextlib.contextmanager
+def _pil_settings(max_pixels: int | None) -> Iterator[None]:
+    """Run PIL with ``max_pixels`` as its decompression-bomb limit, refusing truncated files.
+
+    Both are process-wide PIL settings (code elsewhere, such as the original LLaVA's, sets
+    ``ImageFile.LOAD_TRUNCATED_IMAGES = True``, which decodes a cut file as grey). Each loader
+    has its own limit, checked from the header right after opening, so PIL is told the same
+    while the loader opens a file (it refuses over twice its limit while opening and warns
+    above it; the warning is silenced, the loader refuses such an image itself).
+    """
+    saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = max_pixels, False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
 def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -40,6 +73,9 @@ class ImageLoader:
             decode (``inspect`` does not need pixels).
         image_folder: folder that relative image paths are resolved against.
         aspect_ratio: ``"none"`` or ``"pad"`` (pad to square with the processor's mean colour).
+        max_image_pixels: images with more pixels (width x height, from the file's header) are
+            refused before decoding; 0 or ``None``: no limit.
+        allow_outside_folder: accept paths that resolve outside ``image_folder``.
     """
 
     def __init__(
@@ -47,14 +83,20 @@ class ImageLoader:
         image_processor: Any = None,
         image_folder: str | os.PathLike | None = None,
         aspect_ratio: str = "none",
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        allow_outside_folder: bool = False,
     ) -> None:
         if aspect_ratio not in ASPECT_RATIOS:
             raise ValueError(
                 f"image_aspect_ratio must be one of {ASPECT_RATIOS}, got {aspect_ratio!r}"
             )
+        if max_image_pixels is not None and max_image_pixels < 0:
+            raise ValueError(f"max_image_pixels must be >= 0, got {max_image_pixels}")
         self.processor = image_processor
         self.folder = os.fspath(image_folder) if image_folder is not None else ""
         self.aspect_ratio = aspect_ratio
+        self.max_pixels = max_image_pixels or None
+        self.allow_outside_folder = allow_outside_folder
         mean = getattr(image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
         self.background = tuple(round(255 * m) for m in mean)
 
@@ -63,35 +105,67 @@ class ImageLoader:
     ) -> Image.Image:
         """Decode image ``k`` of ``record`` as RGB (``field`` names it in errors)."""
         field = field or ("image" if len(record.images) == 1 else f"image[{k}]")
+
+        def bad(problem: str, reason: str) -> BadSampleError:
+            return BadSampleError(record.source, record.id, field, problem, reason)
+
+        name = f"{ref!s:.200}"
         try:
-            if isinstance(ref, Image.Image):
-                return ref.convert("RGB")
             if isinstance(ref, dict):  # datasets Image feature without decoding
                 ref = ref.get("bytes") or ref.get("path")
+            if isinstance(ref, Image.Image):  # decoded already (Hugging Face datasets)
+                self._check_size(ref.size, "the image", bad)
+                return ref.convert("RGB")
             if isinstance(ref, bytes | bytearray):
-                image = Image.open(io.BytesIO(ref))
+                name, fp = f"<{len(ref)} bytes>", io.BytesIO(ref)
             elif isinstance(ref, str | os.PathLike):
-                path = os.path.join(self.folder, os.fspath(ref))
-                if not os.path.isfile(path):
-                    raise BadSampleError(
-                        record.source, record.id, field, f"image file not found: {path}",
-                        "missing_image",
-                    )  # fmt: skip
-                image = Image.open(path)
+                name = fp = self._resolve(ref, bad)
             else:
-                raise BadSampleError(
-                    record.source, record.id, field,
-                    f"unsupported image reference of type {type(ref).__name__}", "bad_field",
-                )  # fmt: skip
-            image.load()
-            return image.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-            if isinstance(err, BadSampleError):
-                raise
-            raise BadSampleError(
-                record.source, record.id, field, f"cannot decode image {ref!s:.200}: {err}",
-                "corrupt_image",
-            ) from err  # fmt: skip
+                raise bad(f"unsupported image reference of type {type(ref).__name__}", "bad_field")
+            with _pil_settings(self.max_pixels), Image.open(fp) as image:
+                self._check_size(image.size, name, bad)
+                image.load()
+                return image.convert("RGB")
+        except BadSampleError:
+            raise
+        except Image.DecompressionBombError as err:
+            raise bad(f"{name}: {err}", "image_too_large") from err
+        except Exception as err:
+            # PIL's format plugins raise many types for malformed files (OSError for truncated
+            # data, SyntaxError, ValueError, struct.error, EOFError, IndexError...): every
+            # failure to decode one sample's image is that sample's problem.
+            problem = f"cannot decode image {name}: {type(err).__name__}: {err}"
+            raise bad(problem, "corrupt_image") from err
+
+    def _resolve(self, ref: str | os.PathLike, bad: Any) -> str:
+        """The file ``ref`` names, checked to exist, be non-empty and stay inside the folder."""
+        path = os.path.join(self.folder, os.fspath(ref))
+        if self.folder and not self.allow_outside_folder:
+            root, real = os.path.realpath(self.folder), os.path.realpath(path)
+            try:
+                inside = os.path.commonpath([root, real]) == root
+            except ValueError:  # different drives
+                inside = False
+            if not inside:
+                raise bad(
+                    f"image path {os.fspath(ref)!r} resolves to {real}, outside image_folder "
+                    f"{root} (set allow_outside_image_folder: true to allow such paths)",
+                    "image_outside_folder",
+                )
+        if not os.path.isfile(path):
+            raise bad(f"image file not found: {path}", "missing_image")
+        if os.path.getsize(path) == 0:
+            raise bad(f"image file is empty (0 bytes): {path}", "corrupt_image")
+        return path
+
+    def _check_size(self, size: tuple[int, int], name: str, bad: Any) -> None:
+        width, height = size
+        if self.max_pixels is not None and width * height > self.max_pixels:
+            raise bad(
+                f"{name}: {width}x{height} = {width * height:,} pixels, more than "
+                f"max_image_pixels={self.max_pixels:,} (refused before decoding)",
+                "image_too_large",
+            )
 
     def load(self, record: Conversation, count: int | None = None) -> list[Image.Image]:
         """Decode the first ``count`` images of ``record`` (all by default), padded if asked."""
@@ -100,6 +174,18 @@ class ImageLoader:
         if self.aspect_ratio == "pad":
             images = [expand_to_square(im, self.background) for im in images]
         return images
+
+    def load_targets(
+        self, record: Conversation, count: int
+    ) -> tuple[list[Image.Image], list[str | None]]:
+        """The first ``count`` target images of an image-generating record (MiniGPT-5), decoded
+        under the same checks, and their captions."""
+        refs, captions = generation_targets(record)
+        images = [
+            self.open(ref, record, k, field=f"gen_images[{k}]")
+            for k, ref in enumerate(refs[:count])
+        ]
+        return images, captions[:count]
 
     def blank(self) -> torch.Tensor:
         """``pixel_values`` (1, C, H, W) of a black image: the vision input of text-only

@@ -6,8 +6,8 @@
 length-grouped sampler. Nothing holds a Python object per sample. A JSON or JSONL file is
 streamed once (bounded memory, also for one huge JSON array) into an Arrow IPC cache file - one
 compact JSON string per sample plus word and image counts - which every later open (every rank,
-every run) memory-maps. The cache key is the file's absolute path, size and mtime, so editing
-the data rebuilds it; files are written to a temp name and renamed, so ranks may race safely.
+every run) memory-maps. The cache is keyed on the file's content, so any edit rebuilds it; where
+it lives, when it is trusted and how entries are written is :mod:`lvlm_tune.data.cache`.
 Hugging Face data (``save_to_disk`` folders, ``.arrow``, ``.parquet``) is memory-mapped through
 ``datasets`` and read row by row.
 """
@@ -21,8 +21,6 @@ import itertools
 import json
 import os
 import re
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +28,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from lvlm_tune.data.cache import (
+    atomic_write,
+    content_key,
+    default_cache_dir,
+    entry_problem,
+    stat_key,
+    usable_cache_dir,
+    warn_once,
+)
 from lvlm_tune.data.jsonstream import iter_json
 from lvlm_tune.data.readers import FORMATS, count_images, count_words, detect_format, normalize
 from lvlm_tune.data.record import Conversation
 
-CACHE_VERSION = "1"  # bump when the cache layout or the counting rules change
+CACHE_VERSION = "2"  # bump when the cache layout or the counting rules change
 SOURCE_FORMATS: tuple[str, ...] = ("auto", *FORMATS, "hf")
 HF_SUFFIXES = (".parquet", ".arrow")
 BATCH_ROWS = 10_000
 
-
-def default_cache_dir() -> str:
-    """``$LVLM_TUNE_CACHE``, else ``~/.cache/lvlm-tune/records``."""
-    return os.environ.get("LVLM_TUNE_CACHE") or os.path.expanduser("~/.cache/lvlm-tune/records")
+__all__ = ["SOURCE_FORMATS", "HFSource", "JsonSource", "RecordSource", "default_cache_dir"]
 
 
 def open_source(
@@ -55,7 +59,8 @@ def open_source(
             file, or a folder written by ``datasets.Dataset.save_to_disk``.
         fmt: ``"auto"`` (detect), ``"llava"``, ``"openai"``, ``"caption"`` (record format of a
             JSON file, or of the rows of a dataset) or ``"hf"`` (a dataset, rows detected).
-        cache_dir: where record caches go; default :func:`default_cache_dir`.
+        cache_dir: where record caches go; default :func:`default_cache_dir`. A folder that is
+            not trusted or not writable is replaced by a private temporary one (one warning).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -66,7 +71,7 @@ def open_source(
         raise ValueError(f"unknown data format {fmt!r}; choices: {SOURCE_FORMATS}")
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file not found: {path}")
-    cache_dir = os.path.abspath(cache_dir or default_cache_dir())
+    cache_dir = usable_cache_dir(os.path.abspath(cache_dir or default_cache_dir()))
     if fmt == "hf" or os.path.isdir(path) or path.endswith(HF_SUFFIXES):
         return HFSource(path, "auto" if fmt == "hf" else fmt, cache_dir)
     if fmt == "auto" and not path.endswith((".json", ".jsonl")):
@@ -124,12 +129,32 @@ class JsonSource(RecordSource):
 
     def __init__(self, path: str, fmt: str, cache_dir: str) -> None:
         self.path = path
-        self.cache_path = _cache_path(path, fmt, cache_dir, ".arrow")
+        key = f"{CACHE_VERSION}:{content_key(path)}"
+        self.cache_path = _cache_path(path, fmt, cache_dir, ".arrow", key)
+        problem = self._entry_problem(key)
+        if problem is not None:
+            if problem != "missing":
+                warn_once(f"record cache entry {self.cache_path}: {problem}; rebuilding it")
+            _build_json_cache(path, fmt, self.cache_path, key)
+            problem = self._entry_problem(key)
+            if problem is not None:
+                raise RuntimeError(f"record cache entry {self.cache_path}: {problem}")
+
+    def _entry_problem(self, key: str) -> str | None:
+        """Open the cache entry; why it cannot be used (``None`` when it is open)."""
         try:
-            self._table()
-        except (FileNotFoundError, pa.ArrowInvalid):  # no cache yet, or an unreadable one
-            _build_json_cache(path, fmt, self.cache_path)
-            self._table()
+            meta = json.loads(self._table().schema.metadata[b"lvlm_tune"])
+        except FileNotFoundError:
+            return "missing"
+        except (pa.ArrowInvalid, KeyError, ValueError) as error:
+            return f"unreadable ({error})"
+        problem = entry_problem(
+            self.cache_path, (meta.get("source"), meta.get("key")), (self.path, key)
+        )
+        if problem is not None:
+            for name in [k for k in self.__dict__ if k.startswith("_open")]:
+                del self.__dict__[name]
+        return problem
 
     def _table(self) -> pa.Table:
         if "_open_table" not in self.__dict__:
@@ -178,31 +203,44 @@ class HFSource(RecordSource):
 
     def _counts(self) -> tuple[np.ndarray, np.ndarray]:
         if "_open_counts" not in self.__dict__:
-            cache = _cache_path(self.path, f"counts-{self.fmt}", self.cache_dir, ".npz")
-            if not os.path.exists(cache):
-                words, images = _hf_counts(self._dataset(), self.fmt, self.image_columns)
-                _atomic_write(cache, lambda f: np.savez(f, words=words, images=images))
-            with np.load(cache) as counts:
-                self._open_counts = (counts["words"], counts["images"])
+            key = _hf_key(self.path)
+            cache = _cache_path(self.path, f"counts-{self.fmt}", self.cache_dir, ".npz", key)
+            counts = _load_counts(cache, key)
+            if counts is None:
+                counts = _hf_counts(self._dataset(), self.fmt, self.image_columns)
+                words, images = counts
+                atomic_write(
+                    cache, lambda f: np.savez(f, words=words, images=images, key=np.array(key))
+                )
+            self._open_counts = counts
         return self._open_counts
 
 
-def _file_state(path: str) -> list:
-    """What changes when the data changes: size and mtime of the file, or of a folder's files."""
-    if os.path.isdir(path):
-        return [
-            (e.name, *_file_state(e.path)) for e in sorted(os.scandir(path), key=lambda e: e.name)
-        ]
-    st = os.stat(path)
-    return [st.st_size, st.st_mtime_ns]
+def _hf_key(path: str) -> str:
+    return json.dumps([CACHE_VERSION, stat_key(path)])
 
 
-def _cache_path(path: str, tag: str, cache_dir: str, suffix: str) -> str:
-    """Cache file for (path, tag) at the data's current state; removes stale versions."""
+def _load_counts(cache: str, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The counts of a trusted ``.npz`` entry for ``key``, or ``None`` (rebuild it)."""
+    try:
+        with np.load(cache) as counts:  # allow_pickle=False: arrays only
+            recorded = str(counts["key"]) if "key" in counts else None
+            problem = entry_problem(cache, recorded, key)
+            if problem is None:
+                return counts["words"], counts["images"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        problem = f"unreadable ({error})"
+    warn_once(f"record cache entry {cache}: {problem}; rebuilding it")
+    return None
+
+
+def _cache_path(path: str, tag: str, cache_dir: str, suffix: str, key: str) -> str:
+    """Cache file for (path, tag) at the data's current ``key``; removes stale versions."""
     ident = hashlib.sha1(f"{path}\0{tag}".encode()).hexdigest()[:12]
-    state = hashlib.sha1(repr((CACHE_VERSION, _file_state(path))).encode()).hexdigest()[:12]
+    state = hashlib.sha1(key.encode()).hexdigest()[:12]
     prefix = f"{Path(path).name}-{ident}-"
-    os.makedirs(cache_dir, exist_ok=True)
     for old in Path(cache_dir).glob(f"{_glob_escape(prefix)}*{suffix}"):
         if old.name != f"{prefix}{state}{suffix}":
             old.unlink(missing_ok=True)  # readers that mapped it keep their mapping
@@ -213,28 +251,15 @@ def _glob_escape(text: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", text)
 
 
-def _atomic_write(target: str, write: Callable[[Any], None]) -> None:
-    """Write through ``write(binary file)`` to a temp file beside ``target``, then rename."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".tmp-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache must be readable by all
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _build_json_cache(path: str, fmt: str, cache_path: str) -> None:
-    """Stream a JSON array / JSON Lines file into an Arrow IPC record cache."""
+def _build_json_cache(path: str, fmt: str, cache_path: str, key: str) -> None:
+    """Stream a JSON array / JSON Lines file into an Arrow IPC record cache recording ``key``."""
     records = iter_json(path)
     first = next(records, None)
     if fmt == "auto":
         if first is None:
             raise ValueError(f"{path}: no records, cannot detect the format")
         fmt = detect_format(first[1] if isinstance(first[1], dict) else [], f"{path}: record 0")
-    schema = _cache_schema(fmt, path)
+    schema = _cache_schema(fmt, path, key)
     rows = itertools.chain([first] if first else [], records)
     dump = functools.partial(json.dumps, ensure_ascii=False, separators=(",", ":"))
 
@@ -248,11 +273,14 @@ def _build_json_cache(path: str, fmt: str, cache_path: str) -> None:
                 )
                 writer.write_batch(pa.record_batch(list(columns), schema=schema))
 
-    _atomic_write(cache_path, write)
+    atomic_write(cache_path, write)
+    if f"{CACHE_VERSION}:{content_key(path)}" != key:  # edited while it was read
+        Path(cache_path).unlink(missing_ok=True)
+        raise ValueError(f"{path}: changed while its record cache was being built; run again")
 
 
-def _cache_schema(fmt: str, path: str) -> pa.Schema:
-    meta = {"format": fmt, "source": path, "version": CACHE_VERSION}
+def _cache_schema(fmt: str, path: str, key: str) -> pa.Schema:
+    meta = {"format": fmt, "source": path, "version": CACHE_VERSION, "key": key}
     return pa.schema(
         [("json", pa.large_string()), ("num_words", pa.int32()), ("num_images", pa.int16())],
         metadata={"lvlm_tune": json.dumps(meta)},
@@ -270,21 +298,39 @@ def _load_hf(path: str, cache_dir: str) -> Any:
             raise ValueError(f"{path}: holds splits {list(ds)}; point at one split's folder")
         return ds
     if path.endswith(".parquet"):  # convert once to a memory-mappable Arrow stream
-        cache = _cache_path(path, "parquet", cache_dir, ".arrow")
-        if not os.path.exists(cache):
+        key = _hf_key(path)
+        cache = _cache_path(path, "parquet", cache_dir, ".arrow", key)
+        problem = _stream_problem(cache, key)
+        if problem is not None:
+            if problem != "missing":
+                warn_once(f"record cache entry {cache}: {problem}; rebuilding it")
             pf = pq.ParquetFile(path)
+            meta = {**(pf.schema_arrow.metadata or {}), b"lvlm_tune": json.dumps({"key": key})}
 
             def write(f: Any) -> None:
-                with pa.ipc.new_stream(f, pf.schema_arrow) as writer:
+                with pa.ipc.new_stream(f, pf.schema_arrow.with_metadata(meta)) as writer:
                     for batch in pf.iter_batches(batch_size=BATCH_ROWS):
                         writer.write_batch(batch)
 
-            _atomic_write(cache, write)
+            atomic_write(cache, write)
         path = cache
     try:
         return datasets.Dataset.from_file(path)  # Arrow stream format (what datasets writes)
     except pa.ArrowInvalid:
         return datasets.Dataset(pa.ipc.open_file(pa.memory_map(path)).read_all())
+
+
+def _stream_problem(cache: str, key: str) -> str | None:
+    """Why the Arrow stream entry ``cache`` cannot be used for ``key`` (``None``: it can)."""
+    try:
+        with pa.memory_map(cache) as source:
+            meta = pa.ipc.open_stream(source).schema.metadata or {}
+        recorded = json.loads(meta[b"lvlm_tune"]).get("key") if b"lvlm_tune" in meta else None
+    except FileNotFoundError:
+        return "missing"
+    except (pa.ArrowInvalid, ValueError) as error:
+        return f"unreadable ({error})"
+    return entry_problem(cache, recorded, key)
 
 
 def _hf_counts(ds: Any, fmt: str, image_columns: list[str]) -> tuple[np.ndarray, np.ndarray]:

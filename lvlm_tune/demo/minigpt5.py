@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         "vision_tower": out / "base" / "vision", "llm_name_or_path": out / "base" / "llm",
         "diffusion_model": diffusion, "data_path": paths["captions_train"],
         "image_folder": paths["root"], "output_dir": out / "stage1", "seed": args.seed,
+        "overwrite_output_dir": True,  # the demo rebuilds its folder, whatever ran there
         **({"max_steps": 2, "logging_steps": 1} if args.quick else {}),
     }  # fmt: skip
     overrides = [f"--{key}={value}" for key, value in values.items()]

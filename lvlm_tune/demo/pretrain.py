@@ -35,6 +35,7 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from lvlm_tune.demo.probes import GROUP_SIZES, fit, probe, probe_report, scene_batch
+from lvlm_tune.models.tokenizer_saving import save_processor
 from lvlm_tune.tokenizers import train_sentencepiece
 
 
@@ -214,7 +215,7 @@ def pretrain_llama(
         final_loss = fit(model.parameters(), config.steps, config.learning_rate, batch_loss)
     model.eval()
     model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    save_processor(tokenizer, out_dir)  # keeps `legacy`, as training saves it
     return {
         "final_loss": final_loss,
         "vocab_size": len(tokenizer),

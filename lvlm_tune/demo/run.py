@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         values = {
             "vision_tower": out / "base" / "vision", "llm_name_or_path": out / "base" / "llm",
             "image_folder": out / "data", "output_dir": out / stage, "seed": args.seed,
+            "overwrite_output_dir": True,  # the demo rebuilds its folder, whatever ran there
             **paths_of[stage], **({"max_steps": 3} if args.quick else {}),
         }  # fmt: skip
         overrides = [f"--{key}={value}" for key, value in values.items()]

@@ -2,8 +2,9 @@
 
 ``registry`` names the families; ``llava`` builds and loads LLaVA; ``projectors`` maps projector
 types onto the HF projector class; ``parts`` finds parts inside (PEFT-wrapped) models and saves
-/ loads the projector; ``tokens`` prepares a tokenizer; ``tiny`` writes tiny offline models for
-tests and the demo.
+/ loads the projector; ``tokens`` prepares a tokenizer; ``layout`` tells an original-layout LLaVA
+folder (read by ``llava_original``) from an HF one; ``tiny`` writes tiny offline models for tests
+and the demo.
 
 The names below are imported on first use (PEP 562), so importing one light submodule (e.g.
 ``lvlm_tune.models.tokens`` for ``lvlm-tune inspect``) does not load the model code, PEFT or

@@ -3,9 +3,10 @@
 Owns: composing a new LLaVA from a vision-tower folder (CLIP or SigLIP, vision-only or full
 dual-encoder) and a LLaMA-family LLM folder, joined by a fresh projector; preparing the tokenizer
 (``<image>`` and pad tokens from :mod:`lvlm_tune.models.tokens`, embeddings resized) and the
-``LlavaProcessor`` (PIL image processor, no torchvision needed); loading an existing HF LLaVA
-folder; the number of image tokens one image expands to; the attention-implementation check and
-gradient checkpointing. The parts' weights are used as loaded (same tensors, never
+``LlavaProcessor`` (PIL image processor, no torchvision needed); loading an existing LLaVA folder
+(HF layout, or the original one through ``llava_original``); the number of image tokens one
+image expands to; the attention-implementation check and gradient checkpointing. The parts'
+weights are used as loaded (same tensors, never
 re-initialised); only the projector and the rows of newly added tokens are new.
 """
 
@@ -152,23 +153,63 @@ def build_llava(
         ``AutoProcessor.from_pretrained`` load.
     """
     check_attn_implementation(attn_implementation)
-    if vision_feature_select_strategy not in SELECT_STRATEGIES:
+    kind = vision_tower_kind(AutoConfig.from_pretrained(vision_tower).model_type)
+    check_select_strategy(kind, vision_feature_select_strategy, vision_tower)
+    load = {"dtype": dtype, "attn_implementation": attn_implementation}
+    vision = kind.model_class.from_pretrained(vision_tower, **load)
+    language = AutoModelForCausalLM.from_pretrained(llm, **load)
+    return compose_llava(
+        vision,
+        language,
+        AutoTokenizer.from_pretrained(llm),
+        AutoImageProcessor.from_pretrained(vision_tower, backend="pil"),
+        projector_type=projector_type,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        chat_template=chat_template,
+        extra_special_tokens=extra_special_tokens,
+    )
+
+
+def check_select_strategy(kind: VisionTowerKind, strategy: str, vision_tower: Any) -> None:
+    """Refuse an unknown strategy, and ``"default"`` on a tower without a CLS token."""
+    if strategy not in SELECT_STRATEGIES:
         raise ValueError(
-            f"unknown vision_feature_select_strategy {vision_feature_select_strategy!r}; "
+            f"unknown vision_feature_select_strategy {strategy!r}; "
             f"choose one of: {', '.join(SELECT_STRATEGIES)}"
         )
-    kind = vision_tower_kind(AutoConfig.from_pretrained(vision_tower).model_type)
-    if kind.num_prefix_tokens == 0 and vision_feature_select_strategy == "default":
+    if kind.num_prefix_tokens == 0 and strategy == "default":
         raise ValueError(
             f"vision tower {vision_tower} has no CLS token: 'default' would drop a real patch; "
             "set vision_feature_select_strategy='full'"
         )
-    load = {"dtype": dtype, "attn_implementation": attn_implementation}
-    vision = kind.model_class.from_pretrained(vision_tower, **load)
-    language = AutoModelForCausalLM.from_pretrained(llm, **load)
-    tokenizer = AutoTokenizer.from_pretrained(llm)
-    prepare_tokenizer(tokenizer, extra_special_tokens)
 
+
+def compose_llava(
+    vision: PreTrainedModel,
+    language: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    image_processor: Any,
+    *,
+    projector_type: str,
+    vision_feature_layer: int | list[int],
+    vision_feature_select_strategy: str,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    chat_template: str | None = None,
+    extra_special_tokens: Sequence[str] = (),
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Join loaded parts into a LLaVA with a fresh projector (see :func:`build_llava`).
+
+    ``vision`` and ``language`` (a causal LM) are used as they are, not copied; ``tokenizer``
+    gets ``<image>``, a pad token and ``extra_special_tokens`` in place, and the embeddings grow
+    to match (new rows: the mean of the old ones).
+    """
+    kind = vision_tower_kind(vision.config.model_type)
+    check_select_strategy(kind, vision_feature_select_strategy, vision.config.name_or_path)
+    prepare_tokenizer(tokenizer, extra_special_tokens)
     config = LlavaConfig(
         vision_config=vision.config,
         text_config=language.config,
@@ -194,7 +235,7 @@ def build_llava(
     _sync_vocab(model, tokenizer)
 
     processor = LlavaProcessor(
-        image_processor=AutoImageProcessor.from_pretrained(vision_tower, backend="pil"),
+        image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=vision.config.patch_size,
         vision_feature_select_strategy=vision_feature_select_strategy,
@@ -210,9 +251,14 @@ def load_llava(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
     extra_special_tokens: Sequence[str] = (),
+    vision_tower: str | Path | None = None,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """Load an existing HF LLaVA folder or hub id (e.g. ``llava-hf/llava-1.5-7b-hf``).
+    """Load an existing LLaVA folder or hub id (e.g. ``llava-hf/llava-1.5-7b-hf``).
 
+    A folder in the original LLaVA layout (``liuhaotian/llava-v1.5-7b``: ``llava_llama``
+    config, ``mm_projector`` weights) is converted in memory, see
+    :mod:`lvlm_tune.models.llava_original`; ``vision_tower`` then replaces its
+    ``mm_vision_tower`` (it is ignored for HF folders, which hold their tower).
     A pad token and ``extra_special_tokens`` are added if missing (embeddings grow to match).
     Raises ``ValueError`` when the processor's image token is not the model's
     ``image_token_index``.
@@ -220,7 +266,14 @@ def load_llava(
     Returns:
         ``(model, processor)``.
     """
+    # imported here: llava_original composes its model with this module's functions
+    from lvlm_tune.models.llava_original import is_original_llava, load_original_llava
+
     check_attn_implementation(attn_implementation)
+    if is_original_llava(path):
+        return load_original_llava(
+            path, dtype, attn_implementation, extra_special_tokens, vision_tower
+        )
     model = LlavaForConditionalGeneration.from_pretrained(
         path, dtype=dtype, attn_implementation=attn_implementation
     )

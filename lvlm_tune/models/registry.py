@@ -65,6 +65,8 @@ class ModelFamily:
         build_options: the ``ModelArguments`` fields (beyond the two parts, dtype, attention
             and tokens) that ``build`` takes, recorded in the run card and passed again
             when an adapter's base is rebuilt.
+        load_options: the ``ModelArguments`` fields ``load`` also takes when they are set
+            (LLaVA: ``vision_tower``, the tower of an original-layout checkpoint).
         forward_needs_pixels: the model's ``forward``/``generate`` always run the vision
             path, so text-only batches pass a blank image (with no image tokens in the text).
         processor_expands_images: the saved processor turns each ``<image>`` of a prompt
@@ -86,6 +88,7 @@ class ModelFamily:
     image_features: Callable[[Any, torch.Tensor], torch.Tensor] = _llava_image_features
     num_image_tokens: Callable[[Any], int] = num_image_tokens
     build_options: tuple[str, ...] = ()
+    load_options: tuple[str, ...] = ()
     forward_needs_pixels: bool = False
     processor_expands_images: bool = True
     read_original_projector: Callable[[Path], dict[str, torch.Tensor]] | None = None
@@ -105,6 +108,7 @@ LLAVA = ModelFamily(
     lora_modules=("model.language_model",),
     fixed_projector_parameters=fixed_projector_parameters,
     build_options=("projector_type", "vision_feature_layer", "vision_feature_select_strategy"),
+    load_options=("vision_tower",),
 )
 
 # MiniGPT-4 is a Blip2ForConditionalGeneration with a LLaMA text model; lm_head lives inside

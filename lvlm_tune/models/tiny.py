@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from lvlm_tune.models.llava import build_llava
+from lvlm_tune.models.tokenizer_saving import save_processor
 from lvlm_tune.tokenizers import train_sentencepiece
 
 _WORDS = (
@@ -94,7 +95,7 @@ def write_tiny_llama(
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    save_processor(tokenizer, out_dir)  # keeps `legacy`, as training saves it
     return Path(out_dir)
 
 
@@ -136,7 +137,7 @@ def write_tiny_vision_tower(
         torch.manual_seed(seed)
         model = model_class(config)
     model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    save_processor(processor, out_dir)
     return Path(out_dir)
 
 
@@ -164,7 +165,7 @@ def write_tiny_llava(
             torch.manual_seed(seed)
             model, processor = build_llava(vision, llm, **build_kwargs)
         model.save_pretrained(out_dir)
-        processor.save_pretrained(out_dir)
+        save_processor(processor, out_dir)
     return Path(out_dir)
 
 

@@ -3,7 +3,8 @@
 A template says how a system prompt, a user turn and an assistant turn are written around the
 message text, which string ends an answer (the STOP, trained with the answer), and how an image
 is written into the first user turn. Adding a template is adding one entry to ``TEMPLATES``.
-The exact renderings are in DESIGN.md §2; ``tests/test_templates.py`` pins them.
+The renderings and the masking rules are described in ``docs/masking.md``; ``tests/test_templates.py``
+pins them.
 
 The special name ``"tokenizer"`` selects the tokenizer's own ``chat_template``
 (see :mod:`lvlm_tune.templates.chat_template`).

@@ -17,8 +17,17 @@ What it adds, and nothing else:
 * checkpoints are written to a staging folder and published with one rename, and
   ``resume_from_checkpoint: true`` (or ``auto``: resume when possible) picks the newest
   complete one (:mod:`lvlm_tune.training.checkpoints`);
+* a resume takes only a checkpoint of the same run (its run card's options), and only after
+  every pickle in it has been checked to import nothing but tensors and training state
+  (:mod:`lvlm_tune.training.pickle_scan`): DeepSpeed unpickles its shards with
+  ``weights_only=False``;
 * DeepSpeed: a config with its own optimizer or scheduler is refused (it would drop the
-  projector group); with ZeRO-Offload the groups go to ``DeepSpeedCPUAdam``.
+  projector group); with ZeRO-Offload the groups go to ``DeepSpeedCPUAdam``;
+* ``on_bad_sample: skip``: a batch whose samples were all bad still runs its step (same
+  modules on every rank) with a loss of exactly zero; the samples each epoch trained on are
+  counted; after every step the bad samples of all ranks are checked against
+  ``max_bad_fraction``; checkpoints carry the bad-sample record (``bad_samples.json``) and a
+  resumed run continues it (:mod:`lvlm_tune.training.bad_samples`).
 """
 
 from __future__ import annotations
@@ -35,11 +44,14 @@ from transformers import PreTrainedModel, Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from lvlm_tune.data.collator import ALL_BAD
 from lvlm_tune.data.sampler import ModalityLengthGroupedSampler
 from lvlm_tune.generation.model import VokenModel
 from lvlm_tune.generation.saving import load_voken_state, save_voken_model
 from lvlm_tune.models.parts import canonical_name, is_under, save_projector, unwrap_model
 from lvlm_tune.models.registry import ModelFamily
+from lvlm_tune.models.tokenizer_saving import restore_tokenizer_options, save_processor
+from lvlm_tune.training import bad_samples
 from lvlm_tune.training.checkpoints import (
     complete_checkpoint_steps,
     publish_checkpoint,
@@ -50,7 +62,9 @@ from lvlm_tune.training.distributed import (
     offloads_optimizer,
     zero3_init_paused,
 )
+from lvlm_tune.training.pickle_scan import check_checkpoint
 from lvlm_tune.training.run_card import write_run_card
+from lvlm_tune.training.run_folder import RunFolderError, check_same_run
 
 logger = logging.getLogger(__name__)
 LOSS_PARTS = ("text_loss", "ldm_loss", "caption_loss")  # logged as averages when reported
@@ -81,6 +95,11 @@ class LvlmTrainer(Trainer):
         self.blank_pixel_values = blank_pixel_values
         self._staging = False
         self._loss_parts: dict[str, tuple[float, int]] = {}
+        self._all_bad = False
+        skips = getattr(self.train_dataset, "on_bad_sample", None) == "skip"
+        self.bad_samples = (
+            bad_samples.BadSampleTracker(self.train_dataset, self.args.device) if skips else None
+        )
 
     # ---- optimizer ---------------------------------------------------------------------
 
@@ -147,9 +166,38 @@ class LvlmTrainer(Trainer):
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any
     ) -> Any:
         self._frozen_parts_in_eval_mode(model)
+        inputs = dict(inputs)
+        self._all_bad = bool(inputs.pop(ALL_BAD, False))
+        if self._all_bad:
+            inputs.pop("labels", None)  # nothing to train; the step runs with a zero loss
         loss, outputs = self._loss_and_outputs(model, inputs, **kwargs)
-        self._record_loss_parts(outputs)
+        if not self._all_bad:
+            self._record_loss_parts(outputs)
+            if model.training and self.bad_samples is not None:
+                rows = int(inputs["input_ids"].shape[0])
+                self.bad_samples.count_trained(int(self.state.epoch or 0), rows)
         return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        if self.bad_samples is not None:
+            self.bad_samples.check()  # every rank, every step: they stop together
+        return loss
+
+    def _model_loss(self, model: Any, inputs: dict[str, Any], **kwargs: Any) -> Any:
+        """``Trainer.compute_loss`` (loss, outputs); zero for a batch of only bad samples.
+
+        That batch runs forward and backward like any other (ranks stay in step, every
+        trainable part gets a gradient, of zeros) but contributes nothing: the loss is
+        ``0 * sum(logits)`` (or ``0 *`` the model's own label-free loss, MiniGPT-5's).
+        """
+        if not self._all_bad:
+            return super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+        outputs = model(**inputs)
+        loss = outputs.get("loss") if hasattr(outputs, "get") else None
+        if loss is None:
+            loss = outputs["logits"].float().sum()
+        return 0.0 * loss, outputs
 
     def _frozen_parts_in_eval_mode(self, model: Any) -> None:
         """Frozen vision modules run as in inference (no dropout), as the original code does.
@@ -168,7 +216,7 @@ class LvlmTrainer(Trainer):
 
     def _loss_and_outputs(self, model: Any, inputs: dict[str, Any], **kwargs: Any) -> Any:
         if "pixel_values" in inputs or self.blank_pixel_values is None:
-            return super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+            return self._model_loss(model, inputs, **kwargs)
         if self.family.forward_needs_pixels:
             # The forward runs the vision path anyway; with no image token in the text the
             # blank image's features are scattered nowhere (zero gradient, same modules run).
@@ -176,9 +224,9 @@ class LvlmTrainer(Trainer):
             dtype = next(model.parameters()).dtype
             blank = self.blank_pixel_values.to(device=like.device, dtype=dtype)
             inputs = {**inputs, "pixel_values": blank}
-            return super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+            return self._model_loss(model, inputs, **kwargs)
         with self._blank_vision_path(model) as fired:
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+            loss, outputs = self._model_loss(model, inputs, **kwargs)
         if not fired:
             # The family's forward never embedded tokens: touch the vision path afterwards.
             loss = loss + 0.0 * self._blank_features(model, loss).sum()
@@ -237,10 +285,14 @@ class LvlmTrainer(Trainer):
             if self.args.should_save:
                 save_voken_model(model, output_dir, state_dict)
                 if self.processing_class is not None:
-                    self.processing_class.save_pretrained(output_dir)
+                    save_processor(self.processing_class, output_dir)
         else:
             super()._save(output_dir, state_dict=state_dict)
         if self.args.should_save:
+            if self.processing_class is not None:  # save_pretrained drops `legacy`
+                restore_tokenizer_options(
+                    output_dir, getattr(self.processing_class, "tokenizer", self.processing_class)
+                )
             # Trainer pickles its arguments; keep a JSON copy instead (nothing to unpickle later).
             pickled = os.path.join(output_dir, TRAINING_ARGS_NAME)
             if os.path.exists(pickled):
@@ -272,7 +324,11 @@ class LvlmTrainer(Trainer):
         finally:
             self._staging = False
         self.accelerator.wait_for_everyone()  # every rank's shards are on disk
+        if self.bad_samples is not None:
+            self.bad_samples.merge()
         if self.args.should_save:
+            if self.bad_samples is not None:
+                self.bad_samples.save(staged)
             best = self.state.best_model_checkpoint
             if best and best.startswith(staging_root(run_dir)):
                 self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
@@ -302,6 +358,15 @@ class LvlmTrainer(Trainer):
                 )
             logger.info("resuming from %s", found or "scratch: no checkpoint yet")
             resume_from_checkpoint = found
+        if resume_from_checkpoint:
+            if not os.path.isdir(resume_from_checkpoint):
+                raise RunFolderError(
+                    f"resume_from_checkpoint: {resume_from_checkpoint} is not a folder"
+                )
+            check_same_run(resume_from_checkpoint, self.run_card)
+            check_checkpoint(resume_from_checkpoint)  # before DeepSpeed or Trainer unpickle it
+            if self.bad_samples is not None:
+                self.bad_samples.load(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:

@@ -1,0 +1,151 @@
+"""Token labels from character spans, proved exact; image expansion and truncation.
+
+A token is trained iff it overlaps an answer + STOP span of the rendered text. Two checks then
+prove the mask is exact and raise otherwise (there is no silent "mask everything" fallback):
+
+* no trained token reaches past the end of its STOP (it would train text of the next turn);
+* a trained token that starts before its answer only covers whitespace there (the separator
+  that tokenizers merge into the first answer token, as the model will generate it).
+
+Each image token is then expanded to ``num_image_tokens`` copies (HF LLaVA convention), and
+truncation to ``model_max_length`` counts the expansion and drops whole trailing turns.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from lvlm_tune.data.errors import BadSampleError
+from lvlm_tune.templates.render import Span
+
+IGNORE_INDEX = -100
+
+
+def answer_labels(
+    text: str,
+    spans: Sequence[Span],
+    ids: Sequence[int],
+    offsets: Sequence[tuple[int, int]],
+    fail: Callable[[str], Exception],
+) -> tuple[list[int], list[int]]:
+    """Labels for ``ids`` and the token counts that end right after each answer.
+
+    Args:
+        text: the rendered text.
+        spans: the trained span of every answer, in order.
+        ids: token ids of ``text``.
+        offsets: each token's ``(start, end)`` in ``text``.
+        fail: builds the exception raised when the mask cannot be exact.
+    """
+    n = len(ids)
+    labels = [IGNORE_INDEX] * n
+    cuts: list[int] = []  # token count that ends right after answer k (truncation points)
+    first = 0
+    for k, span in enumerate(spans):
+        floor = first
+        # First token overlapping the span (zero-width tokens such as BOS never train).
+        while first < n and (
+            offsets[first][1] <= span.start or offsets[first][0] == offsets[first][1]
+        ):
+            first += 1
+        # A separator the tokenizer kept as its own token (e.g. the space before a special
+        # token such as [IMG0], or before a digit) trains too: the generation prompt ends
+        # before it, so the model has to write it.
+        while (
+            first > floor
+            and offsets[first - 1][0] >= span.sep_start
+            and offsets[first - 1][0] < offsets[first - 1][1] <= span.start
+            and not text[offsets[first - 1][0] : offsets[first - 1][1]].strip()
+        ):
+            first -= 1
+        last = first
+        while last < n and offsets[last][0] < span.end:
+            last += 1
+        if last == first:
+            raise fail(f"answer {k + 1} produced no tokens")
+        token_start, token_end = offsets[first][0], offsets[last - 1][1]
+        if token_end > span.end:
+            # Only legal when the overflow is the next answer's own trained text.
+            nxt = spans[k + 1] if k + 1 < len(spans) else None
+            if nxt is None or nxt.start != span.end or token_end > nxt.end:
+                raise fail(
+                    f"token {text[offsets[last - 1][0] : token_end]!r} crosses the end of "
+                    f"answer {k + 1}'s STOP into untrained text"
+                )
+        else:
+            cuts.append(last)
+        follows_answer = k > 0 and spans[k - 1].end == span.sep_start
+        if (
+            token_start < span.start
+            and text[token_start : span.start].strip()
+            and not follows_answer
+        ):
+            raise fail(
+                f"token {text[token_start : offsets[first][1]]!r} merges untrained prompt "
+                f"text into answer {k + 1}"
+            )
+        labels[first:last] = ids[first:last]
+        first = last
+    return labels, cuts
+
+
+def crossed(offsets: Sequence[tuple[int, int]], points: Sequence[int]) -> list[int]:
+    """The ``points`` that some token spans (starts before and ends after)."""
+    out = []
+    for p in points:
+        k = bisect.bisect_left(offsets, p, key=lambda o: o[0]) - 1
+        while k >= 0 and offsets[k][0] == offsets[k][1]:  # zero-width tokens span nothing
+            k -= 1
+        if k >= 0 and offsets[k][0] < p < offsets[k][1]:
+            out.append(p)
+    return out
+
+
+def expand_and_truncate(
+    record: Any,
+    ids: list[int],
+    labels: list[int],
+    cuts: list[int],
+    image_id: int,
+    num_image_tokens: int,
+    model_max_length: int,
+) -> tuple[list[int], np.ndarray, np.ndarray, int, bool]:
+    """Expand image tokens and cut whole trailing turns to ``model_max_length``.
+
+    Returns the kept unexpanded ids, the expanded ids and labels, the number of images kept and
+    whether the sample was truncated. Raises ``BadSampleError`` when the image tokens do not
+    match the record's images or not even the first answer fits.
+    """
+    image_at = [k for k, t in enumerate(ids) if t == image_id] if image_id in ids else []
+    if len(image_at) != len(record.images):
+        raise BadSampleError(
+            record.source, record.id, "conversations", f"the text holds {len(image_at)} image "
+            f"token(s) for {len(record.images)} image(s) (does a message contain the image "
+            "token text literally?)", "image_tag_mismatch",
+        )  # fmt: skip
+    extra = num_image_tokens - 1
+    expanded_len = len(ids) + extra * len(image_at)
+    truncated = expanded_len > model_max_length
+    if truncated:
+        fitting = [c for c in cuts if c + extra * sum(a < c for a in image_at) <= model_max_length]
+        if not fitting:
+            raise BadSampleError(
+                record.source, record.id, "conversations", f"{expanded_len} tokens after image "
+                "expansion and even the first answer ends beyond "
+                f"model_max_length={model_max_length}", "no_trained_tokens",
+            )  # fmt: skip
+        keep = fitting[-1]
+        ids, labels = ids[:keep], labels[:keep]
+        image_at = [a for a in image_at if a < keep]
+    input_ids = np.asarray(ids, dtype=np.int64)
+    label_arr = np.asarray(labels, dtype=np.int64)
+    if extra and image_at:
+        repeats = np.ones(len(ids), dtype=np.int64)
+        repeats[image_at] = num_image_tokens
+        input_ids = np.repeat(input_ids, repeats)
+        label_arr = np.repeat(label_arr, repeats)
+    return ids, input_ids, label_arr, len(image_at), truncated
