@@ -183,14 +183,11 @@ class ConversationEncoder:
         under ``caption_task: generate``)."""
         return caption_to_generation(record) if self.caption_task == "generate" else record
 
-    def _bad(self, record: Conversation, field: str, problem: str, reason: str) -> BadSampleError:
-        return BadSampleError(record.source, record.id, field, problem, reason)
-
     def _place_vokens(self, record: Conversation, turns: list[Turn]) -> list[Turn]:
         if not any(GEN_IMAGE_TAG in t.content for t in turns):
             return turns
         if not self.num_vokens:
-            raise self._bad(
+            raise BadSampleError.of(
                 record, "gen_images", f"the sample generates images ({GEN_IMAGE_TAG}) but the "
                 "model has no vokens (num_vokens: 0)", "bad_field",
             )  # fmt: skip
@@ -209,7 +206,7 @@ class ConversationEncoder:
         tags = sum(t.content.count(IMAGE_TAG) for t in turns)
         num_images = len(record.images)
         if (tags and tags != num_images) or (position == "keep" and tags != num_images):
-            raise self._bad(
+            raise BadSampleError.of(
                 record, "image", f"{tags} <image> tag(s) in the text but {num_images} image(s)"
                 + (" (image_position 'keep' needs one tag per image)" if not tags else ""),
                 "image_tag_mismatch",
@@ -232,7 +229,7 @@ class ConversationEncoder:
                 self.tokenizer, turns, stop=self.stop, system=system, add_generation_prompt=prompt
             )
         except TemplateError as err:
-            raise self._bad(record, "conversations", str(err), "template") from None
+            raise BadSampleError.of(record, "conversations", str(err), "template") from None
 
     def render(
         self, record: Conversation, index: int = 0, epoch: int = 0, *, prompt: bool = False
@@ -265,10 +262,13 @@ class ConversationEncoder:
 
     # ---- encoding ----------------------------------------------------------------------
 
+    def _adds_bos(self, text: str) -> bool:
+        """Whether the tokenizer adds its specials (not when the template wrote the BOS)."""
+        return not (self.bos and text.startswith(self.bos))
+
     def tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids and character offsets, exactly as ``tokenizer(text)`` gives them."""
-        add_special = not (self.bos and text.startswith(self.bos))
-        return self.exact.encode(text, add_special_tokens=add_special)
+        return self.exact.encode(text, add_special_tokens=self._adds_bos(text))
 
     def _tokenize(
         self, rendered: Rendered, escape: list[tuple[int, int]]
@@ -276,7 +276,7 @@ class ConversationEncoder:
         """Tokenize with the data's control-token texts escaped and the text cut wherever a
         token would span a generation prompt's end or a STOP's end."""
         text = rendered.text
-        add_special = not (self.bos and text.startswith(self.bos))
+        add_special = self._adds_bos(text)
         ids, offsets = self.exact.encode(text, add_special_tokens=add_special, escape=escape)
         points = [p for s in rendered.spans for p in (s.sep_start, s.end)]
         cuts = crossed(offsets, points)
@@ -301,7 +301,7 @@ class ConversationEncoder:
         return sample
 
     def _fail(self, record: Conversation, problem: str) -> BadSampleError:
-        return self._bad(
+        return BadSampleError.of(
             record, "conversations", problem + f" [template {self.template_name}]", "tokenization"
         )
 

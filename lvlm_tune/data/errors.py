@@ -54,6 +54,11 @@ class BadSampleError(UserError):
         where = f"sample {sample_id!r}" if sample_id is not None else "sample <no id>"
         super().__init__(f"{source}: {where}: field {field}: {problem}")
 
+    @classmethod
+    def of(cls, record: Any, field: str, problem: str, reason: str) -> BadSampleError:
+        """The error for a record (anything with ``source`` and ``id``)."""
+        return cls(record.source, record.id, field, problem, reason)
+
 
 class SkipLedger:
     """Which samples were found bad, and why: one reason code per sample index.

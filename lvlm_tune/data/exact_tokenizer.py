@@ -88,6 +88,10 @@ class ExactTokenizer:
             return []
         return [m.span() for m in self._pattern.finditer(text)]
 
+    def has_control(self, text: str) -> bool:
+        """Whether ``text`` holds any control-token text."""
+        return self._pattern is not None and self._pattern.search(text) is not None
+
     def control_names(self, text: str) -> list[str]:
         """The control-token texts that occur in ``text`` (for messages)."""
         return sorted({text[a:b] for a, b in self.find_control(text)})

@@ -122,8 +122,8 @@ def expand_and_truncate(
     """
     image_at = [k for k, t in enumerate(ids) if t == image_id] if image_id in ids else []
     if len(image_at) != len(record.images):
-        raise BadSampleError(
-            record.source, record.id, "conversations", f"the text holds {len(image_at)} image "
+        raise BadSampleError.of(
+            record, "conversations", f"the text holds {len(image_at)} image "
             f"token(s) for {len(record.images)} image(s) (does a message contain the image "
             "token text literally?)", "image_tag_mismatch",
         )  # fmt: skip
@@ -133,8 +133,8 @@ def expand_and_truncate(
     if truncated:
         fitting = [c for c in cuts if c + extra * sum(a < c for a in image_at) <= model_max_length]
         if not fitting:
-            raise BadSampleError(
-                record.source, record.id, "conversations", f"{expanded_len} tokens after image "
+            raise BadSampleError.of(
+                record, "conversations", f"{expanded_len} tokens after image "
                 "expansion and even the first answer ends beyond "
                 f"model_max_length={model_max_length}", "no_trained_tokens",
             )  # fmt: skip

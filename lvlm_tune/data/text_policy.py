@@ -25,10 +25,6 @@ STOP_TEXT_POLICIES = ("refuse", "allow")
 PLAIN_MULTI_TURN = ("refuse", "first")
 
 
-def _bad(record: Conversation, field: str, problem: str, reason: str) -> BadSampleError:
-    return BadSampleError(record.source, record.id, field, problem, reason)
-
-
 def turn_field(index: int, turn: Turn) -> str:
     """How a message is named in errors: ``turn 3 (user)``."""
     return f"turn {index + 1} ({turn.role})"
@@ -62,7 +58,7 @@ class TextPolicy:
         """The turns to train, or ``BadSampleError`` for what the template cannot train."""
         if self.drop_question and len(turns) > 2:
             if self.plain_multi_turn == "refuse":
-                raise _bad(
+                raise BadSampleError.of(
                     record, "conversations", f"template {self.template_name!r} trains one image "
                     f"and one caption, but the sample has {len(turns) // 2} answers (their "
                     "questions would be dropped); use a conversation template, or "
@@ -72,7 +68,7 @@ class TextPolicy:
         if position in ("before", "after"):
             for i, turn in enumerate(turns[1:], start=1):
                 if IMAGE_TAG in turn.content:
-                    raise _bad(
+                    raise BadSampleError.of(
                         record, turn_field(i, turn), f"an {IMAGE_TAG} tag in a later human turn "
                         f"(turn {i + 1}); image_position {position!r} puts every image in the "
                         "first user turn, image_position: keep leaves them where the data puts "
@@ -81,14 +77,14 @@ class TextPolicy:
         for i, turn in enumerate(turns):
             problem = self.exact.check_text(turn.content)
             if problem:
-                raise _bad(record, turn_field(i, turn), problem, "special_text")
+                raise BadSampleError.of(record, turn_field(i, turn), problem, "special_text")
             if (
                 self.plain_stop
                 and turn.role == "assistant"
                 and self.plain_stop in turn.content
                 and self.stop_text_in_answer == "refuse"
             ):
-                raise _bad(
+                raise BadSampleError.of(
                     record, turn_field(i, turn), f"the answer holds {self.plain_stop!r}, the STOP "
                     f"of template {self.template_name!r}: the model would learn to stop "
                     "mid-answer (stop_text_in_answer: allow trains it anyway)", "special_text",
@@ -114,16 +110,15 @@ class TextPolicy:
         """
         if self.special_text == "allow":
             return []
-        texts = [("system", system or "")] + [
-            (turn_field(i, t), t.content) for i, t in enumerate(turns)
-        ]
-        found = [(field, self.exact.control_names(value)) for field, value in texts]
-        found = [(field, names) for field, names in found if names]
-        if not found:
+        texts = [system or "", *(t.content for t in turns)]
+        spelled = [k for k, value in enumerate(texts) if self.exact.has_control(value)]
+        if not spelled:
             return []
         if self.special_text == "refuse":
-            field, names = found[0]
-            raise _bad(
+            k = spelled[0]
+            field = "system" if k == 0 else turn_field(k - 1, turns[k - 1])
+            names = self.exact.control_names(texts[k])
+            raise BadSampleError.of(
                 record, field, f"the text spells control token(s) {', '.join(map(repr, names))} "
                 "(special_text: escape tokenizes such text as ordinary text, allow keeps the "
                 "tokens)", "special_text",
@@ -134,7 +129,7 @@ class TextPolicy:
             self.exact.mask(system) if system else system,
         )
         if len(masked) != len(text):
-            raise _bad(
+            raise BadSampleError.of(
                 record, "conversations", "the template renders control-token text in the data "
                 "differently from other text, so it cannot be escaped", "special_text",
             )  # fmt: skip
