@@ -23,6 +23,7 @@ HEAVY = (
     "transformers.modeling_utils",
     "transformers.processing_utils",
     "lvlm_tune.config",
+    "lvlm_tune.arguments",
     "lvlm_tune.models.llava",
     "lvlm_tune.training.trainer",
 )

@@ -1,0 +1,314 @@
+"""The recipe's argument classes: every key a recipe may set, with its help and its checks.
+
+A recipe is one flat YAML mapping whose keys are the fields of :class:`ModelArguments`,
+:class:`DataArguments` and :class:`LvlmTrainingArguments` (which extends
+``transformers.TrainingArguments``, so every Trainer option is a recipe key). Value and
+cross-field checks live in ``__post_init__`` and name the offending key; every such problem is
+a :class:`~lvlm_tune.errors.UserError`. Reading a recipe is :mod:`lvlm_tune.config`.
+
+Over 300 lines: the three classes stay together so every recipe key reads as one list.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from lvlm_tune.data.dataset import BAD_SAMPLE_POLICIES, DEFAULT_MAX_BAD_FRACTION
+from lvlm_tune.data.encoder import (
+    CAPTION_TASKS,
+    PLAIN_MULTI_TURN,
+    SPECIAL_TEXT_POLICIES,
+    STOP_TEXT_POLICIES,
+)
+from lvlm_tune.data.images import ASPECT_RATIOS, DEFAULT_MAX_IMAGE_PIXELS
+from lvlm_tune.data.prompts import INSTRUCTION_POOLS
+from lvlm_tune.data.sources import SOURCE_FORMATS
+from lvlm_tune.errors import UserError
+from lvlm_tune.models.registry import family_names
+from lvlm_tune.templates.registry import template_names
+from lvlm_tune.templates.render import IMAGE_POSITIONS
+from lvlm_tune.training.distributed import check_deepspeed_config
+from lvlm_tune.training.freezing import STAGES, VOKEN_STAGES
+
+LORA_STAGES = ("finetune_lora", "vokens_lora")
+LORA_KEYS = (
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "use_dora",
+    "use_rslora",
+)
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+def _check_range(
+    obj: Any, key: str, *, low: float, high: float | None = None, open_low: bool = False
+) -> None:
+    """Refuse ``obj.key`` outside ``[low, high]`` (``(low, high]`` with ``open_low``)."""
+    value = getattr(obj, key)
+    if value is None:
+        return
+    below = value <= low if open_low else value < low
+    if below or (high is not None and value > high):
+        bound = f"> {low}" if open_low else f">= {low}"
+        span = f"{bound}" + (f" and <= {high}" if high is not None else "")
+        raise UserError(f"{key}: must be {span}, got {value}")
+
+
+@dataclass
+class ModelArguments:
+    """Which model to build or load, and which parts train (the stage)."""
+
+    family: str = _help("model family: llava | minigpt4", default="llava")
+    model_name_or_path: str | None = _help(
+        "an existing checkpoint of the family (e.g. llava-hf/llava-1.5-7b-hf); "
+        "leave empty to compose a new model from vision_tower + llm_name_or_path",
+        default=None,
+    )
+    vision_tower: str | None = _help(
+        "vision side of a new model (folder or hub id): a CLIP/SigLIP encoder for llava, a "
+        "BLIP-2 checkpoint (its ViT + Q-Former + query tokens) for minigpt4",
+        default=None,
+    )
+    llm_name_or_path: str | None = _help(
+        "LLaMA-family causal LM (folder or hub id, with its tokenizer) for a new model",
+        default=None,
+    )
+    projector_type: str = _help("linear (LLaVA-1) | mlp2x_gelu (LLaVA-1.5)", default="mlp2x_gelu")
+    vision_feature_layer: int = _help("vision layer fed to the projector", default=-2)
+    vision_feature_select_strategy: str = _help("default (drop CLS) | full", default="default")
+    num_query_tokens: int = _help(
+        "minigpt4: Q-Former queries, i.e. image tokens per image (the BLIP-2 checkpoint's)",
+        default=32,
+    )
+    attn_implementation: str = _help("sdpa | eager | flash_attention_2", default="sdpa")
+    stage: str = _help(
+        "pretrain (projector only) | finetune (projector + LLM) | finetune_lora | vokens "
+        "(MiniGPT-5 stage 1: voken rows + mapper) | vokens_lora (stage 2: + LoRA)",
+        default="finetune",
+    )
+    pretrained_projector: str | None = _help(
+        "a stage-1 run folder (or its projector.safetensors) to start the projector from; "
+        "minigpt4 also takes an original MiniGPT-4 .pth (llama_proj.weight / .bias)",
+        default=None,
+    )
+    unfreeze_vision_tower: bool = _help("also train the vision tower", default=False)
+    lora_r: int = _help("LoRA rank", default=128)
+    lora_alpha: int = _help("LoRA alpha", default=256)
+    lora_dropout: float = _help("LoRA dropout", default=0.05)
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "LLM linear layer names for LoRA (e.g. [q_proj, v_proj]); empty = all"},
+    )
+    use_dora: bool = _help("weight-decomposed LoRA (DoRA)", default=False)
+    use_rslora: bool = _help("rank-stabilised LoRA scaling alpha/sqrt(r)", default=False)
+    num_vokens: int = _help(
+        "MiniGPT-5: generative vokens [IMG0]..[IMG{N-1}] per image (8 in the paper; 0 = off)",
+        default=0,
+    )
+    diffusion_model: str | None = _help(
+        "MiniGPT-5: Stable Diffusion pipeline folder or hub id (frozen; e.g. "
+        "stabilityai/stable-diffusion-2-1-base)",
+        default=None,
+    )
+    pretrained_vokens: str | None = _help(
+        "MiniGPT-5: a vokens-stage run folder to start the voken rows and the mapper from",
+        default=None,
+    )
+    mapper_hidden_size: int = _help("MiniGPT-5 mapper width", default=1024)
+    mapper_layers: int = _help("MiniGPT-5 mapper encoder (and decoder) layers", default=4)
+    mapper_heads: int = _help("MiniGPT-5 mapper attention heads", default=8)
+
+    def __post_init__(self) -> None:
+        if self.family not in family_names():
+            raise UserError(
+                f"family: unknown {self.family!r}; choose one of: {', '.join(family_names())}"
+            )
+        if self.stage not in STAGES:
+            raise UserError(f"stage: unknown {self.stage!r}; choose one of: {', '.join(STAGES)}")
+        if (self.stage in VOKEN_STAGES) != (self.num_vokens > 0):
+            raise UserError(
+                f"stage: {self.stage!r} with num_vokens={self.num_vokens}; the MiniGPT-5 stages "
+                f"({', '.join(VOKEN_STAGES)}) need num_vokens > 0 and the others num_vokens: 0"
+            )
+        if self.num_vokens and not self.diffusion_model:
+            raise UserError("diffusion_model: MiniGPT-5 (num_vokens > 0) needs a diffusers folder")
+        if not self.model_name_or_path and not (self.vision_tower and self.llm_name_or_path):
+            raise UserError(
+                "model_name_or_path: set it to an existing checkpoint, or set both vision_tower "
+                "and llm_name_or_path to compose a new model"
+            )
+        for key in (
+            "lora_r",
+            "num_query_tokens",
+            "mapper_hidden_size",
+            "mapper_layers",
+            "mapper_heads",
+        ):
+            _check_range(self, key, low=1)
+        _check_range(self, "num_vokens", low=0)
+        _check_range(self, "lora_alpha", low=0, open_low=True)
+        _check_range(self, "lora_dropout", low=0, high=1)
+
+
+@dataclass
+class DataArguments:
+    """Where the data is and how conversations become tokens."""
+
+    data_path: str | None = _help(
+        "training data: LLaVA JSON/JSONL, caption pairs, OpenAI messages or an HF dataset",
+        default=None,
+    )
+    data_format: str = _help("auto | llava | openai | caption | hf", default="auto")
+    image_folder: str | None = _help("folder that image paths are relative to", default=None)
+    template: str = _help(
+        f"conversation template: {', '.join(template_names())}", default="vicuna_v1"
+    )
+    image_position: str = _help(
+        "image in the first user turn: before | after | random | keep", default="before"
+    )
+    image_aspect_ratio: str | None = _help(
+        "none | pad (pad to square with the mean colour); unset: the checkpoint's (pad for an "
+        "original LLaVA-1.5 model_name_or_path), else none",
+        default=None,
+    )
+    model_max_length: int = _help("maximum tokens per sample after image expansion", default=2048)
+    on_bad_sample: str = _help(
+        "error (stop, naming the sample) | skip (drop it from its batch and count it once)",
+        default="error",
+    )
+    max_bad_fraction: float = _help(
+        "under skip: stop the run when more than this fraction of the samples is bad "
+        "(0: none may be, 1: any number)",
+        default=DEFAULT_MAX_BAD_FRACTION,
+    )
+    max_image_pixels: int = _help(
+        "refuse images of more pixels (width x height, read from the header before decoding) "
+        "as bad samples (image_too_large); 0: no limit",
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+    )
+    allow_outside_image_folder: bool = _help(
+        "accept image paths (absolute, with .., or symlinks) that resolve outside image_folder",
+        default=False,
+    )
+    system_prompt: str | None = _help("override the template's default system prompt", default=None)
+    caption_task: str = _help(
+        "caption pairs: describe (the caption answers) | generate (MiniGPT-5: the caption asks, "
+        "the image is the answer)",
+        default="describe",
+    )
+    instruction_pool: str | None = _help(
+        "instructions for caption pairs: brief (LLaVA stage 1, the default) | detailed "
+        "(MiniGPT-4 stage 2)",
+        default=None,
+    )
+    special_text: str = _help(
+        "data text that spells a control token (</s>, <|im_end|> ...): escape (tokenize it as "
+        "ordinary text) | refuse (a bad sample naming the token) | allow (it becomes the token)",
+        default="escape",
+    )
+    stop_text_in_answer: str = _help(
+        "an answer holding the template's plain-text STOP (### of llava_v0 / minigpt4): refuse "
+        "(a bad sample: the model would learn to stop mid-answer) | allow",
+        default="refuse",
+    )
+    plain_multi_turn: str = _help(
+        "a sample with several answers under the plain template: refuse | first (train its "
+        "first question/answer pair)",
+        default="refuse",
+    )
+
+    def __post_init__(self) -> None:
+        checks = {
+            "template": (self.template, template_names()),
+            "image_position": (self.image_position, IMAGE_POSITIONS),
+            "image_aspect_ratio": (self.image_aspect_ratio or "none", ASPECT_RATIOS),
+            "on_bad_sample": (self.on_bad_sample, BAD_SAMPLE_POLICIES),
+            "instruction_pool": (self.instruction_pool or "brief", tuple(INSTRUCTION_POOLS)),
+            "caption_task": (self.caption_task, CAPTION_TASKS),
+            "data_format": (self.data_format, SOURCE_FORMATS),
+            "special_text": (self.special_text, SPECIAL_TEXT_POLICIES),
+            "stop_text_in_answer": (self.stop_text_in_answer, STOP_TEXT_POLICIES),
+            "plain_multi_turn": (self.plain_multi_turn, PLAIN_MULTI_TURN),
+        }
+        for key, (value, choices) in checks.items():
+            if value not in choices:
+                raise UserError(f"{key}: unknown {value!r}; choose one of: {', '.join(choices)}")
+        if self.model_max_length < 1:
+            raise UserError("model_max_length: must be positive")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise UserError(
+                f"max_bad_fraction: {self.max_bad_fraction} is not a fraction; use a value "
+                "from 0 (no bad sample allowed) to 1 (any number)"
+            )
+        if self.max_image_pixels < 0:
+            raise UserError("max_image_pixels: must be >= 0 (0: no limit)")
+
+
+@dataclass
+class LvlmTrainingArguments(TrainingArguments):
+    """``transformers.TrainingArguments`` plus the few options multimodal tuning needs."""
+
+    projector_lr: float | None = _help(
+        "learning rate of the projector (default: learning_rate)", default=None
+    )
+    group_by_modality_length: bool = _help(
+        "batches hold only image or only text samples, of similar length", default=False
+    )
+    loss_curve: bool = _help("write loss_curve.png into output_dir at the end", default=True)
+    text_loss_weight: float = _help("MiniGPT-5: weight of the text (and voken) CE", default=0.01)
+    ldm_loss_weight: float = _help("MiniGPT-5: weight of the diffusion loss", default=1.0)
+    caption_loss_weight: float = _help("MiniGPT-5: weight of the caption MSE", default=0.1)
+    cfg_drop: float = _help(
+        "MiniGPT-5: probability of zeroing an image's voken states (classifier-free guidance)",
+        default=0.1,
+    )
+    min_snr_gamma: float = _help(
+        "MiniGPT-5: min-SNR weighting of the LDM loss (0: off)", default=5.0
+    )
+    overwrite_output_dir: bool = _help(
+        "start in an output_dir that holds another run (other options): that run's checkpoints "
+        "and saved files are deleted first",
+        default=False,
+    )
+
+    def __post_init__(self) -> None:
+        self._check_values()
+        super().__post_init__()
+        check_deepspeed_config(self)  # fail before the model is built, naming the block
+
+    def _check_values(self) -> None:
+        """Refuse values that would otherwise fail (or silently misbehave) once training runs."""
+        for key in (
+            "per_device_train_batch_size", "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+        ):  # fmt: skip
+            _check_range(self, key, low=1)
+        for key in ("learning_rate", "projector_lr", "weight_decay", "dataloader_num_workers"):
+            _check_range(self, key, low=0)
+        for key in ("text_loss_weight", "ldm_loss_weight", "caption_loss_weight", "min_snr_gamma"):
+            _check_range(self, key, low=0)
+        _check_range(self, "cfg_drop", low=0, high=1)
+        if self.max_steps == 0 or self.max_steps < -1:
+            # transformers reads max_steps <= 0 as "train num_train_epochs", so 0 would train
+            raise UserError(
+                f"max_steps: {self.max_steps} is not a number of steps; give a positive number, "
+                "or leave it out (-1) to train for num_train_epochs"
+            )
+        if self.max_steps == -1:
+            _check_range(self, "num_train_epochs", low=0, open_low=True)
+        ds = self.deepspeed
+        if isinstance(ds, str) and ds.endswith(".json") and not os.path.isfile(ds):
+            raise UserError(f"deepspeed: {ds} does not exist (a DeepSpeed JSON config)")
+
+
+RecipeArgs = tuple[ModelArguments, DataArguments, LvlmTrainingArguments]
+ARG_CLASSES = (ModelArguments, DataArguments, LvlmTrainingArguments)
