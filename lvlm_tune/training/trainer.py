@@ -50,7 +50,7 @@ from lvlm_tune.generation.model import VokenModel
 from lvlm_tune.generation.saving import load_voken_state, save_voken_model
 from lvlm_tune.models.parts import canonical_name, is_under, save_projector, unwrap_model
 from lvlm_tune.models.registry import ModelFamily
-from lvlm_tune.models.tokenizer_saving import restore_tokenizer_options, save_processor
+from lvlm_tune.models.tokenizer_saving import restore_tokenizer_options
 from lvlm_tune.training import bad_samples
 from lvlm_tune.training.checkpoints import (
     complete_checkpoint_steps,
@@ -285,11 +285,11 @@ class LvlmTrainer(Trainer):
             if self.args.should_save:
                 save_voken_model(model, output_dir, state_dict)
                 if self.processing_class is not None:
-                    save_processor(self.processing_class, output_dir)
+                    self.processing_class.save_pretrained(output_dir)
         else:
             super()._save(output_dir, state_dict=state_dict)
         if self.args.should_save:
-            if self.processing_class is not None:  # save_pretrained drops `legacy`
+            if self.processing_class is not None:  # both branches: save_pretrained drops `legacy`
                 restore_tokenizer_options(
                     output_dir, getattr(self.processing_class, "tokenizer", self.processing_class)
                 )
