@@ -107,6 +107,8 @@ def test_checkpoints_hold_adapter_rows_and_mapper(stages):
         assert "model.safetensors" not in files  # the frozen base is not copied
         card = json.loads((stages[stage] / "lvlm_tune.json").read_text())
         assert card["model_args"]["num_vokens"] == VOKENS
+        # the voken save path keeps the tiny LLaMA tokenizer's `legacy` too
+        assert json.loads((stages[stage] / "tokenizer_config.json").read_text())["legacy"] is True
 
 
 @pytest.fixture(scope="module")
