@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 from lvlm_tune.data.encoder import ConversationEncoder
 from lvlm_tune.data.record import Conversation, Turn
 from lvlm_tune.data.sampler import grouped_order
-from lvlm_tune.tokenizers import train_sentencepiece
+from lvlm_tune.testing.tokenizers import train_sentencepiece
 
 WORDS = (
     "the a red blue green yellow square circle triangle star image picture shows left "

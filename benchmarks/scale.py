@@ -104,7 +104,7 @@ def main() -> None:
         first_batch(*args.child)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        from lvlm_tune.tokenizers import train_sentencepiece
+        from lvlm_tune.testing.tokenizers import train_sentencepiece
 
         data, images = os.path.join(tmp, "llava.json"), os.path.join(tmp, "images")
         t0 = time.perf_counter()

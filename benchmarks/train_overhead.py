@@ -2,7 +2,7 @@
 
 Builds a tiny LLaVA (4-layer, 256-wide LLaMA + small CLIP tower) offline, then times the same
 full fine-tuning steps twice on the same batches in the same order: once through
-``lvlm_tune.train.run`` (HF Trainer + our trainer additions and data pipeline) and once through
+``lvlm_tune.training.pipeline.run`` (HF Trainer + our trainer additions and data pipeline) and once through
 a bare loop (DataLoader -> forward -> backward -> AdamW step) over the same dataset and collator.
 The first steps of each are warm-up and not timed. Prints tokens/s of both and the ratio.
 Run: ``.venv/bin/python benchmarks/train_overhead.py [--steps 40]``.
@@ -21,10 +21,14 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback, set_seed
 
-from lvlm_tune.config import parse_recipe
 from lvlm_tune.data.collator import MultimodalCollator, pad_token_id
-from lvlm_tune.models.tiny import write_tiny_llama, write_tiny_tokenizer, write_tiny_vision_tower
-from lvlm_tune.train import build_dataset, build_model, run
+from lvlm_tune.testing.tiny_models import (
+    write_tiny_llama,
+    write_tiny_tokenizer,
+    write_tiny_vision_tower,
+)
+from lvlm_tune.training.pipeline import build_dataset, build_model, run
+from lvlm_tune.training.recipe import parse_recipe
 
 WORDS = "the a red blue green square circle left right top bottom what color shape is there how many".split()
 
@@ -64,7 +68,7 @@ class StepClock(TrainerCallback):
 
 
 def time_ours(argv: list[str], warmup: int) -> float:
-    """Seconds for the timed steps of a real ``lvlm_tune.train.run``."""
+    """Seconds for the timed steps of a real ``lvlm_tune.training.pipeline.run``."""
     clock = StepClock(warmup)
     run(*parse_recipe(None, argv), callbacks=[clock])
     return clock.end - clock.start

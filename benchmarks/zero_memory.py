@@ -103,8 +103,8 @@ def account(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
 def worker(recipe: str, out: str) -> None:
     from transformers import TrainerCallback
 
-    from lvlm_tune.config import parse_recipe
-    from lvlm_tune.train import run
+    from lvlm_tune.training.pipeline import run
+    from lvlm_tune.training.recipe import parse_recipe
 
     class Measure(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -132,7 +132,7 @@ def build_inputs(root: Path) -> dict[str, str]:
     """Tiny-but-not-trivial parts and a few samples, written offline."""
     from PIL import Image
 
-    from lvlm_tune.models.tiny import (
+    from lvlm_tune.testing.tiny_models import (
         write_tiny_llama,
         write_tiny_tokenizer,
         write_tiny_vision_tower,

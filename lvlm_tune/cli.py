@@ -11,7 +11,10 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": ("lvlm_tune.train", "train one stage from a YAML recipe (--key value overrides)"),
+    "train": (
+        "lvlm_tune.commands.train",
+        "train one stage from a YAML recipe (--key value overrides)",
+    ),
     "inspect": (
         "lvlm_tune.commands.inspect",
         "show exactly which tokens a recipe or data file trains",

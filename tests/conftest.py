@@ -46,14 +46,14 @@ def _load(path):
 
 @pytest.fixture(scope="session")
 def sp_tokenizer_dir(tmp_path_factory):
-    from lvlm_tune.tokenizers import train_sentencepiece
+    from lvlm_tune.testing.tokenizers import train_sentencepiece
 
     return train_sentencepiece(corpus(), tmp_path_factory.mktemp("sp"))
 
 
 @pytest.fixture(scope="session")
 def bpe_tokenizer_dir(tmp_path_factory):
-    from lvlm_tune.tokenizers import train_chatml_bpe
+    from lvlm_tune.testing.tokenizers import train_chatml_bpe
 
     return train_chatml_bpe(corpus(), tmp_path_factory.mktemp("bpe"))
 
@@ -80,7 +80,7 @@ def tokenizer(request, sp_tokenizer, bpe_tokenizer):
 @pytest.fixture(scope="session")
 def tiny_parts(tmp_path_factory):
     """A tiny SentencePiece tokenizer + LLaMA + CLIP vision tower, saved as HF folders."""
-    from lvlm_tune.models.tiny import (
+    from lvlm_tune.testing.tiny_models import (
         write_tiny_llama,
         write_tiny_tokenizer,
         write_tiny_vision_tower,
@@ -141,7 +141,7 @@ class StopAt(TrainerCallback):
 @pytest.fixture(scope="session")
 def tiny_blip2(tmp_path_factory):
     """A tiny random BLIP-2 folder (ViT + Q-Former with 8 queries + a throwaway OPT)."""
-    from lvlm_tune.models.tiny import write_tiny_blip2
+    from lvlm_tune.testing.tiny_models import write_tiny_blip2
 
     root = tmp_path_factory.mktemp("blip2")
     return str(write_tiny_blip2(root, num_query_tokens=MINIGPT4_QUERIES, hidden_size=32))
@@ -166,7 +166,7 @@ def tiny_captions(tiny_data, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     """A tiny random Stable Diffusion pipeline folder (MiniGPT-5's frozen image generator)."""
-    from lvlm_tune.models.tiny_diffusion import write_tiny_stable_diffusion
+    from lvlm_tune.testing.tiny_diffusion import write_tiny_stable_diffusion
 
     return str(write_tiny_stable_diffusion(tmp_path_factory.mktemp("sd") / "sd"))
 
@@ -216,7 +216,7 @@ def parse(recipe, tmp_path, name="recipe.yaml"):
     """Write ``recipe`` as YAML into ``tmp_path/name`` and parse it as ``lvlm-tune train`` does."""
     import yaml
 
-    from lvlm_tune.config import parse_recipe
+    from lvlm_tune.training.recipe import parse_recipe
 
     path = tmp_path / name
     path.write_text(yaml.safe_dump(recipe))
@@ -231,7 +231,7 @@ def train_and_compare(tmp_path, recipe, name="recipe"):
     import torch
     from transformers import set_seed
 
-    from lvlm_tune.train import build_model, run
+    from lvlm_tune.training.pipeline import build_model, run
 
     args = parse(recipe, tmp_path, f"{name}.yaml")
     set_seed(args[2].seed)

@@ -201,6 +201,6 @@ if __name__ == "__main__":  # the worker: [--audit DIR] [--hang-at STEP MARKER] 
     elif argv[0] == "--hang-at":
         _hang_before_publishing(int(argv[1]), Path(argv[2]))
         argv = argv[3:]
-    from lvlm_tune.train import main
+    from lvlm_tune.commands.train import main
 
     sys.exit(main(argv))

@@ -19,13 +19,13 @@ import torch
 from PIL import Image
 from transformers import TextStreamer
 
-from lvlm_tune.checkpoint_loading import LoadedRun, load_run
 from lvlm_tune.data.encoder import ConversationEncoder
 from lvlm_tune.data.images import ImageLoader
 from lvlm_tune.data.record import IMAGE_TAG, Conversation, Turn
 from lvlm_tune.errors import UserError, command, debug_enabled, is_user_error, report
 from lvlm_tune.generation.vokens import GEN_IMAGE_TAG, voken_ids
-from lvlm_tune.inference import Answerer, sampling_kwargs
+from lvlm_tune.inference.answer import Answerer, sampling_kwargs
+from lvlm_tune.inference.load import LoadedRun, load_run
 from lvlm_tune.models.parts import unwrap_model
 
 

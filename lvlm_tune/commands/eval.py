@@ -25,14 +25,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lvlm_tune.checkpoint_loading import load_run
 from lvlm_tune.data.collator import MultimodalCollator, pad_token_id
 from lvlm_tune.data.dataset import SupervisedDataset
 from lvlm_tune.data.encoder import IGNORE_INDEX, ConversationEncoder
 from lvlm_tune.data.images import ImageLoader
 from lvlm_tune.data.sources import open_source
 from lvlm_tune.errors import UserError, command, require_path, require_writable_file
-from lvlm_tune.inference import Answerer
+from lvlm_tune.inference.answer import Answerer
+from lvlm_tune.inference.load import load_run
 from lvlm_tune.models.parts import unwrap_model
 
 

@@ -35,9 +35,9 @@ from lvlm_tune.data.errors import (
 )
 from lvlm_tune.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageLoader
 from lvlm_tune.errors import UserError, command, require_path
-from lvlm_tune.recipe_file import load_recipe
 from lvlm_tune.templates import template_names
 from lvlm_tune.templates.render import IMAGE_POSITIONS
+from lvlm_tune.training.recipe_file import load_recipe
 
 GREEN, RESET = "\033[32m", "\033[0m"
 # recipe key -> inspect option; the first tokenizer key present in a recipe wins

@@ -16,9 +16,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lvlm_tune.checkpoint_loading import DTYPES, eval_figures, load_run
 from lvlm_tune.errors import command
 from lvlm_tune.generation.mapper import save_mapper
+from lvlm_tune.inference.load import DTYPES, eval_figures, load_run
 from lvlm_tune.models.registry import get_model_family
 from lvlm_tune.models.tokenizer_saving import save_processor
 from lvlm_tune.training.checkpoints import checkpoint_step

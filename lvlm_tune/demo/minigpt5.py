@@ -35,9 +35,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from lvlm_tune.checkpoint_loading import load_run
 from lvlm_tune.commands.chat import ChatSession
-from lvlm_tune.config import parse_recipe
 from lvlm_tune.demo import pretrain, shapes
 from lvlm_tune.demo.pretrain_diffusion import (
     DiffusionPretrainConfig,
@@ -46,9 +44,11 @@ from lvlm_tune.demo.pretrain_diffusion import (
     text_to_image_accuracy,
 )
 from lvlm_tune.generation.diffusion import load_diffusion_parts
-from lvlm_tune.models.tiny import write_tiny_vision_tower
+from lvlm_tune.inference.load import load_run
 from lvlm_tune.templates.registry import get_template
-from lvlm_tune.train import run
+from lvlm_tune.testing.tiny_models import write_tiny_vision_tower
+from lvlm_tune.training.pipeline import run
+from lvlm_tune.training.recipe import parse_recipe
 from lvlm_tune.training.trainer import LOSS_PARTS
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "demo"

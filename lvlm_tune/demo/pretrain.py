@@ -36,7 +36,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 
 from lvlm_tune.demo.probes import GROUP_SIZES, fit, probe, probe_report, scene_batch
 from lvlm_tune.models.tokenizer_saving import save_processor
-from lvlm_tune.tokenizers import train_sentencepiece
+from lvlm_tune.testing.tokenizers import train_sentencepiece
 
 
 @dataclass

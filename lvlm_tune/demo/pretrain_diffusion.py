@@ -4,7 +4,7 @@ MiniGPT-5 keeps the whole diffusion model frozen: only the voken rows and the ma
 learn to steer it. A random VAE decodes to noise and a random UNet cannot be steered, so the demo
 first makes a diffusion model that already draws its own images from text, offline.
 :func:`pretrain_diffusion` starts from the random tiny stack of
-:func:`lvlm_tune.models.tiny_diffusion.write_tiny_stable_diffusion` (its DDPM scheduler, CLIP
+:func:`lvlm_tune.testing.tiny_diffusion.write_tiny_stable_diffusion` (its DDPM scheduler, CLIP
 tokenizer and text encoder, which stay random and frozen, as SD's text encoder stays frozen),
 replaces the VAE by a three-level one (32 px images -> 8 x 8 latents, cheap on CPU) and trains it
 to reconstruct the caption pairs' images, sets the VAE's ``scaling_factor`` so that latents have
@@ -41,7 +41,7 @@ from lvlm_tune.generation.diffusion import (
     make_pipeline,
     min_snr_weight,
 )
-from lvlm_tune.models.tiny_diffusion import write_tiny_stable_diffusion
+from lvlm_tune.testing.tiny_diffusion import write_tiny_stable_diffusion
 
 
 @dataclass

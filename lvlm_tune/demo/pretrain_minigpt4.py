@@ -38,9 +38,9 @@ from lvlm_tune.data.record import IMAGE_TAG, Conversation
 from lvlm_tune.data.sources import open_source
 from lvlm_tune.demo.pretrain import LanguageModelConfig, pretrain_llama, train_tokenizer
 from lvlm_tune.demo.probes import GROUP_SIZES, fit, probe, probe_report, scene_batch
-from lvlm_tune.models.tiny import write_tiny_blip2
 from lvlm_tune.templates.registry import get_template
 from lvlm_tune.templates.render import place_images, render
+from lvlm_tune.testing.tiny_models import write_tiny_blip2
 
 # (template, data file of make_shapes_dataset, image position) of the two stages' recipes
 STAGE_DATA = (("plain", "captions_train", "before"), ("minigpt4", "instruct_train", "random"))

@@ -39,9 +39,9 @@ import torch
 from lvlm_tune.commands import chat as chat_command
 from lvlm_tune.commands import eval as eval_command
 from lvlm_tune.commands import merge as merge_command
-from lvlm_tune.config import parse_recipe
 from lvlm_tune.demo import pretrain, pretrain_minigpt4, shapes
-from lvlm_tune.train import run
+from lvlm_tune.training.pipeline import run
+from lvlm_tune.training.recipe import parse_recipe
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "demo"
 SCORED_KINDS = ("colour", "shape")

@@ -9,10 +9,10 @@ import pytest
 import torch
 from test_merge import train
 
-from lvlm_tune.checkpoint_loading import load_run
 from lvlm_tune.commands.eval import evaluate, normalize
 from lvlm_tune.commands.eval import main as eval_main
 from lvlm_tune.commands.merge import merge
+from lvlm_tune.inference.load import load_run
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +23,9 @@ def lora_run(tmp_path_factory, tiny_parts, tiny_data):
 
 
 def test_eval_loss_is_the_training_loss_on_answer_tokens(lora_run, tiny_data):
-    from lvlm_tune.config import DataArguments
     from lvlm_tune.data.collator import MultimodalCollator, pad_token_id
-    from lvlm_tune.train import build_dataset
+    from lvlm_tune.training.pipeline import build_dataset
+    from lvlm_tune.training.recipe import DataArguments
 
     report = evaluate(lora_run["run"], tiny_data["data_path"], batch_size=16, progress=False)
     loaded = load_run(lora_run["run"])
@@ -92,7 +92,7 @@ def test_chat_one_shot_streams_the_answer_lvlm_tune_gives(lora_run, tiny_data, c
     from lvlm_tune.data.encoder import ConversationEncoder
     from lvlm_tune.data.images import ImageLoader
     from lvlm_tune.data.record import Conversation, Turn
-    from lvlm_tune.inference import Answerer
+    from lvlm_tune.inference.answer import Answerer
     from lvlm_tune.models.llava import num_image_tokens
 
     loaded = load_run(lora_run["merged"])

@@ -17,7 +17,7 @@ from transformers import set_seed
 
 from lvlm_tune import cli
 from lvlm_tune.data.errors import TooManyBadSamplesError
-from lvlm_tune.train import build_model, run
+from lvlm_tune.training.pipeline import build_model, run
 
 BAD = {  # sample index -> (how it is broken, the reason it is counted under)
     1: ("missing", "missing_image"),

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from lvlm_tune.models.tiny import _default_lines
-from lvlm_tune.tokenizers import train_clip_bpe
+from lvlm_tune.testing.tiny_models import _default_lines
+from lvlm_tune.testing.tokenizers import train_clip_bpe
 
 
 def write_tiny_stable_diffusion(

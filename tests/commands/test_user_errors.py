@@ -21,8 +21,8 @@ import yaml
 from conftest import tiny_recipe
 
 from lvlm_tune.cli import main as cli
-from lvlm_tune.config import LORA_KEYS, parse_recipe
 from lvlm_tune.errors import UserError
+from lvlm_tune.training.recipe import LORA_KEYS, parse_recipe
 
 EXE = os.path.join(os.path.dirname(sys.executable), "lvlm-tune")
 
@@ -151,7 +151,7 @@ def test_duplicate_yaml_keys_are_refused_naming_key_file_and_line(capsys, monkey
     # a YAML merge key may override on purpose
     merged = tmp_path / "merged.yaml"
     merged.write_text("base: &b {x: 1}\nother:\n  <<: *b\n  x: 2\n")
-    from lvlm_tune.recipe_file import load_recipe
+    from lvlm_tune.training.recipe_file import load_recipe
 
     assert load_recipe(merged)["other"] == {"x": 2}
 
@@ -250,7 +250,7 @@ def test_inspect_paths_and_template(capsys, monkeypatch, tmp_path, sp_tokenizer_
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_parts, tiny_data):
-    from lvlm_tune.train import run
+    from lvlm_tune.training.pipeline import run
 
     root = tmp_path_factory.mktemp("user_errors_run")
     recipe = tiny_recipe(tiny_parts, tiny_data, root / "lora", stage="finetune_lora", max_steps=1)
@@ -286,7 +286,7 @@ def test_merge_base_takes_exactly_the_form_its_error_suggests(
 
 
 def test_parse_base_forms():
-    from lvlm_tune.checkpoint_loading import parse_base
+    from lvlm_tune.inference.load import parse_base
 
     assert parse_base("/m") == {"model": "/m"}
     assert parse_base("/l,/v") == {"llm": "/l", "vision": "/v"}
@@ -302,8 +302,8 @@ def test_parse_base_forms():
 def test_chat_repl_survives_bad_images(capsys, monkeypatch, lora_run, tiny_data, tmp_path):
     import argparse
 
-    from lvlm_tune.checkpoint_loading import load_run
     from lvlm_tune.commands.chat import ChatSession, repl
+    from lvlm_tune.inference.load import load_run
 
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really")

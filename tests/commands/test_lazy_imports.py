@@ -22,8 +22,8 @@ HEAVY = (
     "transformers.trainer",
     "transformers.modeling_utils",
     "transformers.processing_utils",
-    "lvlm_tune.config",
-    "lvlm_tune.arguments",
+    "lvlm_tune.training.recipe",
+    "lvlm_tune.training.arguments",
     "lvlm_tune.models.llava",
     "lvlm_tune.training.trainer",
 )

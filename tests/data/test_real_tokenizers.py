@@ -23,7 +23,7 @@ from lvlm_tune.data.record import Conversation, Turn
 from lvlm_tune.generation.vokens import added_special_tokens
 from lvlm_tune.models.tokenizer_saving import save_processor
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "tokenizers"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "tokenizers"
 NAMES = ["llama2", "llama2-nonlegacy", "llama2-spmconv", "llama3", "qwen2", "phi3"]
 NAMED = ["llava_v0", "vicuna_v1", "plain", "minigpt4", "llama2", "chatml"]
 POSITIONS = ["before", "after", "random", "keep"]
@@ -306,7 +306,7 @@ def test_inference_stops_at_the_template_stop():
     """Generation ends where training's STOP is: Phi-3.5's <|end|> id joins the EOS ids."""
     from types import SimpleNamespace
 
-    from lvlm_tune.inference import Answerer
+    from lvlm_tune.inference.answer import Answerer
 
     tok = load("phi3", "tokenizer")
     enc = ConversationEncoder(tok, "tokenizer")

@@ -148,7 +148,7 @@ def test_refusing_a_100_megapixel_image_costs_no_memory(images):
             assert image.size == (10000, 10000)
         print(growth_mb(refuse), growth_mb(decode))
     """)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
     )

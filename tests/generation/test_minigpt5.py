@@ -14,9 +14,9 @@ import torch
 from conftest import MINIGPT4_QUERIES, StopAt, parse, tiny_recipe, train_and_compare
 from transformers import AutoModelForCausalLM, set_seed
 
-from lvlm_tune.config import parse_recipe
 from lvlm_tune.generation.vokens import voken_ids
-from lvlm_tune.train import build_dataset, build_model, run
+from lvlm_tune.training.pipeline import build_dataset, build_model, run
+from lvlm_tune.training.recipe import parse_recipe
 
 VOKENS = 4
 MAPPER = {"mapper_hidden_size": 32, "mapper_layers": 1, "mapper_heads": 4}
@@ -80,7 +80,7 @@ def test_original_rows_bit_identical_after_weight_decay(stages, tiny_parts, tmp_
     from lvlm_tune.commands.merge import merge
 
     merged = merge(stages["s1"], tmp_path / "merged")
-    from lvlm_tune.checkpoint_loading import load_run
+    from lvlm_tune.inference.load import load_run
 
     model = load_run(merged).model
     original = AutoModelForCausalLM.from_pretrained(tiny_parts["llm"])
@@ -177,8 +177,8 @@ def test_cfg_drop_rate_and_null_condition(voken_model):
 
 
 def test_forced_generation_returns_text_and_an_image_with_the_zero_negative(stages, tmp_path):
-    from lvlm_tune.checkpoint_loading import load_run
     from lvlm_tune.commands.chat import ChatSession
+    from lvlm_tune.inference.load import load_run
 
     session = ChatSession(
         load_run(stages["s2"]), force_image=True, image_dir=str(tmp_path / "img"), steps=2
@@ -208,9 +208,9 @@ def test_forced_generation_returns_text_and_an_image_with_the_zero_negative(stag
 
 
 def test_merged_minigpt5_folder_chats_like_the_adapter(stages, tmp_path):
-    from lvlm_tune.checkpoint_loading import load_run
     from lvlm_tune.commands.chat import ChatSession
     from lvlm_tune.commands.merge import merge
+    from lvlm_tune.inference.load import load_run
 
     merged = merge(stages["s2"], tmp_path / "merged")
     assert (merged / "voken_mapper.safetensors").exists()

@@ -1,7 +1,7 @@
 """Reading a flat YAML recipe plus CLI overrides into the argument classes.
 
 A recipe is one flat YAML mapping of the fields of the argument classes
-(:mod:`lvlm_tune.arguments`, re-exported here). Command-line ``--key value`` pairs override
+(:mod:`lvlm_tune.training.arguments`, re-exported here). Command-line ``--key value`` pairs override
 the file; a list key takes ``a,b``, ``a`` or ``[a, b]``. An unknown key fails, naming the
 closest valid one; so does a LoRA key set for a stage without adapters.
 :func:`check_paths` refuses missing local files and folders before any model loads. Every
@@ -19,7 +19,8 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
-from lvlm_tune.arguments import (
+from lvlm_tune.errors import UserError, require_path
+from lvlm_tune.training.arguments import (
     ARG_CLASSES,
     LORA_KEYS,
     LORA_STAGES,
@@ -28,8 +29,7 @@ from lvlm_tune.arguments import (
     ModelArguments,
     RecipeArgs,
 )
-from lvlm_tune.errors import UserError, require_path
-from lvlm_tune.recipe_file import load_recipe
+from lvlm_tune.training.recipe_file import load_recipe
 
 __all__ = [
     "ARG_CLASSES",

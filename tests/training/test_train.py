@@ -12,10 +12,10 @@ import yaml
 from conftest import MINIGPT4_QUERIES, StopAt, parse, tiny_recipe, train_and_compare
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-from lvlm_tune.config import parse_recipe
 from lvlm_tune.errors import UserError
 from lvlm_tune.models.parts import canonical_name, is_under
-from lvlm_tune.train import build_model, run
+from lvlm_tune.training.pipeline import build_model, run
+from lvlm_tune.training.recipe import parse_recipe
 
 PROJECTOR = ("model.multi_modal_projector",)
 LANGUAGE = ("model.language_model", "lm_head")
@@ -137,7 +137,7 @@ def test_every_recipe_parses_and_builds_with_tiny_stand_ins(
 
     recipes = sorted(
         glob(
-            os.path.join(os.path.dirname(__file__), "..", "recipes", "**", "*.yaml"), recursive=True
+            os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "**", "*.yaml"), recursive=True
         )
     )
     assert recipes
@@ -237,7 +237,7 @@ def test_launchers(tmp_path, tiny_parts, tiny_data, launcher):
 
 def test_text_only_batch_still_runs_the_vision_path(tmp_path, tiny_parts, tiny_data):
     from lvlm_tune.data.collator import MultimodalCollator
-    from lvlm_tune.train import build_dataset
+    from lvlm_tune.training.pipeline import build_dataset
     from lvlm_tune.training.trainer import LvlmTrainer
 
     args = parse(tiny_recipe(tiny_parts, tiny_data, tmp_path / "t", stage="finetune"), tmp_path)

@@ -4,7 +4,7 @@ A recipe is one flat YAML mapping whose keys are the fields of :class:`ModelArgu
 :class:`DataArguments` and :class:`LvlmTrainingArguments` (which extends
 ``transformers.TrainingArguments``, so every Trainer option is a recipe key). Value and
 cross-field checks live in ``__post_init__`` and name the offending key; every such problem is
-a :class:`~lvlm_tune.errors.UserError`. Reading a recipe is :mod:`lvlm_tune.config`.
+a :class:`~lvlm_tune.errors.UserError`. Reading a recipe is :mod:`lvlm_tune.training.recipe`.
 
 Over 300 lines: the three classes stay together so every recipe key reads as one list.
 """

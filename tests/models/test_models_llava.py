@@ -24,7 +24,7 @@ from lvlm_tune.models import (
     load_llava,
     num_image_tokens,
 )
-from lvlm_tune.models.tiny import (
+from lvlm_tune.testing.tiny_models import (
     write_tiny_llama,
     write_tiny_llava,
     write_tiny_tokenizer,

@@ -30,7 +30,7 @@ from transformers import (
 
 from lvlm_tune.models.llava import build_llava
 from lvlm_tune.models.tokenizer_saving import save_processor
-from lvlm_tune.tokenizers import train_sentencepiece
+from lvlm_tune.testing.tokenizers import train_sentencepiece
 
 _WORDS = (
     "the a an is are what which where how many image picture shows there of in on at left right "

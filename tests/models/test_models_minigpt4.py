@@ -18,7 +18,7 @@ from transformers import (
 
 from lvlm_tune.models import IMAGE_TOKEN, get_model_family
 from lvlm_tune.models.minigpt4 import build_minigpt4, load_minigpt4
-from lvlm_tune.models.tiny import write_tiny_blip2, write_tiny_llama, write_tiny_tokenizer
+from lvlm_tune.testing.tiny_models import write_tiny_blip2, write_tiny_llama, write_tiny_tokenizer
 from lvlm_tune.training.freezing import apply_stage
 
 QUERIES = 8

@@ -20,7 +20,7 @@ from conftest import MINIGPT4_QUERIES, minigpt4_recipe, parse, train_and_compare
 
 from lvlm_tune.commands.inspect import main as inspect_main
 from lvlm_tune.data.encoder import IGNORE_INDEX
-from lvlm_tune.train import build_model
+from lvlm_tune.training.pipeline import build_model
 
 PROJECTION = {"language_projection.weight", "language_projection.bias"}
 
@@ -176,7 +176,7 @@ def test_stage2_starts_from_the_stage1_projection(stages, tmp_path):
 
 def test_text_only_batch_runs_the_vision_path_with_zero_effect(stages, tmp_path):
     from lvlm_tune.data.collator import MultimodalCollator
-    from lvlm_tune.train import build_dataset
+    from lvlm_tune.training.pipeline import build_dataset
     from lvlm_tune.training.trainer import LvlmTrainer
 
     args = parse(stages["recipe2"], tmp_path)
@@ -265,10 +265,10 @@ print(json.dumps({"prompt": prompt, "ids": inputs["input_ids"][0].tolist(), "tex
 def test_merged_folder_loads_in_plain_transformers_and_answers_like_chat(
     stages, tiny_data, tmp_path
 ):
-    from lvlm_tune.checkpoint_loading import load_run
     from lvlm_tune.commands.chat import ChatSession
     from lvlm_tune.commands.merge import merge
     from lvlm_tune.data.record import Conversation, Turn
+    from lvlm_tune.inference.load import load_run
 
     out = merge(stages["stage2"], tmp_path / "merged")
     assert "minigpt4" in (out / "README.md").read_text()
@@ -299,9 +299,9 @@ def test_merged_folder_loads_in_plain_transformers_and_answers_like_chat(
 
 
 def test_eval_and_text_only_chat_on_a_minigpt4_run(stages, tiny_data):
-    from lvlm_tune.checkpoint_loading import load_run
     from lvlm_tune.commands.chat import ChatSession
     from lvlm_tune.commands.eval import evaluate
+    from lvlm_tune.inference.load import load_run
 
     report = evaluate(stages["stage2"], tiny_data["data_path"], progress=False, batch_size=4)
     metrics = report["metrics"]

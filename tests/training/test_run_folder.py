@@ -10,11 +10,11 @@ import shutil
 import pytest
 from conftest import StopAt, parse, tiny_recipe
 
-from lvlm_tune.checkpoint_loading import load_run
 from lvlm_tune.commands.merge import main as merge_main
-from lvlm_tune.config import LORA_KEYS
-from lvlm_tune.train import main as train_main
-from lvlm_tune.train import run
+from lvlm_tune.commands.train import main as train_main
+from lvlm_tune.inference.load import load_run
+from lvlm_tune.training.pipeline import run
+from lvlm_tune.training.recipe import LORA_KEYS
 from lvlm_tune.training.run_card import run_options
 from lvlm_tune.training.run_folder import RunFolderError, check_final_save
 

@@ -25,9 +25,9 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-from lvlm_tune.checkpoint_loading import build_base, load_run
 from lvlm_tune.cli import main as cli_main
 from lvlm_tune.commands.inspect import load_tokenizer, recipe_image_tokens
+from lvlm_tune.inference.load import build_base, load_run
 from lvlm_tune.models import IMAGE_TOKEN, build_llava, get_model_family
 from lvlm_tune.models.llava_original import (
     is_original_llava,
@@ -298,7 +298,7 @@ def test_refuses_what_the_standard_llava_cannot_express(tmp_path, tiny_parts, fi
 
 
 def test_detection_leaves_hf_folders_alone(tmp_path, tiny_parts, mlp_folder):
-    from lvlm_tune.models.tiny import write_tiny_llava
+    from lvlm_tune.testing.tiny_models import write_tiny_llava
 
     hf = write_tiny_llava(tmp_path / "hf", tiny_parts["llm"])
     assert is_original_llava(mlp_folder[0]) and not is_original_llava(hf)

@@ -21,7 +21,6 @@ from transformers.integrations.deepspeed import (
     unset_hf_deepspeed_config,
 )
 
-from lvlm_tune.config import parse_recipe
 from lvlm_tune.training.checkpoints import (
     is_complete_checkpoint,
     newest_complete_checkpoint,
@@ -29,8 +28,9 @@ from lvlm_tune.training.checkpoints import (
 )
 from lvlm_tune.training.distributed import offloads_optimizer, zero3_init_paused
 from lvlm_tune.training.pickle_scan import UnsafeCheckpointError, check_checkpoint
+from lvlm_tune.training.recipe import parse_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
 
 
@@ -142,7 +142,7 @@ def test_a_run_publishes_whole_checkpoints_rotates_them_and_resumes_a_full_model
 ):
     from transformers import TrainerCallback
 
-    from lvlm_tune.train import run
+    from lvlm_tune.training.pipeline import run
 
     class StopAt2(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -247,7 +247,7 @@ def test_resuming_a_real_checkpoint_with_a_crafted_pickle_is_refused(
 ):
     from conftest import StopAt, parse
 
-    from lvlm_tune.train import run
+    from lvlm_tune.training.pipeline import run
 
     out, marker = tmp_path / "out", tmp_path / "marker"
     recipe = tiny_recipe(

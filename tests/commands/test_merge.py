@@ -14,13 +14,13 @@ import torch
 import yaml
 from conftest import tiny_recipe
 
-from lvlm_tune.checkpoint_loading import load_run
 from lvlm_tune.commands.merge import main as merge_main
 from lvlm_tune.commands.merge import merge
-from lvlm_tune.config import parse_recipe
 from lvlm_tune.data.collator import MultimodalCollator, pad_token_id
+from lvlm_tune.inference.load import load_run
 from lvlm_tune.models.llava import num_image_tokens
-from lvlm_tune.train import build_dataset, run
+from lvlm_tune.training.pipeline import build_dataset, run
+from lvlm_tune.training.recipe import parse_recipe
 
 
 def train(root, parts, data, name, **overrides):
@@ -124,7 +124,7 @@ def test_merged_folder_loads_with_plain_transformers_and_generates_the_same(
     from lvlm_tune.data.encoder import ConversationEncoder
     from lvlm_tune.data.images import ImageLoader
     from lvlm_tune.data.record import Conversation, Turn
-    from lvlm_tune.inference import Answerer
+    from lvlm_tune.inference.answer import Answerer
     from lvlm_tune.models.llava import num_image_tokens
 
     out = merge(runs["lora"], tmp_path / "merged")

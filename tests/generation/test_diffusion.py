@@ -36,7 +36,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def sd_dir(tmp_path_factory):
-    from lvlm_tune.models.tiny_diffusion import write_tiny_stable_diffusion
+    from lvlm_tune.testing.tiny_diffusion import write_tiny_stable_diffusion
 
     return write_tiny_stable_diffusion(tmp_path_factory.mktemp("sd"), cross_attention_dim=DIM)
 

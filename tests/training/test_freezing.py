@@ -20,7 +20,7 @@ from lvlm_tune.models import (
     save_projector,
 )
 from lvlm_tune.models.parts import canonical_name
-from lvlm_tune.models.tiny import write_tiny_llava, write_tiny_tokenizer
+from lvlm_tune.testing.tiny_models import write_tiny_llava, write_tiny_tokenizer
 from lvlm_tune.training.freezing import (
     STAGES,
     LoraOptions,

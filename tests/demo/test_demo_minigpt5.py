@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from lvlm_tune.config import parse_recipe
 from lvlm_tune.demo import minigpt5, shapes
 from lvlm_tune.demo.pretrain_diffusion import (
     DiffusionPretrainConfig,
@@ -22,6 +21,7 @@ from lvlm_tune.generation.diffusion import (
     load_diffusion_parts,
     make_pipeline,
 )
+from lvlm_tune.training.recipe import parse_recipe
 
 SCORED = {name: shapes.COLORS[name] for name in minigpt5.SCORED}
 

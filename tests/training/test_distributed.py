@@ -108,8 +108,8 @@ def test_zero3_stage1_trains_only_the_projector_and_rank0_alone_writes(stage1):
     from safetensors.torch import load_file
     from transformers import LlavaForConditionalGeneration, set_seed
 
-    from lvlm_tune.config import parse_recipe
-    from lvlm_tune.train import build_model
+    from lvlm_tune.training.pipeline import build_model
+    from lvlm_tune.training.recipe import parse_recipe
 
     out = stage1["out"]
     args = parse_recipe(stage1["recipe"], ["--deepspeed", ""])
@@ -282,8 +282,8 @@ def test_minigpt4_stage2_two_processes(zero, tiny_parts, tiny_blip2, mixed_data,
     ``language_projection`` changes; the text-only rank runs the vision path on a blank image."""
     from transformers import Blip2ForConditionalGeneration, set_seed
 
-    from lvlm_tune.config import parse_recipe
-    from lvlm_tune.train import build_model
+    from lvlm_tune.training.pipeline import build_model
+    from lvlm_tune.training.recipe import parse_recipe
 
     recipe = write_recipe(
         tmp_path, tiny_parts, mixed_data, family="minigpt4", vision_tower=tiny_blip2,
@@ -321,7 +321,7 @@ def voken_data(tiny_data, tmp_path_factory):
 def test_minigpt5_vokens_two_processes(zero, tiny_parts, tiny_sd, voken_data, tmp_path):
     """MiniGPT-5 stage 2 on two ranks (one generating rank, one text-only rank per step): the
     adapter (voken rows + LoRA) and the mapper are saved; frozen rows stay bit-identical."""
-    from lvlm_tune.checkpoint_loading import load_run
+    from lvlm_tune.inference.load import load_run
 
     recipe = write_recipe(
         tmp_path, tiny_parts, voken_data, stage="vokens_lora", num_vokens=4,

@@ -1,0 +1,45 @@
+"""``lvlm-tune train RECIPE [--key value ...]``: one training stage from a YAML recipe.
+
+Also runnable as ``python -m lvlm_tune.train`` and ``accelerate launch -m lvlm_tune.train``,
+``deepspeed --module lvlm_tune.train`` and ``torchrun -m lvlm_tune.train`` (a shim that runs
+this command). The stage itself is :func:`lvlm_tune.training.pipeline.run`.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import sys
+
+import torch
+
+from lvlm_tune.errors import command
+from lvlm_tune.training.pipeline import run
+from lvlm_tune.training.recipe import parse_recipe
+
+
+@command("lvlm-tune train")
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The deepspeed launcher puts --local_rank=N first; LOCAL_RANK in the environment says the same.
+    argv = [arg for arg in argv if not arg.startswith("--local_rank=")]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(
+            "usage: lvlm-tune train RECIPE.yaml [--key value ...]   (any recipe key can be overridden)"
+        )
+        return 0
+    recipe, overrides = (None, argv) if argv[0].startswith("--") else (argv[0], argv[1:])
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO
+    )
+    run(*parse_recipe(recipe, overrides))  # user errors: one line, status 2 (@command)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Free the engine (and any collective handles it holds) and the process groups while
+        # Python is whole: gloo may otherwise abort a rank in interpreter teardown.
+        gc.collect()
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,4 @@
+"""Using a trained folder: load it, answer prompts, chat, evaluate.
+
+Submodules are imported on use, so importing this package alone loads nothing heavy.
+"""

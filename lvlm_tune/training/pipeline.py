@@ -1,0 +1,236 @@
+"""One training stage from parsed recipe arguments: build the model, freeze, data, train, save.
+
+Reads top to bottom: build the model -> freeze for the stage -> data -> train -> save. The
+``lvlm-tune train`` command (:mod:`lvlm_tune.commands.train`) parses the recipe and calls
+:func:`run`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from transformers import set_seed
+
+from lvlm_tune.data.collator import MultimodalCollator, pad_token_id
+from lvlm_tune.data.dataset import SupervisedDataset
+from lvlm_tune.data.encoder import ConversationEncoder
+from lvlm_tune.data.images import ImageLoader
+from lvlm_tune.data.sources import open_source
+from lvlm_tune.errors import UserError
+from lvlm_tune.generation.build import TargetImages, build_voken_model, fold_pretrained_vokens
+from lvlm_tune.generation.model import VokenModel
+from lvlm_tune.generation.vokens import added_special_tokens, voken_ids
+from lvlm_tune.models.llava import enable_gradient_checkpointing
+from lvlm_tune.models.llava_original import original_image_aspect_ratio
+from lvlm_tune.models.parts import load_projector, save_projector
+from lvlm_tune.models.registry import ModelFamily, get_model_family
+from lvlm_tune.templates.jinja import set_chat_template
+from lvlm_tune.templates.registry import TOKENIZER_TEMPLATE, get_template
+from lvlm_tune.training.distributed import register_token_weights, zero3_init_paused
+from lvlm_tune.training.freezing import LoraOptions, apply_stage, parameter_summary
+from lvlm_tune.training.loss_curve import write_loss_curve
+from lvlm_tune.training.recipe import (
+    DataArguments,
+    LvlmTrainingArguments,
+    ModelArguments,
+    check_paths,
+)
+from lvlm_tune.training.run_card import make_run_card, run_options, write_run_card
+from lvlm_tune.training.run_folder import claim_output_dir
+from lvlm_tune.training.trainer import LvlmTrainer
+
+logger = logging.getLogger("lvlm_tune.train")
+
+
+def model_dtype(args: LvlmTrainingArguments) -> torch.dtype:
+    """bf16 runs hold bf16 weights; fp16 runs keep fp32 master weights (AMP); else fp32."""
+    return torch.bfloat16 if args.bf16 else torch.float32
+
+
+def build_model(
+    model_args: ModelArguments, data_args: DataArguments, train_args: LvlmTrainingArguments
+) -> tuple[Any, Any, ModelFamily]:
+    """Build or load the model and processor, load a stage-1 projector, freeze for the stage.
+
+    An unset ``image_aspect_ratio`` becomes the loaded checkpoint's (``pad`` for an original
+    LLaVA-1.5 folder), else ``none``.
+    """
+    family = get_model_family(model_args.family)
+    if data_args.image_aspect_ratio is None:
+        base = original_image_aspect_ratio(model_args.model_name_or_path)
+        data_args.image_aspect_ratio = base or "none"
+    extra = added_special_tokens(data_args.template, model_args.num_vokens)
+    common = {
+        "dtype": model_dtype(train_args),
+        "attn_implementation": model_args.attn_implementation,
+        "extra_special_tokens": extra,
+    }
+    # Whole on every rank even under ZeRO-3 (DeepSpeed partitions it when training starts):
+    # composing fills a meta skeleton and PEFT copies the projector, and neither works on
+    # zero.Init-partitioned parameters.
+    with zero3_init_paused():
+        if model_args.model_name_or_path:
+            options = {k: getattr(model_args, k) for k in family.load_options}
+            options = {k: v for k, v in options.items() if v}
+            model, processor = family.load(model_args.model_name_or_path, **options, **common)
+        else:
+            options = {key: getattr(model_args, key) for key in family.build_options}
+            model, processor = family.build(
+                model_args.vision_tower, model_args.llm_name_or_path, **options, **common
+            )
+    if data_args.template != TOKENIZER_TEMPLATE:  # inference renders exactly the training prompt
+        template = get_template(data_args.template)
+        set_chat_template(processor, template, family.prompt_image_tokens(model))
+    if model_args.pretrained_projector:
+        source = load_projector(model, model_args.pretrained_projector, family)
+        logger.info("projector loaded from %s", source)
+    if model_args.pretrained_vokens:
+        model = fold_pretrained_vokens(model, model_args.pretrained_vokens)
+    vokens = (
+        voken_ids(processor.tokenizer, model_args.num_vokens) if model_args.num_vokens else None
+    )
+    lora = LoraOptions(
+        r=model_args.lora_r,
+        alpha=model_args.lora_alpha,
+        dropout=model_args.lora_dropout,
+        target_modules=tuple(model_args.lora_target_modules)
+        if model_args.lora_target_modules
+        else None,
+        use_dora=model_args.use_dora,
+        use_rslora=model_args.use_rslora,
+    )
+    with zero3_init_paused():  # the model is still whole; PEFT must not gather (CUDA-only)
+        model = apply_stage(
+            model,
+            model_args.stage,
+            family,
+            lora=lora,
+            unfreeze_vision_tower=model_args.unfreeze_vision_tower,
+            voken_ids=vokens,
+        )
+    if vokens:
+        register_token_weights(model)  # ZeRO-3 gathers the rows the voken layers read
+    if train_args.activation_checkpointing:
+        enable_gradient_checkpointing(model)  # with input grads, so frozen embeddings work
+        train_args.activation_checkpointing = train_args.gradient_checkpointing = False
+    if model_args.num_vokens:
+        dtype = model_dtype(train_args)
+        model = build_voken_model(model, processor.tokenizer, model_args, train_args, dtype)
+    logger.info(parameter_summary(model))
+    return model, processor, family
+
+
+def build_dataset(
+    data_args: DataArguments,
+    processor: Any,
+    num_image_tokens: int,
+    seed: int,
+    *,
+    num_vokens: int = 0,
+    target_images: Any = None,
+) -> SupervisedDataset:
+    """Source -> encoder (template, image tokens, max length) -> dataset with images.
+
+    ``num_vokens`` and ``target_images`` (MiniGPT-5) encode image-generating answers and turn
+    their target images into the diffusion VAE's input.
+    """
+    if not data_args.data_path:
+        raise UserError("data_path: a training recipe needs data; set data_path")
+    encoder = ConversationEncoder(
+        processor.tokenizer,
+        data_args.template,
+        num_image_tokens=num_image_tokens,
+        model_max_length=data_args.model_max_length,
+        image_position=data_args.image_position,
+        seed=seed,
+        system=data_args.system_prompt,
+        instruction_pool=data_args.instruction_pool,
+        num_vokens=num_vokens,
+        caption_task=data_args.caption_task,
+        special_text=data_args.special_text,
+        stop_text_in_answer=data_args.stop_text_in_answer,
+        plain_multi_turn=data_args.plain_multi_turn,
+    )
+    images = ImageLoader(
+        processor.image_processor,
+        data_args.image_folder,
+        data_args.image_aspect_ratio or "none",
+        max_image_pixels=data_args.max_image_pixels,
+        allow_outside_folder=data_args.allow_outside_image_folder,
+    )
+    source = open_source(data_args.data_path, fmt=data_args.data_format)
+    return SupervisedDataset(
+        source, encoder, images, on_bad_sample=data_args.on_bad_sample,
+        target_images=target_images, max_bad_fraction=data_args.max_bad_fraction,
+    )  # fmt: skip
+
+
+def resume_arg(value: Any) -> bool | str | None:
+    if value in (None, "", False, "false", "False"):
+        return None
+    return True if value in (True, "true", "True") else str(value)
+
+
+def run(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    train_args: LvlmTrainingArguments,
+    callbacks: list[Any] | None = None,
+) -> LvlmTrainer:
+    """Train one stage; returns the trainer (state, log history, output folder).
+
+    Refuses (``RunFolderError``) an ``output_dir`` that holds another run unless
+    ``overwrite_output_dir``, and a checkpoint of another run or one whose pickles import
+    anything but tensors and training state (``UnsafeCheckpointError``) to resume from.
+
+    Raises:
+        UserError: before any model loads, for missing data or a missing local path.
+    """
+    if not data_args.data_path:
+        raise UserError("data_path: a training recipe needs data; set data_path")
+    check_paths(model_args, data_args)
+    options = run_options(model_args, data_args, train_args)  # before build_model adjusts them
+    claim_output_dir(
+        train_args.output_dir, {"run_options": options}, train_args.overwrite_output_dir
+    )
+    set_seed(train_args.seed)
+    model, processor, family = build_model(model_args, data_args, train_args)
+    image_tokens = family.num_image_tokens(model)
+    generates = isinstance(model, VokenModel)
+    dataset = build_dataset(
+        data_args, processor, image_tokens, train_args.seed,
+        num_vokens=model_args.num_vokens,
+        target_images=TargetImages(model.diffusion.image_size) if generates else None,
+    )  # fmt: skip
+    card = make_run_card(
+        model_args, data_args, train_args, options=options, num_image_tokens=image_tokens
+    )
+    trainer = LvlmTrainer(
+        model=model,
+        args=train_args,
+        train_dataset=dataset,
+        data_collator=MultimodalCollator(pad_token_id(processor.tokenizer)),
+        processing_class=processor,
+        family=family,
+        run_card=card,
+        blank_pixel_values=dataset.images.blank(),
+        callbacks=callbacks,
+    )
+    trainer.train(resume_from_checkpoint=resume_arg(train_args.resume_from_checkpoint))
+    tracker = trainer.bad_samples
+    if tracker is not None:  # on_bad_sample: skip
+        tracker.merge()  # every rank's bad samples, each once
+        dataset.check_bad_fraction()
+        card["bad_samples"] = tracker.report()  # the final folder's run card says what was skipped
+    trainer.save_model()
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        write_run_card(train_args.output_dir, card)
+        if train_args.loss_curve:
+            write_loss_curve(trainer.state.log_history, train_args.output_dir)
+    if model_args.stage == "pretrain":
+        save_projector(trainer.model, train_args.output_dir, family)
+    logger.info("%s", tracker.summary() if tracker is not None else dataset.ledger.summary())
+    return trainer
