@@ -127,6 +127,10 @@ class ModelArguments:
     mapper_layers: int = _help("MiniGPT-5 mapper encoder (and decoder) layers", default=4)
     mapper_heads: int = _help("MiniGPT-5 mapper attention heads", default=8)
 
+    # Filled by the recipe parser: each registered extension's parsed arguments, by name
+    # (lvlm_tune.training.extensions); not a recipe key itself.
+    extensions: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+
     def __post_init__(self) -> None:
         if self.family not in family_names():
             raise UserError(

@@ -29,6 +29,7 @@ from lvlm_tune.training.arguments import (
     ModelArguments,
     RecipeArgs,
 )
+from lvlm_tune.training.extensions import argument_classes
 from lvlm_tune.training.recipe_file import load_recipe
 
 __all__ = [
@@ -45,8 +46,13 @@ __all__ = [
 ]
 
 
+def _arg_classes() -> tuple[type, ...]:
+    """The core argument classes, then each registered extension's."""
+    return ARG_CLASSES + tuple(argument_classes().values())
+
+
 def valid_keys() -> list[str]:
-    return [f.name for cls in ARG_CLASSES for f in fields(cls) if f.init]
+    return [f.name for cls in _arg_classes() for f in fields(cls) if f.init]
 
 
 def _cli_pairs(argv: list[str]) -> dict[str, Any]:
@@ -84,7 +90,7 @@ def _cli_pairs(argv: list[str]) -> dict[str, Any]:
 
 def _field_types() -> dict[str, Any]:
     hints: dict[str, Any] = {}
-    for cls in ARG_CLASSES:
+    for cls in _arg_classes():
         hints.update(typing.get_type_hints(cls))
     return hints
 
@@ -173,13 +179,16 @@ def parse_recipe(path: str | os.PathLike | None, overrides: list[str] | None = N
     values = _coerce(values)
     values.setdefault("output_dir", "runs/default")
     recipe_path = os.fspath(path) if path else None
-    parser = HfArgumentParser(ARG_CLASSES)
+    parser = HfArgumentParser(_arg_classes())
     try:
-        model_args, data_args, train_args = parser.parse_dict(values, allow_extra_keys=False)
+        model_args, data_args, train_args, *extra = parser.parse_dict(
+            values, allow_extra_keys=False
+        )
     except UserError:
         raise
     except ValueError as error:  # TrainingArguments' own checks; their messages name the options
         raise UserError(str(error)) from error
+    model_args.extensions = dict(zip(argument_classes(), extra, strict=True))
     _check_stage_keys(given, model_args.stage)
     train_args.recipe_path = recipe_path  # recorded with every checkpoint
     return model_args, data_args, train_args
