@@ -4,7 +4,8 @@ A recipe is one flat YAML mapping of the fields of the argument classes
 (:mod:`lvlm_tune.training.arguments`, re-exported here) and of each registered extension's
 arguments. Command-line ``--key value`` pairs override the file; a list key takes ``a,b``,
 ``a`` or ``[a, b]``. :class:`RecipeParser` is TRL's parser; as with TRL's ``--config`` file,
-the recipe's values become its defaults and argparse reads the command line over them.
+the recipe's values become its defaults and argparse reads the command line over them (what
+argparse cannot type is :mod:`lvlm_tune.training.recipe_values`).
 
 Around it stays what TRL does not do: an unknown key fails naming the closest valid one, a
 ``trl.ModelConfig`` key lvlm-tune cannot honour fails saying why, and so does a LoRA key set
@@ -23,7 +24,6 @@ import typing
 from dataclasses import fields
 from typing import Any, NoReturn
 
-import yaml
 from trl import TrlParser
 
 from lvlm_tune.errors import UserError, require_path
@@ -39,6 +39,7 @@ from lvlm_tune.training.arguments import (
 from lvlm_tune.training.extensions import argument_classes
 from lvlm_tune.training.model_config import not_supported_keys
 from lvlm_tune.training.recipe_file import load_recipe
+from lvlm_tune.training.recipe_values import cli_pairs, coerce, list_kind
 
 __all__ = [
     "ARG_CLASSES",
@@ -64,6 +65,7 @@ def _arg_classes() -> tuple[type, ...]:
 
 
 def valid_keys() -> list[str]:
+    """Every recipe key: the init fields of the core and extension argument classes."""
     return [f.name for cls in _arg_classes() for f in fields(cls) if f.init]
 
 
@@ -85,7 +87,7 @@ class RecipeParser(TrlParser):
         """A bad ``--key value`` is a one-line :class:`UserError` (argparse prints and exits).
 
         Only command-line text reaches argparse's checks: the file's values were coerced to
-        their fields' types first (:func:`_coerce`).
+        their fields' types first (:func:`~lvlm_tune.training.recipe_values.coerce`).
         """
         raise UserError("command line: " + _ARGUMENT.sub(r"\1:", message))
 
@@ -98,6 +100,8 @@ class RecipeParser(TrlParser):
         """
         self.set_defaults_with_config(**defaults)  # keys are checked: none is left over
         try:
+            # look_for_args_file=False: HfArgumentParser would add the words of a file named
+            # after the running script (train.args beside train.py) to the command line
             return self.parse_args_into_dataclasses(argv, look_for_args_file=False)
         except UserError:
             raise
@@ -105,100 +109,11 @@ class RecipeParser(TrlParser):
             raise UserError(str(error)) from error
 
 
-def _cli_pairs(argv: list[str]) -> dict[str, Any]:
-    """``--key value`` / ``--key=value`` / ``--flag`` pairs; ``[a, b]`` values are lists.
-
-    Other values stay text, for argparse (so ``--save_strategy no`` is not YAML's ``False``).
-    """
-    out: dict[str, Any] = {}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise UserError(
-                f"command line: unexpected argument {arg!r}; overrides look like --key value"
-            )
-        key, eq, value = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        if not eq:
-            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                value, i = argv[i + 1], i + 1
-            else:
-                value = "true"
-        if value.startswith(("[", "{")):
-            try:
-                value = yaml.safe_load(value)
-            except yaml.YAMLError:
-                raise UserError(
-                    f"--{key}: cannot read {value!r} as a YAML list or mapping"
-                ) from None
-        out[key] = value
-        i += 1
-    return out
-
-
 def _field_types() -> dict[str, Any]:
     hints: dict[str, Any] = {}
     for cls in _arg_classes():
         hints.update(typing.get_type_hints(cls))
     return hints
-
-
-def _kinds(hint: Any) -> set[Any]:
-    """The types a field takes, ``None`` left out: ``int | None`` -> ``{int}``."""
-    return set(typing.get_args(hint) or (hint,)) - {type(None)}
-
-
-def _list_kind(hint: Any) -> Any:
-    """``list[X]`` when that is the field's one type (besides ``None``), else ``None``."""
-    kinds = _kinds(hint)
-    return next(iter(kinds)) if len(kinds) == 1 and typing.get_origin(*kinds) is list else None
-
-
-def _as_list(key: str, value: Any, kind: Any) -> list[Any] | None:
-    """A list field's value: ``[a, b]`` as it is, ``"a,b"`` or ``"a"`` split at the commas."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = [part.strip() for part in value.split(",") if part.strip()]
-        return value or None  # "" means unset
-    if not isinstance(value, (list, tuple)):
-        raise UserError(f"{key}: expected a list such as [a, b] (or a,b), got {value!r}")
-    (item,) = typing.get_args(kind) or (Any,)
-    wrong = [v for v in value if item is not Any and not isinstance(v, item)]
-    if wrong:
-        raise UserError(f"{key}: expected {item.__name__} items, got {wrong[0]!r} in {value!r}")
-    return list(value)
-
-
-def _coerce(values: dict[str, Any]) -> dict[str, Any]:
-    """Convert values to their fields' types (YAML reads ``2e-5`` as a string, not a float).
-
-    argparse converts only the command line's text, not a file's YAML values.
-    """
-    hints = _field_types()
-    out = {}
-    for key, value in values.items():
-        kinds = _kinds(hints.get(key))
-        if _list_kind(hints.get(key)) is not None:
-            value = _as_list(key, value, _list_kind(hints.get(key)))
-        elif isinstance(value, str) and value != "" and len(kinds) == 1:
-            (kind,) = kinds
-            try:
-                if kind is bool:
-                    value = {"true": True, "false": False}[value.lower()]
-                elif kind in (int, float):
-                    value = kind(value)  # as argparse does: "1.0" is no int
-            except (KeyError, ValueError):
-                raise UserError(f"{key}: expected {kind.__name__}, got {value!r}") from None
-        elif value == "" and len(kinds) == 1 and str not in kinds:
-            if type(None) not in typing.get_args(hints.get(key)):
-                raise UserError(f"{key}: expected {next(iter(kinds)).__name__}, got ''")
-            value = None  # "" means unset
-        elif isinstance(value, int) and not isinstance(value, bool) and float in kinds:
-            value = float(value)
-        out[key] = value
-    return out
 
 
 def _check_keys(values: dict[str, Any], where: str) -> None:
@@ -264,19 +179,18 @@ def parse_recipe(path: str | os.PathLike | None, overrides: list[str] | None = N
     """
     values = load_recipe(path) if path else {}
     _check_keys(values, str(path))
-    cli = _cli_pairs(list(overrides or []))
+    cli = cli_pairs(list(overrides or []))
     _check_keys(cli, "command line")
     given = {key: str(path) for key in values} | {key: "command line" for key in cli}
     # argparse reads the command line's text; lists and YAML values join the file's defaults
     hints = _field_types()
-    text = {k: v for k, v in cli.items() if isinstance(v, str) and _list_kind(hints[k]) is None}
-    defaults = _coerce(values | {k: v for k, v in cli.items() if k not in text})
+    text = {k: v for k, v in cli.items() if isinstance(v, str) and list_kind(hints[k]) is None}
+    defaults = coerce(values | {k: v for k, v in cli.items() if k not in text}, hints)
     parser = RecipeParser(_arg_classes())
     model_args, data_args, train_args, *extra = parser.parse(
         defaults, [f"--{key}={value}" for key, value in text.items()]
     )
     model_args.extensions = dict(zip(argument_classes(), extra, strict=True))
-    # (checks of the extensions' arguments against the core's go here)
     _check_stage_keys(given, model_args.stage)
     _resolve_dtype(model_args, train_args, given)
     train_args.recipe_path = os.fspath(path) if path else None  # recorded with every checkpoint
