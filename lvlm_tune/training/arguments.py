@@ -1,12 +1,13 @@
 """The recipe's argument classes: every key a recipe may set, with its help and its checks.
 
-A recipe is one flat YAML mapping whose keys are the fields of :class:`ModelArguments`,
+A recipe is one flat YAML mapping whose keys are the fields of :class:`ModelArguments` (which
+extends ``trl.ModelConfig``, with lvlm-tune's defaults: :mod:`lvlm_tune.training.model_config`),
 :class:`DataArguments` and :class:`LvlmTrainingArguments` (which extends
 ``transformers.TrainingArguments``, so every Trainer option is a recipe key). Value and
 cross-field checks live in ``__post_init__`` and name the offending key; every such problem is
 a :class:`~lvlm_tune.errors.UserError`. Reading a recipe is :mod:`lvlm_tune.training.recipe`.
 
-Over 300 lines: the three classes stay together so every recipe key reads as one list.
+Over 300 lines: the three classes stay together so lvlm-tune's own recipe keys read as one list.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from lvlm_tune.templates.registry import template_names
 from lvlm_tune.templates.render import IMAGE_POSITIONS
 from lvlm_tune.training.distributed import check_deepspeed_config
 from lvlm_tune.training.freezing import STAGES, VOKEN_STAGES
+from lvlm_tune.training.model_config import LvlmModelConfig
 
 LORA_STAGES = ("finetune_lora", "vokens_lora")
 LORA_KEYS = (
@@ -64,15 +66,14 @@ def _check_range(
 
 
 @dataclass
-class ModelArguments:
-    """Which model to build or load, and which parts train (the stage)."""
+class ModelArguments(LvlmModelConfig):
+    """Which model to build or load, and which parts train (the stage).
+
+    The model and LoRA keys (``model_name_or_path``, ``dtype``, ``attn_implementation``,
+    ``lora_*``, ``use_dora``, ``use_rslora``) are ``trl.ModelConfig``'s (:class:`LvlmModelConfig`).
+    """
 
     family: str = _help("model family: llava | minigpt4", default="llava")
-    model_name_or_path: str | None = _help(
-        "an existing checkpoint of the family (e.g. llava-hf/llava-1.5-7b-hf); "
-        "leave empty to compose a new model from vision_tower + llm_name_or_path",
-        default=None,
-    )
     vision_tower: str | None = _help(
         "vision side of a new model (folder or hub id): a CLIP/SigLIP encoder for llava, a "
         "BLIP-2 checkpoint (its ViT + Q-Former + query tokens) for minigpt4",
@@ -89,7 +90,6 @@ class ModelArguments:
         "minigpt4: Q-Former queries, i.e. image tokens per image (the BLIP-2 checkpoint's)",
         default=32,
     )
-    attn_implementation: str = _help("sdpa | eager | flash_attention_2", default="sdpa")
     stage: str = _help(
         "pretrain (projector only) | finetune (projector + LLM) | finetune_lora | vokens "
         "(MiniGPT-5 stage 1: voken rows + mapper) | vokens_lora (stage 2: + LoRA)",
@@ -101,15 +101,6 @@ class ModelArguments:
         default=None,
     )
     unfreeze_vision_tower: bool = _help("also train the vision tower", default=False)
-    lora_r: int = _help("LoRA rank", default=128)
-    lora_alpha: int = _help("LoRA alpha", default=256)
-    lora_dropout: float = _help("LoRA dropout", default=0.05)
-    lora_target_modules: list[str] | None = field(
-        default=None,
-        metadata={"help": "LLM linear layer names for LoRA (e.g. [q_proj, v_proj]); empty = all"},
-    )
-    use_dora: bool = _help("weight-decomposed LoRA (DoRA)", default=False)
-    use_rslora: bool = _help("rank-stabilised LoRA scaling alpha/sqrt(r)", default=False)
     num_vokens: int = _help(
         "MiniGPT-5: generative vokens [IMG0]..[IMG{N-1}] per image (8 in the paper; 0 = off)",
         default=0,
@@ -132,6 +123,8 @@ class ModelArguments:
     extensions: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        self.use_peft = self.stage in LORA_STAGES  # TRL's flag, for any TRL helper reading it
         if self.family not in family_names():
             raise UserError(
                 f"family: unknown {self.family!r}; choose one of: {', '.join(family_names())}"
@@ -261,6 +254,9 @@ class DataArguments:
 class LvlmTrainingArguments(TrainingArguments):
     """``transformers.TrainingArguments`` plus the few options multimodal tuning needs."""
 
+    output_dir: str | None = _help(
+        "the run folder: checkpoints, the final save and its run card", default="runs/default"
+    )
     projector_lr: float | None = _help(
         "learning rate of the projector (default: learning_rate)", default=None
     )

@@ -1,23 +1,30 @@
-"""Reading a flat YAML recipe plus CLI overrides into the argument classes.
+"""Reading a flat YAML recipe plus CLI overrides into the argument classes, on ``trl.TrlParser``.
 
 A recipe is one flat YAML mapping of the fields of the argument classes
-(:mod:`lvlm_tune.training.arguments`, re-exported here). Command-line ``--key value`` pairs override
-the file; a list key takes ``a,b``, ``a`` or ``[a, b]``. An unknown key fails, naming the
-closest valid one; so does a LoRA key set for a stage without adapters.
+(:mod:`lvlm_tune.training.arguments`, re-exported here) and of each registered extension's
+arguments. Command-line ``--key value`` pairs override the file; a list key takes ``a,b``,
+``a`` or ``[a, b]``. :class:`RecipeParser` is TRL's parser; as with TRL's ``--config`` file,
+the recipe's values become its defaults and argparse reads the command line over them (what
+argparse cannot type is :mod:`lvlm_tune.training.recipe_values`).
+
+Around it stays what TRL does not do: an unknown key fails naming the closest valid one, a
+``trl.ModelConfig`` key lvlm-tune cannot honour fails saying why, and so does a LoRA key set
+for a stage without adapters or a ``dtype`` that disagrees with ``bf16``.
 :func:`check_paths` refuses missing local files and folders before any model loads. Every
-such problem is a :class:`~lvlm_tune.errors.UserError`.
+such problem is a :class:`~lvlm_tune.errors.UserError` naming the file (or the command line)
+or the key.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import re
 import typing
 from dataclasses import fields
-from typing import Any
+from typing import Any, NoReturn
 
-import yaml
-from transformers import HfArgumentParser
+from trl import TrlParser
 
 from lvlm_tune.errors import UserError, require_path
 from lvlm_tune.training.arguments import (
@@ -30,7 +37,9 @@ from lvlm_tune.training.arguments import (
     RecipeArgs,
 )
 from lvlm_tune.training.extensions import argument_classes
+from lvlm_tune.training.model_config import not_supported_keys
 from lvlm_tune.training.recipe_file import load_recipe
+from lvlm_tune.training.recipe_values import cli_pairs, coerce, list_kind
 
 __all__ = [
     "ARG_CLASSES",
@@ -40,10 +49,14 @@ __all__ = [
     "LvlmTrainingArguments",
     "ModelArguments",
     "RecipeArgs",
+    "RecipeParser",
     "check_paths",
     "parse_recipe",
     "valid_keys",
 ]
+
+# argparse names an option with its aliases: "argument --lora_r/--lora-r: invalid int value"
+_ARGUMENT = re.compile(r"^argument (--\w+)(?:/--[\w-]+)*:")
 
 
 def _arg_classes() -> tuple[type, ...]:
@@ -52,40 +65,48 @@ def _arg_classes() -> tuple[type, ...]:
 
 
 def valid_keys() -> list[str]:
+    """Every recipe key: the init fields of the core and extension argument classes."""
     return [f.name for cls in _arg_classes() for f in fields(cls) if f.init]
 
 
-def _cli_pairs(argv: list[str]) -> dict[str, Any]:
-    """``--key value`` / ``--key=value`` / ``--flag`` pairs; ``[a, b]`` values are lists.
+class RecipeParser(TrlParser):
+    """``trl.TrlParser`` over the recipe's argument classes, with lvlm-tune's messages.
 
-    Scalars stay strings here (so ``--save_strategy no`` is not YAML's ``False``) and are
-    converted to each field's type by :func:`_coerce`.
+    ``TrlParser.parse_args_and_config`` reads its ``--config`` file with plain
+    ``yaml.safe_load`` (a repeated key silently wins, a missing file is a bare ``OSError``) and
+    passes YAML's types as they are, so :func:`parse_recipe` reads and coerces the file itself
+    and then takes TRL's two steps, :meth:`parse`. A recipe sets no ``env`` block: the run
+    card records every option, and environment variables would not be among them.
     """
-    out: dict[str, Any] = {}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise UserError(
-                f"command line: unexpected argument {arg!r}; overrides look like --key value"
-            )
-        key, eq, value = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        if not eq:
-            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                value, i = argv[i + 1], i + 1
-            else:
-                value = "true"
-        if value.startswith(("[", "{")):
-            try:
-                value = yaml.safe_load(value)
-            except yaml.YAMLError:
-                raise UserError(
-                    f"--{key}: cannot read {value!r} as a YAML list or mapping"
-                ) from None
-        out[key] = value
-        i += 1
-    return out
+
+    def __init__(self, classes: tuple[type, ...]) -> None:
+        # allow_abbrev=False: argparse would otherwise read --learning_rat as --learning_rate
+        super().__init__(classes, prog="lvlm-tune train", allow_abbrev=False)
+
+    def error(self, message: str) -> NoReturn:
+        """A bad ``--key value`` is a one-line :class:`UserError` (argparse prints and exits).
+
+        Only command-line text reaches argparse's checks: the file's values were coerced to
+        their fields' types first (:func:`~lvlm_tune.training.recipe_values.coerce`).
+        """
+        raise UserError("command line: " + _ARGUMENT.sub(r"\1:", message))
+
+    def parse(self, defaults: dict[str, Any], argv: list[str]) -> tuple[Any, ...]:
+        """The dataclasses from ``defaults`` (checked, typed values) overridden by ``argv``.
+
+        Raises:
+            UserError: a bad value, or a check of the classes (``TrainingArguments``' own
+                ``ValueError`` messages name the options).
+        """
+        self.set_defaults_with_config(**defaults)  # keys are checked: none is left over
+        try:
+            # look_for_args_file=False: HfArgumentParser would add the words of a file named
+            # after the running script (train.args beside train.py) to the command line
+            return self.parse_args_into_dataclasses(argv, look_for_args_file=False)
+        except UserError:
+            raise
+        except ValueError as error:
+            raise UserError(str(error)) from error
 
 
 def _field_types() -> dict[str, Any]:
@@ -95,48 +116,12 @@ def _field_types() -> dict[str, Any]:
     return hints
 
 
-def _as_list(key: str, value: Any, kind: Any) -> list[Any] | None:
-    """A list field's value: ``[a, b]`` as it is, ``"a,b"`` or ``"a"`` split at the commas."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = [part.strip() for part in value.split(",") if part.strip()]
-        return value or None  # "" means unset
-    if not isinstance(value, (list, tuple)):
-        raise UserError(f"{key}: expected a list such as [a, b] (or a,b), got {value!r}")
-    (item,) = typing.get_args(kind) or (Any,)
-    wrong = [v for v in value if item is not Any and not isinstance(v, item)]
-    if wrong:
-        raise UserError(f"{key}: expected {item.__name__} items, got {wrong[0]!r} in {value!r}")
-    return list(value)
-
-
-def _coerce(values: dict[str, Any]) -> dict[str, Any]:
-    """Convert string values of numeric/bool/list fields (YAML reads ``2e-5`` as a string)."""
-    hints = _field_types()
-    out = {}
-    for key, value in values.items():
-        kinds = set(typing.get_args(hints.get(key)) or (hints.get(key),)) - {type(None)}
-        if len(kinds) == 1 and typing.get_origin(next(iter(kinds))) is list:
-            value = _as_list(key, value, next(iter(kinds)))
-        elif isinstance(value, str) and value != "" and len(kinds) == 1:
-            (kind,) = kinds
-            try:
-                if kind is bool:
-                    value = {"true": True, "false": False}[value.lower()]
-                elif kind in (int, float):
-                    value = kind(float(value)) if kind is int and "." in value else kind(value)
-            except (KeyError, ValueError):
-                raise UserError(f"{key}: expected {kind.__name__}, got {value!r}") from None
-        elif isinstance(value, int) and not isinstance(value, bool) and float in kinds:
-            value = float(value)
-        out[key] = value
-    return out
-
-
 def _check_keys(values: dict[str, Any], where: str) -> None:
     keys = valid_keys()
+    refused = {k: v for cls in _arg_classes() for k, v in not_supported_keys(cls).items()}
     for key in values:
+        if key in refused:
+            raise UserError(f"{where}: {key} is not supported by lvlm-tune: {refused[key]}")
         if key not in keys:
             close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -162,35 +147,53 @@ def _check_stage_keys(given: dict[str, str], stage: str) -> None:
         )
 
 
+def _resolve_dtype(
+    model_args: ModelArguments, train_args: LvlmTrainingArguments, given: dict[str, str]
+) -> None:
+    """Set ``dtype`` to the weights' dtype; refuse one that disagrees with ``bf16``.
+
+    The weights train in bfloat16 exactly when ``bf16`` is on (fp16 runs keep float32 weights
+    under autocast), so ``dtype`` may repeat that, not change it.
+    """
+    dtype = "bfloat16" if train_args.bf16 else "float32"
+    if model_args.dtype not in (None, dtype):
+        flag = "true" if train_args.bf16 else "false"
+        raise UserError(
+            f"{given['dtype']}: dtype {model_args.dtype} with bf16: {flag}; the weights train "
+            f"in {dtype} here: set bf16: {'false' if train_args.bf16 else 'true'} for "
+            f"{model_args.dtype}, or leave dtype out"
+        )
+    model_args.dtype = dtype
+
+
 def parse_recipe(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RecipeArgs:
     """Recipe file + ``--key value`` overrides -> (model, data, training) arguments.
 
+    Each registered extension's parsed arguments are in ``model_args.extensions[name]``.
+
     Raises:
-        UserError: naming the file or key: a missing or malformed recipe, an unknown key, a value
-            of the wrong type or out of range, a LoRA key for a stage without adapters, or an
-            option combination ``transformers.TrainingArguments`` refuses.
+        UserError: naming the file or key: a missing or malformed recipe, an unknown or
+            unsupported key, a value of the wrong type or out of range, a LoRA key for a stage
+            without adapters, or an option combination ``transformers.TrainingArguments``
+            refuses.
     """
     values = load_recipe(path) if path else {}
     _check_keys(values, str(path))
-    cli = _cli_pairs(list(overrides or []))
+    cli = cli_pairs(list(overrides or []))
     _check_keys(cli, "command line")
     given = {key: str(path) for key in values} | {key: "command line" for key in cli}
-    values.update(cli)
-    values = _coerce(values)
-    values.setdefault("output_dir", "runs/default")
-    recipe_path = os.fspath(path) if path else None
-    parser = HfArgumentParser(_arg_classes())
-    try:
-        model_args, data_args, train_args, *extra = parser.parse_dict(
-            values, allow_extra_keys=False
-        )
-    except UserError:
-        raise
-    except ValueError as error:  # TrainingArguments' own checks; their messages name the options
-        raise UserError(str(error)) from error
+    # argparse reads the command line's text; lists and YAML values join the file's defaults
+    hints = _field_types()
+    text = {k: v for k, v in cli.items() if isinstance(v, str) and list_kind(hints[k]) is None}
+    defaults = coerce(values | {k: v for k, v in cli.items() if k not in text}, hints)
+    parser = RecipeParser(_arg_classes())
+    model_args, data_args, train_args, *extra = parser.parse(
+        defaults, [f"--{key}={value}" for key, value in text.items()]
+    )
     model_args.extensions = dict(zip(argument_classes(), extra, strict=True))
     _check_stage_keys(given, model_args.stage)
-    train_args.recipe_path = recipe_path  # recorded with every checkpoint
+    _resolve_dtype(model_args, train_args, given)
+    train_args.recipe_path = os.fspath(path) if path else None  # recorded with every checkpoint
     return model_args, data_args, train_args
 
 
