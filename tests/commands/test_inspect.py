@@ -120,6 +120,7 @@ def test_recipe_settings_and_bad_data(capsys, tmp_path, data_file, sp_tokenizer_
     assert err.startswith("lvlm-tune inspect: error: ") and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_console_script(tmp_path, data_file, sp_tokenizer_dir):
     exe = os.path.join(os.path.dirname(sys.executable), "lvlm-tune")
     out = subprocess.run(

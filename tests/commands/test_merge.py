@@ -118,6 +118,7 @@ print(json.dumps({"prompt": prompt, "text": text.strip(), "ids": inputs["input_i
 """
 
 
+@pytest.mark.slow
 def test_merged_folder_loads_with_plain_transformers_and_generates_the_same(
     tmp_path, runs, tiny_data
 ):

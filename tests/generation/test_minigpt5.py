@@ -253,6 +253,7 @@ def test_new_rows_start_at_the_mean_of_the_original_rows(voken_model, tiny_parts
         assert adapter.token_indices["default"] == ids
 
 
+@pytest.mark.slow
 def test_resume_restores_rows_mapper_and_the_loss_sequence(tiny_parts, tiny_captions, sd, tmp_path):
     common = {
         "max_steps": 4,
