@@ -224,6 +224,7 @@ def test_vision_pretraining_reads_colours_far_above_chance(tmp_path: Path) -> No
     assert report["acc_local_colour"] >= 2 / len(shapes.COLORS), report  # twice chance
 
 
+@pytest.mark.slow
 def test_minigpt4_base_models_save_load_and_compose(
     dataset: dict[str, Path], tmp_path: Path
 ) -> None:
