@@ -30,12 +30,7 @@ from transformers import (
 )
 
 from lvlm_tune.models.layout import CONFIG, is_original_llava
-from lvlm_tune.models.llava import (
-    check_attn_implementation,
-    check_select_strategy,
-    compose_llava,
-    vision_tower_kind,
-)
+from lvlm_tune.models.llava import compose_llava
 from lvlm_tune.models.llava_original_config import (
     OriginalLlava,
     original_image_aspect_ratio,
@@ -50,6 +45,11 @@ from lvlm_tune.models.llava_original_weights import (
     read_weights,
     split_weights,
     tower_keys,
+)
+from lvlm_tune.models.vision_towers import (
+    check_attn_implementation,
+    check_select_strategy,
+    vision_tower_kind,
 )
 
 __all__ = [  # the loader, and what callers import from here

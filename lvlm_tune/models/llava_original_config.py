@@ -19,8 +19,8 @@ from huggingface_hub import snapshot_download
 from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlavaConfig
 
 from lvlm_tune.models.layout import CONFIG, config_dict, is_original_config
-from lvlm_tune.models.llava import num_image_tokens
 from lvlm_tune.models.projectors import projector_config_kwargs
+from lvlm_tune.models.vision_towers import num_image_tokens
 
 LLAMA_TYPES = ("llava_llama", "llava")  # "llava": the name before the code added other LLMs
 SELECT_FEATURES = {"patch": "default", "cls_patch": "full"}
