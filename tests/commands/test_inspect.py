@@ -180,7 +180,7 @@ def test_inspect_counts_escaped_and_refused_control_text(
 def bad_image_data(tmp_path):
     """Six samples: one good image, then a missing, an empty, a truncated, a 100-megapixel
     (header only) and an out-of-folder image."""
-    from test_images import write_huge_png
+    from huge_png import write_huge_png
 
     folder = tmp_path / "imgs"
     folder.mkdir()
