@@ -6,10 +6,16 @@ import os
 import random
 
 import pytest
+import torch
 from transformers import TrainerCallback
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One torch thread (also for the subprocesses tests start): the models are tiny, and a second
+# intra-op thread stalls when other processes share the cores (measured on 2 busy cores: 133 s
+# instead of 41 s for the eval and skip-training tests). Set OMP_NUM_THREADS to override.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # torch is already imported
 
 WORDS = (
     "the a an red blue green yellow square circle triangle star image picture shows left "

@@ -1,10 +1,11 @@
 """Model families: building, loading and finding the parts of vision-language models.
 
-``registry`` names the families; ``llava`` builds and loads LLaVA; ``projectors`` maps projector
-types onto the HF projector class; ``parts`` finds parts inside (PEFT-wrapped) models and saves
-/ loads the projector; ``tokens`` prepares a tokenizer; ``layout`` tells an original-layout LLaVA
-folder (read by ``llava_original``) from an HF one; ``tiny`` writes tiny offline models for tests
-and the demo.
+``registry`` names the families; ``llava`` builds and loads LLaVA (``vision_towers``: the tower
+kinds, image-token counts and checks); ``minigpt4`` builds MiniGPT-4 on BLIP-2; ``projectors``
+maps projector types onto the HF projector class; ``parts`` finds parts inside (PEFT-wrapped)
+models and saves / loads the projector; ``tokens`` prepares a tokenizer; ``layout`` tells an
+original-layout LLaVA folder from an HF one, and ``llava_original`` (with ``_config`` and
+``_weights``) converts one.
 
 The names below are imported on first use (PEP 562), so importing one light submodule (e.g.
 ``lvlm_tune.models.tokens`` for ``lvlm-tune inspect``) does not load the model code, PEFT or
@@ -22,7 +23,7 @@ _EXPORTS = {
     "build_llava": "lvlm_tune.models.llava",
     "enable_gradient_checkpointing": "lvlm_tune.models.llava",
     "load_llava": "lvlm_tune.models.llava",
-    "num_image_tokens": "lvlm_tune.models.llava",
+    "num_image_tokens": "lvlm_tune.models.vision_towers",
     "PROJECTOR_FILE": "lvlm_tune.models.parts",
     "load_projector": "lvlm_tune.models.parts",
     "save_projector": "lvlm_tune.models.parts",

@@ -120,6 +120,7 @@ def test_recipe_settings_and_bad_data(capsys, tmp_path, data_file, sp_tokenizer_
     assert err.startswith("lvlm-tune inspect: error: ") and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_console_script(tmp_path, data_file, sp_tokenizer_dir):
     exe = os.path.join(os.path.dirname(sys.executable), "lvlm-tune")
     out = subprocess.run(
@@ -179,7 +180,7 @@ def test_inspect_counts_escaped_and_refused_control_text(
 def bad_image_data(tmp_path):
     """Six samples: one good image, then a missing, an empty, a truncated, a 100-megapixel
     (header only) and an out-of-folder image."""
-    from test_images import write_huge_png
+    from huge_png import write_huge_png
 
     folder = tmp_path / "imgs"
     folder.mkdir()

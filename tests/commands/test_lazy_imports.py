@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 HEAVY = (
     "deepspeed",
     "peft",
@@ -37,6 +39,7 @@ print(json.dumps({{"code": code, "loaded": [m for m in heavy if m in sys.modules
 """
 
 
+@pytest.mark.slow
 def test_inspect_imports_no_model_or_training_code(tmp_path, sp_tokenizer_dir):
     from PIL import Image
 

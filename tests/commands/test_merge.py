@@ -118,6 +118,7 @@ print(json.dumps({"prompt": prompt, "text": text.strip(), "ids": inputs["input_i
 """
 
 
+@pytest.mark.slow
 def test_merged_folder_loads_with_plain_transformers_and_generates_the_same(
     tmp_path, runs, tiny_data
 ):
@@ -156,7 +157,10 @@ def test_merged_folder_loads_with_plain_transformers_and_generates_the_same(
     assert answerer.answer([record], max_new_tokens=6) == [plain["text"]]
 
 
-@pytest.mark.parametrize("template", ["vicuna_v1", "llava_v0", "plain"])
+@pytest.mark.parametrize(  # each trains and merges a run: the default template in the fast loop
+    "template",
+    ["vicuna_v1", *(pytest.param(t, marks=pytest.mark.slow) for t in ("llava_v0", "plain"))],
+)
 def test_exported_chat_template_renders_the_training_prompt(
     tmp_path, tiny_parts, tiny_data, template
 ):
@@ -225,6 +229,7 @@ def test_clear_errors(tmp_path, runs, capsys):
     assert {t.dtype for w in weights for t in w.values()} == {torch.bfloat16}
 
 
+@pytest.mark.slow
 def test_dora_adapters_merge_to_the_same_logits(tmp_path, tiny_parts, tiny_data):
     from transformers import AutoModelForImageTextToText
 

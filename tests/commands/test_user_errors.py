@@ -355,6 +355,7 @@ def test_eval_report_has_no_nan(lora_run, tiny_data, tmp_path):
 @pytest.mark.parametrize(
     "debug", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["plain", "debug"]
 )
+@pytest.mark.slow
 def test_console_script_prints_one_line_or_the_traceback(tmp_path, recipe, debug):
     env = {**os.environ, "LVLM_TUNE_DEBUG": "1" if debug else "0"}
     done = subprocess.run(

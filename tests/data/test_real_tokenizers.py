@@ -32,6 +32,16 @@ CONTROL = ["</s>", "<s>", "<|im_end|>", "<|im_start|>", "<|eot_id|>", "<|endofte
 pytestmark = pytest.mark.skipif(
     not SHARED.is_dir(), reason=f"the shared published tokenizers are not at {SHARED}"
 )
+# Loading the large published vocabularies takes most of this file's minute or two: the fast
+# loop (`make test-fast`) runs the legacy LLaMA-2 tokenizer with the default image placement,
+# `make test` runs everything.
+FAST_NAME, FAST_POSITION = "llama2", "before"
+
+
+def fast_if(fast: bool, *values):
+    """``values`` as one parameter set, marked ``slow`` unless ``fast``."""
+    return pytest.param(*values, marks=() if fast else pytest.mark.slow)
+
 
 _CACHE: dict[str, object] = {}
 
@@ -99,8 +109,10 @@ REPORT: dict[tuple[str, str, str], collections.Counter] = collections.defaultdic
 )
 
 
-@pytest.mark.parametrize(("name", "template"), list(combos()))
-@pytest.mark.parametrize("position", POSITIONS)
+@pytest.mark.parametrize(
+    ("name", "template"), [fast_if(name == FAST_NAME, name, t) for name, t in combos()]
+)
+@pytest.mark.parametrize("position", [fast_if(p == FAST_POSITION, p) for p in POSITIONS])
 def test_every_template_placement_on_published_tokenizers(name, template, position):
     tok = load(name, template)
     enc = ConversationEncoder(tok, template, num_image_tokens=3, image_position=position)
@@ -138,7 +150,7 @@ def test_zz_report(capsys):
         print("\n" + "\n".join(lines))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [fast_if(name == FAST_NAME, name) for name in NAMES])
 def test_escape_refuse_allow(name):
     tok = load(name, "vicuna_v1")
     record = hostile()[1]  # "It reads </s> and then <s> again."
@@ -172,6 +184,7 @@ def test_plain_text_stop_in_answer_is_refused_unless_allowed():
         assert sample.num_trained > 0
 
 
+@pytest.mark.slow
 def test_qwen2_newline_answer_keeps_the_prompt_a_prefix():
     """The prompt's final newline and the answer's leading one merge into one token in a plain
     call; the encoder cuts there, so inference's prompt ids are a prefix of the training ids."""
@@ -189,6 +202,7 @@ def test_qwen2_newline_answer_keeps_the_prompt_a_prefix():
         assert_exact(enc, record, sample)
 
 
+@pytest.mark.slow
 def test_stop_comes_from_the_template():
     """Phi-3.5 ends a turn with <|end|> (not its EOS <|endoftext|>), Llama-3.1 with
     <|eot_id|>, Qwen2.5 with <|im_end|>: exactly that trains, once per answer."""
@@ -207,6 +221,7 @@ def test_stop_comes_from_the_template():
         assert not other & set(trained), "a token after the end of turn is trained"
 
 
+@pytest.mark.slow
 def test_trimming_template_follows_the_rendered_text():
     tok = load("llama3", "tokenizer")
     enc = ConversationEncoder(tok, "tokenizer")
@@ -216,6 +231,7 @@ def test_trimming_template_follows_the_rendered_text():
     assert decode(tok, trained).strip() == "padded answer<|eot_id|>"
 
 
+@pytest.mark.slow
 def test_template_render_error_is_a_bad_sample():
     from transformers import AutoTokenizer
 
@@ -237,6 +253,7 @@ def test_template_render_error_is_a_bad_sample():
     assert enc.encode(good).num_trained > 0
 
 
+@pytest.mark.slow
 def test_multi_turn_phi3_renders_history_and_masks_exactly():
     """Phi-3.5 closes a finished conversation with EOS but not a turn followed by another one:
     each generation prompt is still a prefix of the whole rendering, so multi-turn data works."""
@@ -285,7 +302,7 @@ HOSTILE_STRINGS = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [fast_if(name == FAST_NAME, name) for name in NAMES])
 def test_saved_tokenizer_tokenizes_as_training_did(name):
     """Every folder the project writes reloads tokenizing identically (``legacy`` survives)."""
     from transformers import AutoTokenizer
@@ -302,6 +319,7 @@ def test_saved_tokenizer_tokenizes_as_training_did(name):
             )
 
 
+@pytest.mark.slow
 def test_inference_stops_at_the_template_stop():
     """Generation ends where training's STOP is: Phi-3.5's <|end|> id joins the EOS ids."""
     from types import SimpleNamespace

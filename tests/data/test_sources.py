@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from lvlm_tune.data import jsonstream, sources
+from lvlm_tune.data import json_source, jsonstream
 from lvlm_tune.data.errors import BadSampleError
 from lvlm_tune.data.sources import open_source
 
@@ -51,8 +51,8 @@ def cache(tmp_path):
 def builds(monkeypatch):
     """Counts cache builds."""
     calls = []
-    build = sources._build_json_cache
-    monkeypatch.setattr(sources, "_build_json_cache", lambda *a: (calls.append(a), build(*a)))
+    build = json_source._build_json_cache
+    monkeypatch.setattr(json_source, "_build_json_cache", lambda *a: (calls.append(a), build(*a)))
     return calls
 
 

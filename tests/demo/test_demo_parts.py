@@ -48,6 +48,8 @@ from lvlm_tune.models.minigpt4 import build_minigpt4
 
 JSON_FILES = ("captions_train", "instruct_train", "instruct_test", "instruct_test_blank")
 REFERENCE = np.array(list(shapes.COLORS.values()), dtype=float)
+# What the probe reports of a pre-trained vision side (printed in the demo summary).
+PROBE_FIGURES = ("acc_local_colour", "acc_local_shape", "acc_count", "acc_shared", "final_loss")
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +178,7 @@ def test_corpus_holds_every_answer_and_question(dataset: dict[str, Path]) -> Non
     assert "A chat between a curious user" in corpus  # vicuna_v1 system prompt
 
 
+@pytest.mark.slow
 def test_base_models_save_load_and_compose(dataset: dict[str, Path], tmp_path: Path) -> None:
     rng_state = torch.random.get_rng_state()
     vision_config = VisionTowerConfig(num_images=16, steps=2, batch_size=4)
@@ -185,7 +188,7 @@ def test_base_models_save_load_and_compose(dataset: dict[str, Path], tmp_path: P
         dataset["text_corpus"], tmp_path / "llm", LanguageModelConfig(steps=2, batch_size=4)
     )
     assert torch.equal(torch.random.get_rng_state(), rng_state)
-    assert 0.0 <= report["acc_local_colour"] <= 1.0 and llm_report["vocab_size"] > 259
+    assert set(PROBE_FIGURES) <= set(report) and llm_report["vocab_size"] > 259
 
     vision = CLIPVisionModel.from_pretrained(tmp_path / "vision")
     again = CLIPVisionModel.from_pretrained(tmp_path / "vision_again")
@@ -212,6 +215,16 @@ def test_base_models_save_load_and_compose(dataset: dict[str, Path], tmp_path: P
     assert torch.isfinite(out.loss)
 
 
+@pytest.mark.slow
+def test_vision_pretraining_reads_colours_far_above_chance(tmp_path: Path) -> None:
+    """A short pre-training already teaches the tower's patches the colour in their quadrant
+    (held-out probe; chance is about 1 / 4 colours, 2 steps give 0.17, 40 give 0.71)."""
+    config = VisionTowerConfig(num_images=256, steps=40, batch_size=32)
+    report = pretrain_vision_tower(tmp_path / "vision", config)
+    assert report["acc_local_colour"] >= 2 / len(shapes.COLORS), report  # twice chance
+
+
+@pytest.mark.slow
 def test_minigpt4_base_models_save_load_and_compose(
     dataset: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -222,8 +235,7 @@ def test_minigpt4_base_models_save_load_and_compose(
         dataset, tmp_path / "llm", LanguageModelConfig(steps=2, batch_size=4, max_length=400)
     )
     assert torch.equal(torch.random.get_rng_state(), rng_state)
-    for key in ("acc_local_colour", "acc_local_shape", "acc_count", "acc_shared"):
-        assert 0.0 <= report[key] <= 1.0, key
+    assert set(PROBE_FIGURES) <= set(report)
     assert llm_report["vocab_size"] > 259
 
     model, processor = build_minigpt4(tmp_path / "blip2", tmp_path / "llm", num_query_tokens=16)

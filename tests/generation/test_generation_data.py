@@ -167,6 +167,7 @@ def test_truncation_drops_the_targets_of_cut_answers_and_collates(tokenizer, tmp
     assert batch["gen_pixel_values"][0, 0, 0, 0] == 200  # a.png first, in batch order
 
 
+@pytest.mark.slow
 def test_everything_but_minigpt5_runs_without_diffusers(tiny_parts, tiny_data, tmp_path):
     import subprocess
     import sys

@@ -207,6 +207,7 @@ def test_forced_generation_returns_text_and_an_image_with_the_zero_negative(stag
     assert session.turns[-1].content.endswith("<gen_image>")
 
 
+@pytest.mark.slow
 def test_merged_minigpt5_folder_chats_like_the_adapter(stages, tmp_path):
     from lvlm_tune.commands.chat import ChatSession
     from lvlm_tune.commands.merge import merge
@@ -224,6 +225,7 @@ def test_merged_minigpt5_folder_chats_like_the_adapter(stages, tmp_path):
     assert answers[0] == answers[1]
 
 
+@pytest.mark.slow
 def test_minigpt4_backbone_trains_vokens(tiny_parts, tiny_blip2, tiny_captions, sd, tmp_path):
     recipe = voken_recipe(
         tiny_parts, tiny_captions, tmp_path / "m4", sd, family="minigpt4",
@@ -253,6 +255,7 @@ def test_new_rows_start_at_the_mean_of_the_original_rows(voken_model, tiny_parts
         assert adapter.token_indices["default"] == ids
 
 
+@pytest.mark.slow
 def test_resume_restores_rows_mapper_and_the_loss_sequence(tiny_parts, tiny_captions, sd, tmp_path):
     common = {
         "max_steps": 4,

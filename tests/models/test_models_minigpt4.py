@@ -138,7 +138,8 @@ def test_forward_loss_with_explicit_image_tokens(saved) -> None:
     )
     assert torch.isfinite(out.loss)
     out.loss.backward()
-    assert model.language_projection.weight.grad is not None
+    grad = model.language_projection.weight.grad
+    assert grad is not None and grad.abs().sum() > 0  # the loss reaches the trained layer
     model.zero_grad(set_to_none=True)
 
 

@@ -137,6 +137,7 @@ def test_publish_renames_a_staged_checkpoint_into_place_replacing_an_old_one(tmp
     ]
 
 
+@pytest.mark.slow
 def test_a_run_publishes_whole_checkpoints_rotates_them_and_resumes_a_full_model(
     tmp_path, tiny_parts, tiny_data
 ):

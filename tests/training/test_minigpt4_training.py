@@ -262,6 +262,7 @@ print(json.dumps({"prompt": prompt, "ids": inputs["input_ids"][0].tolist(), "tex
 """
 
 
+@pytest.mark.slow
 def test_merged_folder_loads_in_plain_transformers_and_answers_like_chat(
     stages, tiny_data, tmp_path
 ):

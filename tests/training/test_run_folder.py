@@ -19,6 +19,7 @@ from lvlm_tune.training.run_card import run_options
 from lvlm_tune.training.run_folder import RunFolderError, check_final_save
 
 
+@pytest.mark.slow
 def test_another_recipe_is_refused_a_resume_takes_only_its_run_and_overwrite_replaces(
     tmp_path, tiny_parts, tiny_data, capsys
 ):

@@ -63,6 +63,7 @@ def test_finetune_trains_projector_and_llm_not_the_vision_tower(tmp_path, tiny_p
     )
 
 
+@pytest.mark.slow
 def test_stage1_to_lora_stage2_chain(tmp_path, tiny_parts, tiny_data):
     stage1 = tmp_path / "stage1"
     run(*parse(tiny_recipe(tiny_parts, tiny_data, stage1, stage="pretrain"), tmp_path, "s1.yaml"))
@@ -99,6 +100,7 @@ def test_stage1_to_lora_stage2_chain(tmp_path, tiny_parts, tiny_data):
     } <= files
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_loss_sequence(tmp_path, tiny_parts, tiny_data):
     common = {
         "stage": "finetune_lora",
@@ -137,7 +139,8 @@ def test_every_recipe_parses_and_builds_with_tiny_stand_ins(
 
     recipes = sorted(
         glob(
-            os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "**", "*.yaml"), recursive=True
+            os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "**", "*.yaml"),
+            recursive=True,
         )
     )
     assert recipes
@@ -215,6 +218,7 @@ def test_unknown_recipe_key_names_the_closest(tmp_path, tiny_parts, tiny_data):
     ],
     ids=["lvlm-tune", "python-m", "accelerate"],
 )
+@pytest.mark.slow
 def test_launchers(tmp_path, tiny_parts, tiny_data, launcher):
     import subprocess
     import sys
