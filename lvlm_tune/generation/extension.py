@@ -54,7 +54,17 @@ class MiniGPT5(Extension):
 
         return fold_pretrained_vokens(model, args.pretrained_vokens)
 
-    def apply_stage(self, model: Any, stage: str, family: Any, *, lora: Any, vision: tuple[str, ...], tokenizer: Any, args: MiniGPT5Arguments) -> Any:  # fmt: skip
+    def apply_stage(
+        self,
+        model: Any,
+        stage: str,
+        family: Any,
+        *,
+        lora: Any,
+        vision: tuple[str, ...],
+        tokenizer: Any,
+        args: MiniGPT5Arguments,
+    ) -> Any:
         from lvlm_tune.generation.build import apply_voken_stage
         from lvlm_tune.generation.vokens import voken_ids
 

@@ -90,7 +90,17 @@ class Extension:
         """The built model before freezing (e.g. an earlier stage's weights folded in)."""
         return model
 
-    def apply_stage(self, model: Any, stage: str, family: Any, *, lora: Any, vision: tuple[str, ...], tokenizer: Any, args: Any) -> Any:  # fmt: skip
+    def apply_stage(
+        self,
+        model: Any,
+        stage: str,
+        family: Any,
+        *,
+        lora: Any,
+        vision: tuple[str, ...],
+        tokenizer: Any,
+        args: Any,
+    ) -> Any:
         """Freeze (and PEFT-wrap) ``model`` for one of :attr:`stages`; returns the model."""
         raise NotImplementedError(f"extension {self.name!r} declares stages but no apply_stage")
 
