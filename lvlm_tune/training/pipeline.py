@@ -59,7 +59,8 @@ def model_dtype(args: LvlmTrainingArguments) -> torch.dtype:
 def build_model(
     model_args: ModelArguments, data_args: DataArguments, train_args: LvlmTrainingArguments
 ) -> tuple[Any, Any, ModelFamily]:
-    """Build or load the model and processor, load a stage-1 projector, freeze for the stage.
+    """Build or load the model and processor, load a stage-1 projector, freeze for the stage
+    (an extension's stage through its hook), let enabled extensions wrap the model.
 
     An unset ``image_aspect_ratio`` becomes the loaded checkpoint's (``pad`` for an original
     LLaVA-1.5 folder), else ``none``.
@@ -107,7 +108,6 @@ def build_model(
         use_rslora=model_args.use_rslora,
     )
     owner = stage_owner(model_args)  # an extension's stage, or None: the core's
-    vision = family.vision_modules if model_args.unfreeze_vision_tower else ()
     with zero3_init_paused():  # the model is still whole; PEFT must not gather (CUDA-only)
         if owner is None:
             model = apply_stage(
@@ -116,6 +116,7 @@ def build_model(
             )  # fmt: skip
         else:
             extension, args = owner
+            vision = family.vision_modules if model_args.unfreeze_vision_tower else ()
             model = extension.apply_stage(
                 model, model_args.stage, family, lora=lora, vision=vision,
                 tokenizer=processor.tokenizer, args=args,

@@ -197,7 +197,7 @@ class LvlmTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         self.save_weights(output_dir, state_dict)
         if self.args.should_save:
-            if self.processing_class is not None:  # both branches: save_pretrained drops `legacy`
+            if self.processing_class is not None:  # save_pretrained drops `legacy`
                 restore_tokenizer_options(
                     output_dir, getattr(self.processing_class, "tokenizer", self.processing_class)
                 )
