@@ -23,10 +23,11 @@ from lvlm_tune.data.encoder import ConversationEncoder
 from lvlm_tune.data.images import ImageLoader
 from lvlm_tune.data.record import IMAGE_TAG, Conversation, Turn
 from lvlm_tune.errors import UserError, command, debug_enabled, is_user_error, report
-from lvlm_tune.generation.vokens import GEN_IMAGE_TAG, voken_ids
+from lvlm_tune.generation.vokens import GEN_IMAGE_TAG
 from lvlm_tune.inference.answer import Answerer, sampling_kwargs
 from lvlm_tune.inference.load import LoadedRun, load_run
 from lvlm_tune.models.parts import unwrap_model
+from lvlm_tune.training.extensions import args_from_card, data_hooks
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,14 +89,14 @@ class ChatSession:
         self.image_dir, self.force_image = image_dir, force_image
         self.saved_images: list[str] = []
         self.generator = None
-        if loaded.mapper is not None:  # MiniGPT-5: answers may hold generated images
+        vokens = loaded.extensions.get("minigpt5")  # a VokenModel: answers may hold images
+        if vokens is not None:
             from lvlm_tune.generation.diffusion import load_diffusion_parts  # the gen extra
             from lvlm_tune.generation.generate import VokenGenerator
 
+            parts = load_diffusion_parts(diffusion_model) if diffusion_model else vokens.diffusion
             self.generator = VokenGenerator(
-                loaded.model, loaded.mapper,
-                load_diffusion_parts(diffusion_model or loaded.diffusion_model),
-                first_voken_id=voken_ids(loaded.processor.tokenizer, loaded.mapper.config.num_vokens)[0],
+                loaded.model, vokens.mapper, parts, first_voken_id=vokens.first_voken_id,
                 guidance_scale=guidance_scale, num_inference_steps=steps, seed=seed,
             )  # fmt: skip
         self.encoder = ConversationEncoder(
@@ -104,7 +105,7 @@ class ChatSession:
             num_image_tokens=loaded.family.num_image_tokens(unwrap_model(loaded.model)),
             model_max_length=card.get("model_max_length") or 2048,
             image_position="keep",
-            num_vokens=loaded.mapper.config.num_vokens if loaded.mapper is not None else 0,
+            answer_tags=data_hooks(args_from_card(card)).answer_tags,
             system=card.get("system_prompt"),
             instruction_pool=card.get("instruction_pool"),
         )

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from lvlm_tune.data.dataset import BAD_SAMPLE_POLICIES, DEFAULT_MAX_BAD_FRACTION
+from lvlm_tune.data.dataset import BAD_SAMPLE_POLICIES, DEFAULT_MAX_BAD_FRACTION, read_record
 from lvlm_tune.data.encoder import IGNORE_INDEX, ConversationEncoder, EncodedSample
 from lvlm_tune.data.errors import (
     BadSampleError,
@@ -246,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     cfg = resolve_settings(args)
+    from lvlm_tune.generation.data import generation_hooks  # MiniGPT-5's data hooks
+
     tokenizer = load_tokenizer(cfg["tokenizer"], int(cfg["num_vokens"]))
+    hooks = generation_hooks(int(cfg["num_vokens"]), cfg["caption_task"])
     encoder = ConversationEncoder(
         tokenizer,
         cfg["template"],
@@ -255,8 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         image_position=cfg["image_position"],
         seed=int(cfg["seed"]),
         instruction_pool=cfg["instruction_pool"],
-        num_vokens=int(cfg["num_vokens"]),
-        caption_task=cfg["caption_task"],
+        answer_tags=hooks.answer_tags,
         special_text=cfg["special_text"],
         stop_text_in_answer=cfg["stop_text_in_answer"],
         plain_multi_turn=cfg["plain_multi_turn"],
@@ -272,11 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     samples: list[EncodedSample] = []
     for index in range(count):
         try:
-            record = encoder.prepare_record(source.get(index))
+            record = read_record(source, index, hooks)
             sample = encoder.encode(record, index)
             images.load(record, sample.num_images)  # decoded as training decodes them
-            if sample.num_gen_images:
-                images.load_targets(record, sample.num_gen_images)
+            if hooks.sample_extras is not None:  # MiniGPT-5: its target images, decoded too
+                hooks.sample_extras(record, sample, images)
         except BadSampleError as err:
             if cfg["on_bad_sample"] == "error":
                 raise  # printed as one line by @command, exit status 2

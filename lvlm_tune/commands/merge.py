@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from lvlm_tune.errors import command
-from lvlm_tune.generation.mapper import save_mapper
 from lvlm_tune.inference.load import DTYPES, eval_figures, load_run
 from lvlm_tune.models.registry import get_model_family
 from lvlm_tune.models.tokenizer_saving import save_processor
 from lvlm_tune.training.checkpoints import checkpoint_step
+from lvlm_tune.training.extensions import save_merged
 from lvlm_tune.training.run_card import RUN_CARD, write_run_card
 
 SUB_CONFIGS = ("text_config", "vision_config")
@@ -175,8 +175,7 @@ def merge(
             config.dtype = DTYPES[dtype]
     model.save_pretrained(output_dir, max_shard_size=max_shard_size, safe_serialization=True)
     save_processor(run.processor, output_dir)
-    if run.mapper is not None:  # MiniGPT-5: the mapping module travels with the LVLM
-        save_mapper(run.mapper.to(DTYPES[dtype]), output_dir)
+    save_merged(run.extensions, output_dir, DTYPES[dtype])  # MiniGPT-5: the mapping module
     card = {
         **run.card,
         "merged_from": os.fspath(checkpoint),

@@ -12,8 +12,8 @@ import argparse
 import json
 import sys
 
-from lvlm_tune.data.generation import expand_stories
 from lvlm_tune.errors import command
+from lvlm_tune.generation.stories import expand_stories
 
 
 @command("lvlm-tune stories", also=(ValueError, OSError))

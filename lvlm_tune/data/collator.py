@@ -4,7 +4,9 @@ Samples arrive already rendered, labelled, expanded and truncated (see
 :mod:`lvlm_tune.data.encoder`, run inside the dataset so DataLoader workers share the work).
 The collator right-pads ``input_ids`` (pad id), ``labels`` (-100) and builds ``attention_mask``;
 ``pixel_values`` of all images in the batch are concatenated in order, matching the order of
-the image-token runs, which is how HF LLaVA assigns image features.
+the image-token runs, which is how HF LLaVA assigns image features. Any further key of the items (an extension's model
+inputs, :mod:`lvlm_tune.data.hooks`) is batched the same way: tensors concatenated along their
+first dimension, lists joined, in batch order (items without the key add nothing).
 
 Bad samples skipped by the dataset (:class:`~lvlm_tune.data.errors.SkippedSample`) are dropped,
 so a batch may hold fewer rows than the batch size. When every sample of a batch was bad the
@@ -21,10 +23,11 @@ from typing import Any
 
 import torch
 
-from lvlm_tune.data.encoder import IGNORE_INDEX
 from lvlm_tune.data.errors import SkippedSample
+from lvlm_tune.data.labels import IGNORE_INDEX
 
 ALL_BAD = "all_samples_bad"  # batch key: every sample was bad (see the module docstring)
+SAMPLE_KEYS = ("id", "input_ids", "labels", "pixel_values")  # every other item key is an extra
 
 
 def pad_token_id(tokenizer: Any) -> int:
@@ -69,10 +72,7 @@ class MultimodalCollator:
         pixels = [item["pixel_values"] for item in items if item.get("pixel_values") is not None]
         if pixels:
             batch["pixel_values"] = torch.cat(pixels, dim=0)
-        targets = [item["gen_pixel_values"] for item in items if "gen_pixel_values" in item]
-        if targets:  # image generation (MiniGPT-5): one target per voken run, in batch order
-            batch["gen_pixel_values"] = torch.cat(targets, dim=0)
-            batch["gen_captions"] = [c for item in items for c in item.get("gen_captions", [])]
+        batch.update(batch_extras(items))
         return batch
 
     def all_bad_batch(self) -> dict[str, Any]:
@@ -84,3 +84,18 @@ class MultimodalCollator:
             "labels": torch.full((1, length), IGNORE_INDEX, dtype=torch.long),
             ALL_BAD: True,
         }
+
+
+def batch_extras(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The items' further keys batched: tensors concatenated (dim 0), lists joined, in order."""
+    keys = dict.fromkeys(key for item in items for key in item if key not in SAMPLE_KEYS)
+    out: dict[str, Any] = {}
+    for key in keys:
+        values = [item[key] for item in items if key in item]
+        if all(isinstance(v, torch.Tensor) for v in values):
+            out[key] = torch.cat(values, dim=0)
+        elif all(isinstance(v, list) for v in values):
+            out[key] = [x for v in values for x in v]
+        else:
+            raise TypeError(f"batch key {key!r}: expected tensors or lists, got {values[0]!r:.60}")
+    return out

@@ -8,28 +8,38 @@ field. ``"skip"`` records the sample's index and reason in the shared :class:`Sk
 drops: nothing is served in its place, so an epoch holds exactly the good samples, the number
 of batches per epoch does not change (resume skips batches by count) and a sample bad in every
 epoch is counted once. ``set_epoch`` changes the per-sample random choices (image position,
-instruction) reproducibly.
+instruction) reproducibly. An extension's :class:`~lvlm_tune.data.hooks.DataHooks` (a record
+transform, extra model inputs per sample) run here, once per sample, when a run passes them.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from lvlm_tune.data.encoder import ConversationEncoder
 from lvlm_tune.data.errors import BadSampleError, SkipLedger, SkippedSample, check_bad_fraction
+from lvlm_tune.data.hooks import DataHooks
 from lvlm_tune.data.images import ImageLoader
+from lvlm_tune.data.record import Conversation
 
 logger = logging.getLogger(__name__)
 
 BAD_SAMPLE_POLICIES = ("error", "skip")
 DEFAULT_MAX_BAD_FRACTION = 0.01
 _WARN_FIRST = 10
+
+
+def read_record(source: Any, index: int, hooks: DataHooks | None = None) -> Conversation:
+    """Sample ``index`` of ``source`` as a run trains it: read, validated, then the hooks'
+    record transform (given the raw sample too) when there is one."""
+    record = source.get(index)
+    if hooks is None or hooks.record_transform is None:
+        return record
+    return hooks.record_transform(source.raw(int(index)), record)
 
 
 class SupervisedDataset(torch.utils.data.Dataset):
@@ -43,9 +53,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
         on_bad_sample: ``"error"`` or ``"skip"``.
         max_bad_fraction: under ``skip``, the largest fraction of samples that may be bad
             (:meth:`check_bad_fraction` raises beyond it; 1 allows any number).
-        target_images: turns decoded target images of image-generating samples (MiniGPT-5)
-            into a tensor (the diffusion VAE's input); items then carry ``gen_pixel_values``
-            and ``gen_captions``.
+        hooks: an extension's record transform and extra model inputs per sample
+            (:class:`~lvlm_tune.data.hooks.DataHooks`; default: none).
     """
 
     def __init__(
@@ -54,8 +63,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
         encoder: ConversationEncoder,
         images: ImageLoader,
         on_bad_sample: str = "error",
-        target_images: Callable[[list[Image.Image]], torch.Tensor] | None = None,
         max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+        hooks: DataHooks | None = None,
     ) -> None:
         if on_bad_sample not in BAD_SAMPLE_POLICIES:
             raise ValueError(
@@ -69,7 +78,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.encoder = encoder
         self.images = images
         self.on_bad_sample = on_bad_sample
-        self.target_images = target_images
+        self.hooks = hooks or DataHooks()
         self.max_bad_fraction = float(max_bad_fraction)
         self.ledger = SkipLedger(len(source))
         self.epoch = 0
@@ -82,7 +91,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
     def encode(self, index: int) -> dict[str, Any]:
         """Encode sample ``index`` or raise ``BadSampleError``."""
-        record = self.encoder.prepare_record(self.source.get(index))
+        record = read_record(self.source, index, self.hooks)
         sample = self.encoder.encode(record, index, self.epoch)
         pixel_values = self.images.pixel_values(record, sample.num_images)
         item = {
@@ -91,16 +100,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
             "labels": sample.labels,
             "pixel_values": pixel_values,
         }
-        if sample.num_gen_images:
-            item.update(self._generation_targets(record, sample.num_gen_images))
+        if self.hooks.sample_extras is not None:
+            item.update(self.hooks.sample_extras(record, sample, self.images))
         return item
-
-    def _generation_targets(self, record: Any, count: int) -> dict[str, Any]:
-        """The first ``count`` target images (those whose vokens survived truncation)."""
-        if self.target_images is None:
-            raise ValueError("samples generate images but the dataset has no target_images")
-        decoded, captions = self.images.load_targets(record, count)
-        return {"gen_pixel_values": self.target_images(decoded), "gen_captions": captions}
 
     def __getitem__(self, index: int) -> dict[str, Any] | SkippedSample:
         try:

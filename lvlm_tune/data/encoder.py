@@ -21,14 +21,15 @@ answer raises ``BadSampleError(reason="no_trained_tokens")``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from lvlm_tune.data.errors import BadSampleError
 from lvlm_tune.data.exact_tokenizer import exact_tokenizer
-from lvlm_tune.data.generation import caption_to_generation
+from lvlm_tune.data.hooks import AnswerTag
 from lvlm_tune.data.labels import IGNORE_INDEX, answer_labels, crossed, expand_and_truncate
 from lvlm_tune.data.prompts import draw_instruction, get_pool, sample_uniform
 from lvlm_tune.data.record import IMAGE_TAG, Conversation, Turn
@@ -38,7 +39,6 @@ from lvlm_tune.data.text_policy import (
     STOP_TEXT_POLICIES,
     TextPolicy,
 )
-from lvlm_tune.generation.vokens import GEN_IMAGE_TAG, voken_ids, voken_text, voken_tokens
 from lvlm_tune.templates.chat_template import (
     CHAT_TEMPLATE_IMAGES,
     TemplateError,
@@ -47,16 +47,6 @@ from lvlm_tune.templates.chat_template import (
 )
 from lvlm_tune.templates.registry import TOKENIZER_TEMPLATE, get_template
 from lvlm_tune.templates.render import IMAGE_POSITIONS, Rendered, place_images, render
-
-CAPTION_TASKS = ("describe", "generate")
-__all__ = [
-    "IGNORE_INDEX",
-    "PLAIN_MULTI_TURN",
-    "SPECIAL_TEXT_POLICIES",
-    "STOP_TEXT_POLICIES",
-    "ConversationEncoder",
-    "EncodedSample",
-]
 
 
 @dataclass
@@ -69,8 +59,8 @@ class EncodedSample:
     num_images: int
     num_trained: int
     truncated: bool
-    num_gen_images: int = 0
     num_escaped: int = 0  # control-token texts in the data tokenized as ordinary text
+    tag_counts: dict[str, int] = field(default_factory=dict)  # answer tag -> runs kept
 
 
 class ConversationEncoder:
@@ -87,10 +77,9 @@ class ConversationEncoder:
         system: system prompt for records that carry none (default: the template's).
         instruction_pool: the built-in pool caption pairs draw their instruction from
             (``brief`` | ``detailed``); default: the record's own (``brief`` for captions).
-        num_vokens: generative vokens per image (MiniGPT-5); each ``<gen_image>`` of an
-            answer becomes ``[IMG0]..[IMG{N-1}]``. 0: samples that generate images are refused.
-        caption_task: ``describe`` (the caption answers an instruction) or ``generate`` (the
-            caption is the prompt and the image the answer; needs ``num_vokens``).
+        answer_tags: markup answers may hold that becomes special tokens (an extension's,
+            :class:`~lvlm_tune.data.hooks.AnswerTag`); each sample counts, in ``tag_counts``,
+            the runs of each tag's tokens that survive truncation.
         special_text: data text that spells a control token: ``escape`` (tokenize it as
             text), ``refuse`` (a bad sample) or ``allow`` (it becomes the control token).
         stop_text_in_answer: an answer holding a plain-text STOP (``###``): ``refuse`` or
@@ -111,15 +100,13 @@ class ConversationEncoder:
         image_token: str = IMAGE_TAG,
         system: str | None = None,
         instruction_pool: str | None = None,
-        num_vokens: int = 0,
-        caption_task: str = "describe",
+        answer_tags: Sequence[AnswerTag] = (),
         special_text: str = "escape",
         stop_text_in_answer: str = "refuse",
         plain_multi_turn: str = "refuse",
     ) -> None:
         choices = {
             "image_position": (image_position, IMAGE_POSITIONS),
-            "caption_task": (caption_task, CAPTION_TASKS),
             "special_text": (special_text, SPECIAL_TEXT_POLICIES),
             "stop_text_in_answer": (stop_text_in_answer, STOP_TEXT_POLICIES),
             "plain_multi_turn": (plain_multi_turn, PLAIN_MULTI_TURN),
@@ -141,17 +128,15 @@ class ConversationEncoder:
         if instruction_pool is not None:
             get_pool(instruction_pool)  # raises naming the choices
         self.instruction_pool = instruction_pool
-        if caption_task == "generate" and not num_vokens:
-            raise ValueError("caption_task 'generate' needs num_vokens > 0 (a MiniGPT-5 model)")
-        self.caption_task = caption_task
         self.special_text = special_text
-        self.num_vokens = num_vokens
-        self.first_voken_id = voken_ids(tokenizer, num_vokens)[0] if num_vokens else None
         self.image_token_id = self._single_token_id(image_token, "the image token")
         for token in self.template.required_special_tokens:
             self._single_token_id(token, f"template {template!r}")
-        vokens = voken_tokens(num_vokens) if num_vokens else ()
-        self.exact = exact_tokenizer(tokenizer, keep=(image_token, *vokens))
+        self.answer_tags = tuple(answer_tags)
+        kept = {k: self._single_token_id(k, "an answer tag") for t in answer_tags for k in t.tokens}
+        # tag -> id of its first token: one per run of the tag's tokens in an encoded sample
+        self.tag_ids = {t.tag: kept[t.tokens[0]] for t in self.answer_tags if t.tokens}
+        self.exact = exact_tokenizer(tokenizer, keep=(image_token, *kept))
         self.bos = tokenizer.bos_token or ""
         self.eos = tokenizer.eos_token or ""
         if "{eos}" in self.template.stop and not self.eos:
@@ -178,25 +163,20 @@ class ConversationEncoder:
 
     # ---- rendering ---------------------------------------------------------------------
 
-    def prepare_record(self, record: Conversation) -> Conversation:
-        """The record as this encoder trains it (caption pairs become text-to-image samples
-        under ``caption_task: generate``)."""
-        return caption_to_generation(record) if self.caption_task == "generate" else record
-
-    def _place_vokens(self, record: Conversation, turns: list[Turn]) -> list[Turn]:
-        if not any(GEN_IMAGE_TAG in t.content for t in turns):
-            return turns
-        if not self.num_vokens:
-            raise BadSampleError.of(
-                record, "gen_images", f"the sample generates images ({GEN_IMAGE_TAG}) but the "
-                "model has no vokens (num_vokens: 0)", "bad_field",
-            )  # fmt: skip
-        vokens = voken_text(self.num_vokens)
-        return [Turn(t.role, t.content.replace(GEN_IMAGE_TAG, vokens)) for t in turns]
+    def _write_tags(self, record: Conversation, turns: list[Turn]) -> list[Turn]:
+        """Answer tags replaced by their tokens; a tag this run cannot train refuses the sample."""
+        for tag in self.answer_tags:
+            if not any(tag.tag in t.content for t in turns):
+                continue
+            if not tag.tokens:
+                raise BadSampleError.of(record, tag.field, tag.refusal, "bad_field")
+            turns = [Turn(t.role, t.content.replace(tag.tag, tag.text)) for t in turns]
+        return turns
 
     def prepare_turns(self, record: Conversation, index: int, epoch: int) -> list[Turn]:
-        """The record's turns with the instruction drawn, images placed and vokens written."""
-        turns = self._place_vokens(record, list(record.turns))
+        """The record's turns with the instruction drawn, images placed and answer tags
+        written as their tokens."""
+        turns = self._write_tags(record, list(record.turns))
         if record.instruction_pool and not turns[0].content.replace(IMAGE_TAG, "").strip():
             pool = self.instruction_pool or record.instruction_pool
             question = draw_instruction(pool, self.seed, index, epoch)
@@ -288,7 +268,6 @@ class ConversationEncoder:
 
     def encode(self, record: Conversation, index: int = 0, epoch: int = 0) -> EncodedSample:
         """Encode one record; raises ``BadSampleError`` naming the sample when it cannot."""
-        record = self.prepare_record(record)
         rendered, escape = self._render(record, index, epoch, False)
         ids, offsets = self._tokenize(rendered, escape)
         labels, cuts = answer_labels(
@@ -296,18 +275,6 @@ class ConversationEncoder:
         )
         if self.image_token_id in labels:
             raise self._fail(record, "an image token fell inside an answer")
-        sample = self._expand_and_truncate(record, ids, labels, cuts)
-        sample.num_escaped = len(escape)
-        return sample
-
-    def _fail(self, record: Conversation, problem: str) -> BadSampleError:
-        return BadSampleError.of(
-            record, "conversations", problem + f" [template {self.template_name}]", "tokenization"
-        )
-
-    def _expand_and_truncate(
-        self, record: Conversation, ids: list[int], labels: list[int], cuts: list[int]
-    ) -> EncodedSample:
         kept, input_ids, label_arr, num_images, truncated = expand_and_truncate(
             record, ids, labels, cuts, self.image_token_id, self.num_image_tokens,
             self.model_max_length,
@@ -319,5 +286,11 @@ class ConversationEncoder:
             num_images=num_images,
             num_trained=int((label_arr != IGNORE_INDEX).sum()),  # image tokens never train
             truncated=truncated,
-            num_gen_images=kept.count(self.first_voken_id) if self.num_vokens else 0,
+            num_escaped=len(escape),
+            tag_counts={tag: kept.count(token) for tag, token in self.tag_ids.items()},
+        )
+
+    def _fail(self, record: Conversation, problem: str) -> BadSampleError:
+        return BadSampleError.of(
+            record, "conversations", problem + f" [template {self.template_name}]", "tokenization"
         )

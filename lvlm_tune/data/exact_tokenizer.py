@@ -53,7 +53,7 @@ class ExactTokenizer:
     Args:
         tokenizer: a fast Hugging Face tokenizer (with ``backend_tokenizer``).
         keep: added tokens that stay control tokens wherever they appear (the image token and
-            generative vokens: their count is checked against the sample's images elsewhere).
+            the tokens of answer tags: their counts are checked against the sample elsewhere).
     """
 
     def __init__(self, tokenizer: Any, keep: Iterable[str] = ()) -> None:
@@ -195,7 +195,7 @@ class ExactTokenizer:
         spec = json.loads(self.backend.to_str())
         for token in spec.get("added_tokens", []):
             # encode_special_tokens splits special tokens like ordinary text: every control
-            # token becomes splittable, the kept ones (image token, vokens) stay matched.
+            # token becomes splittable, the kept ones (image token, answer tags) stay matched.
             token["special"] = token["content"] in self.control
         clone = Tokenizer.from_str(json.dumps(spec))
         added = self.backend.get_added_tokens_decoder()

@@ -26,7 +26,6 @@ import torch
 from PIL import Image, ImageFile
 
 from lvlm_tune.data.errors import BadSampleError
-from lvlm_tune.data.generation import generation_targets
 from lvlm_tune.data.record import Conversation, ImageRef
 
 ASPECT_RATIOS = ("none", "pad")
@@ -174,18 +173,6 @@ class ImageLoader:
         if self.aspect_ratio == "pad":
             images = [expand_to_square(im, self.background) for im in images]
         return images
-
-    def load_targets(
-        self, record: Conversation, count: int
-    ) -> tuple[list[Image.Image], list[str | None]]:
-        """The first ``count`` target images of an image-generating record (MiniGPT-5), decoded
-        under the same checks, and their captions."""
-        refs, captions = generation_targets(record)
-        images = [
-            self.open(ref, record, k, field=f"gen_images[{k}]")
-            for k, ref in enumerate(refs[:count])
-        ]
-        return images, captions[:count]
 
     def blank(self) -> torch.Tensor:
         """``pixel_values`` (1, C, H, W) of a black image: the vision input of text-only

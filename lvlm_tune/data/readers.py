@@ -18,7 +18,6 @@ from typing import Any
 from PIL import Image
 
 from lvlm_tune.data.errors import BadSampleError
-from lvlm_tune.data.generation import attach_generation_targets
 from lvlm_tune.data.record import IMAGE_TAG, Conversation, ImageRef, Turn
 
 FORMATS: tuple[str, ...] = ("llava", "openai", "caption")
@@ -76,7 +75,7 @@ def normalize(raw: Any, fmt: str, *, source: str, index: int) -> Conversation:
     sample_id = str(raw["id"]) if raw.get("id") is not None else str(index)
     conv = _NORMALIZERS[fmt](raw, _Ctx(source, sample_id))
     conv.source, conv.index = source, index
-    return attach_generation_targets(raw, conv)
+    return conv
 
 
 class _Ctx:

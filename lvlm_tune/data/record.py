@@ -11,18 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-IMAGE_TAG = "<image>"
+from lvlm_tune.templates.messages import IMAGE_TAG, Turn
+
+__all__ = ["IMAGE_TAG", "Conversation", "ImageRef", "Turn"]
 
 # An image as a reader found it: a path (relative to the image folder), raw bytes, or a PIL image.
 ImageRef = Any
-
-
-@dataclass(frozen=True)
-class Turn:
-    """One message: ``role`` is ``"user"`` or ``"assistant"``."""
-
-    role: str
-    content: str
 
 
 @dataclass

@@ -44,12 +44,12 @@ from lvlm_tune.demo.pretrain_diffusion import (
     text_to_image_accuracy,
 )
 from lvlm_tune.generation.diffusion import load_diffusion_parts
+from lvlm_tune.generation.trainer import LOSS_PARTS
 from lvlm_tune.inference.load import load_run
 from lvlm_tune.templates.registry import get_template
 from lvlm_tune.testing.tiny_models import write_tiny_vision_tower
 from lvlm_tune.training.pipeline import run
 from lvlm_tune.training.recipe import parse_recipe
-from lvlm_tune.training.trainer import LOSS_PARTS
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "demo"
 SCORED = ("red", "green", "blue")  # the prompts "a red square", ...; yellow is trained, not scored

@@ -12,19 +12,29 @@ conditioned on the mapped voken states of each generated image, and the caption 
 between the mapped states and the frozen text encoder's embedding of the image's caption (when
 it has one). With probability ``cfg_drop`` an image's voken states are replaced by zeros
 (classifier-free guidance; the mapping of zeros is the negative embedding at inference).
+
+It saves and loads like a model: :meth:`VokenModel.save_pretrained` writes what trains and
+nothing frozen (the LVLM's PEFT adapter: the voken rows, plus LoRA in stage 2, as
+``adapter_config.json`` + ``adapter_model.safetensors``; the mapping module as
+``voken_mapper.json`` + ``voken_mapper.safetensors``; the run card names the frozen base and the
+diffusion model), :meth:`VokenModel.from_pretrained` rebuilds one around a loaded LVLM, and
+:meth:`VokenModel.load_checkpoint` restores the trained weights in place (resume). Under ZeRO-3
+the trainer hands in the gathered full state dict, which is split here by owner.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from lvlm_tune.generation.mapper import VokenMapper
-from lvlm_tune.generation.vokens import voken_hidden_states, voken_runs
+from lvlm_tune.generation.mapper import MAPPER_WEIGHTS, VokenMapper, load_mapper, save_mapper
+from lvlm_tune.generation.vokens import voken_hidden_states, voken_ids, voken_runs
 
 if TYPE_CHECKING:  # diffusers (the ``gen`` extra) is imported only when a model uses it
     from lvlm_tune.generation.diffusion import DiffusionParts
@@ -50,6 +60,13 @@ class VokenModelOutput(ModelOutput):
     logits: torch.Tensor | None = None
 
 
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def _part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
+
 def last_hidden_state(output: Any) -> torch.Tensor:
     """The LLM's last-layer hidden states from a LLaVA or BLIP-2 output."""
     inner = getattr(output, "language_model_outputs", None) or output
@@ -62,7 +79,8 @@ class VokenModel(nn.Module):
     Args:
         lvlm: the vision-language model (plain or PEFT-wrapped) with the vokens in its vocab.
         mapper: the mapping module.
-        diffusion: frozen Stable Diffusion parts.
+        diffusion: frozen Stable Diffusion parts, or the diffusers folder (or hub id) to load
+            them from when first used (``None``: none; a model only saved or merged).
         first_voken_id: id of ``[IMG0]`` (the vokens are consecutive ids).
         weights: loss weights.
         cfg_drop: probability of replacing an image's voken states by zeros in training.
@@ -73,7 +91,7 @@ class VokenModel(nn.Module):
         self,
         lvlm: nn.Module,
         mapper: VokenMapper,
-        diffusion: DiffusionParts,
+        diffusion: DiffusionParts | str | os.PathLike | None,
         first_voken_id: int,
         weights: LossWeights | None = None,
         cfg_drop: float = 0.1,
@@ -96,7 +114,62 @@ class VokenModel(nn.Module):
 
     @property
     def diffusion(self) -> DiffusionParts:
-        return self._diffusion[0]
+        """The frozen diffusion parts (loaded on first use when a folder was given)."""
+        parts = self._diffusion[0]
+        if parts is None:
+            raise ValueError("this MiniGPT-5 model was loaded without a diffusion model")
+        if isinstance(parts, str | os.PathLike):
+            from lvlm_tune.generation.diffusion import load_diffusion_parts  # the gen extra
+
+            parts = self._diffusion[0] = load_diffusion_parts(parts)
+        return parts
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | os.PathLike,
+        lvlm: nn.Module,
+        *,
+        tokenizer: Any,
+        diffusion: DiffusionParts | str | os.PathLike | None = None,
+        dtype: torch.dtype = torch.float32,
+        **kwargs: Any,
+    ) -> VokenModel:
+        """A saved MiniGPT-5 model around ``lvlm`` (its adapter already on, or merged).
+
+        Args:
+            folder: a folder written by :meth:`save_pretrained` (or merged by ``lvlm-tune
+                merge``): its mapping module is loaded.
+            lvlm: the LVLM holding the folder's weights.
+            tokenizer: the run's tokenizer (it holds the vokens).
+            diffusion: the diffusion parts, or where to load them from on first use.
+            dtype: dtype of the mapping module.
+            **kwargs: further :class:`VokenModel` arguments (loss weights, ``cfg_drop``...).
+        """
+        mapper = load_mapper(folder, dtype)
+        first = voken_ids(tokenizer, mapper.config.num_vokens)[0]
+        return cls(lvlm, mapper, diffusion, first, **kwargs)
+
+    def save_pretrained(self, folder: str | os.PathLike, state_dict: Any = None) -> None:
+        """Write the adapter and the mapper into ``folder`` (``state_dict``: a gathered one)."""
+        os.makedirs(folder, exist_ok=True)
+        state = state_dict if state_dict is not None else self.state_dict()
+        self.lvlm.save_pretrained(folder, state_dict=_part(state, "lvlm."), safe_serialization=True)
+        save_mapper(self.mapper, folder, _part(state, "mapper."))
+
+    def load_checkpoint(self, folder: str | os.PathLike) -> None:
+        """Restore the adapter and mapper weights :meth:`save_pretrained` wrote (resume)."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        for name in (ADAPTER_WEIGHTS, MAPPER_WEIGHTS):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder}: no {name} to resume the MiniGPT-5 run from")
+        result = set_peft_model_state_dict(self.lvlm, load_file(str(folder / ADAPTER_WEIGHTS)))
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"{folder}: unexpected adapter keys {result.unexpected_keys[:5]}")
+        self.mapper.load_state_dict(load_file(str(folder / MAPPER_WEIGHTS)), strict=True)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.lvlm.get_input_embeddings()

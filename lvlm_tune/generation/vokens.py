@@ -7,7 +7,8 @@ wrapped with PEFT trainable tokens (:func:`trainable_token_targets`), which keep
 update in its own small parameter, so the original rows are never handed to the optimizer and
 stay bit-identical whatever the weight decay. ``merge_and_unload`` folds the rows back into
 plain embedding matrices. In text, an answer asks for an image by writing :data:`GEN_IMAGE_TAG`;
-the encoder replaces it with the N vokens (trained like any answer text). The hidden states
+the encoder replaces it with the N vokens (trained like any answer text; the answer tag of
+:func:`lvlm_tune.generation.data.generation_hooks`). The hidden states
 that feed the mapping module are the last-layer states at the N positions that PREDICT the
 vokens, i.e. one position before each voken, which is also what generation sees.
 """
@@ -26,18 +27,6 @@ def voken_tokens(count: int) -> tuple[str, ...]:
     if count < 1:
         raise ValueError(f"num_vokens must be positive, got {count}")
     return tuple(f"[IMG{k}]" for k in range(count))
-
-
-def added_special_tokens(template: str, num_vokens: int = 0) -> tuple[str, ...]:
-    """Special tokens a run adds to the tokenizer: its template's markers (none for the
-    tokenizer's own chat template) and its vokens. Used when a run is built (``train``) and when
-    its base is rebuilt or its folder loaded (``merge``, ``chat``, ``eval``)."""
-    from lvlm_tune.templates.registry import TOKENIZER_TEMPLATE, get_template
-
-    tokens = (
-        () if template == TOKENIZER_TEMPLATE else get_template(template).required_special_tokens
-    )
-    return (*tokens, *voken_tokens(num_vokens)) if num_vokens else tuple(tokens)
 
 
 def voken_text(count: int) -> str:

@@ -4,15 +4,17 @@ Owns the one way ``merge``, ``chat`` and ``eval`` open a model: read the run car
 (``lvlm_tune.json``), then either load a full model folder (stage 1, full fine-tune, merged) through
 the family's ``load``, or rebuild an adapter's base from the parts the card records (or from
 ``--base`` when they moved) and put the PEFT adapter on top. The processor saved next to the
-weights is used (it carries the training chat template and the added tokens). Only safetensors
-are read; ``trust_remote_code`` is never turned on.
+weights is used (it carries the training chat template and the added tokens). What an enabled
+extension keeps next to the model (MiniGPT-5: its mapping module) is loaded through the
+extension registry into ``LoadedRun.extensions``. Only safetensors are read;
+``trust_remote_code`` is never turned on.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +23,12 @@ from peft import PeftModel
 from transformers import AutoProcessor
 
 from lvlm_tune.errors import UserError, looks_like_path
-from lvlm_tune.generation.mapper import VokenMapper, has_mapper, load_mapper
-from lvlm_tune.generation.vokens import added_special_tokens
 from lvlm_tune.models.llava_original import is_original_llava
 from lvlm_tune.models.parts import unwrap_model
 from lvlm_tune.models.registry import ModelFamily, get_model_family
 from lvlm_tune.templates.jinja import set_chat_template
 from lvlm_tune.templates.registry import TOKENIZER_TEMPLATE, get_template
+from lvlm_tune.training.extensions import added_special_tokens, args_from_card, load_extensions
 from lvlm_tune.training.run_card import RUN_CARD, read_run_card
 from lvlm_tune.training.run_folder import check_final_save
 
@@ -45,7 +46,8 @@ class LoadedRun:
         card: the run card.
         family: the model-family registry entry.
         is_adapter: whether ``model`` is PEFT-wrapped.
-        mapper: the voken mapping module of a MiniGPT-5 run (``None`` otherwise).
+        extensions: name -> what each enabled extension loaded with the model (MiniGPT-5: a
+            ``VokenModel`` around ``model``, with the mapping module).
     """
 
     model: Any
@@ -53,12 +55,7 @@ class LoadedRun:
     card: dict[str, Any]
     family: ModelFamily
     is_adapter: bool
-    mapper: VokenMapper | None = None
-
-    @property
-    def diffusion_model(self) -> str | None:
-        """The diffusion pipeline a MiniGPT-5 run was trained with (from the run card)."""
-        return self.card.get("model_args", {}).get("diffusion_model")
+    extensions: dict[str, Any] = field(default_factory=dict)
 
 
 def checkpoint_kind(folder: str | os.PathLike) -> str:
@@ -78,7 +75,7 @@ def checkpoint_kind(folder: str | os.PathLike) -> str:
 
 def _extra_tokens(card: dict[str, Any]) -> tuple[str, ...]:
     template = card.get("template", TOKENIZER_TEMPLATE)
-    return added_special_tokens(template, card.get("model_args", {}).get("num_vokens") or 0)
+    return added_special_tokens(template, args_from_card(card))
 
 
 BASE_HELP = (
@@ -213,13 +210,14 @@ def load_run(
         raise ValueError(
             f"{folder}: tokenizer has {len(processor.tokenizer)} tokens, model {vocab}"
         )
-    mapper = load_mapper(folder, dtype).eval() if has_mapper(folder) else None
     model.eval()
     if device is not None:
         model.to(device)
-        if mapper is not None:
-            mapper.to(device)
-    return LoadedRun(model, processor, card, family, kind == "adapter", mapper)
+    extensions = load_extensions(folder, model, processor, card, dtype)
+    for value in extensions.values():
+        if device is not None and isinstance(value, torch.nn.Module):
+            value.to(device)
+    return LoadedRun(model, processor, card, family, kind == "adapter", extensions)
 
 
 def eval_figures(folder: str | os.PathLike) -> dict[str, Any]:

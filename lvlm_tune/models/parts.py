@@ -29,8 +29,8 @@ ORIGINAL_SUFFIXES = (".pth", ".pt", ".bin")  # torch.save files of the families'
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain HF model inside a ``PeftModel`` and/or a MiniGPT-5 ``VokenModel`` (which holds
-    it as ``lvlm``), or ``model`` itself."""
+    """The plain HF model inside a ``PeftModel`` and/or an extension's wrapper that holds it as
+    ``lvlm`` (MiniGPT-5's ``VokenModel``), or ``model`` itself."""
     inner = getattr(model, "lvlm", None)
     if isinstance(inner, nn.Module):
         model = inner

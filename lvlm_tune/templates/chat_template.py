@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from lvlm_tune.data.record import Turn
+from lvlm_tune.templates.messages import Turn
 from lvlm_tune.templates.registry import TOKENIZER_TEMPLATE, Template
 from lvlm_tune.templates.render import Rendered, Span
 

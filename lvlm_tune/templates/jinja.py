@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from lvlm_tune.data.record import IMAGE_TAG
+from lvlm_tune.templates.messages import IMAGE_TAG
 from lvlm_tune.templates.registry import Template
 
 

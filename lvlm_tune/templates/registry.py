@@ -144,3 +144,9 @@ def get_template(name: str) -> Template:
         raise KeyError(
             f"unknown template {name!r}; choose one of: {', '.join(template_names())}"
         ) from None
+
+
+def template_special_tokens(name: str) -> tuple[str, ...]:
+    """Special tokens a run with template ``name`` adds to its tokenizer: the template's markers
+    (none for the tokenizer's own chat template, whose markers the tokenizer already has)."""
+    return () if name == TOKENIZER_TEMPLATE else get_template(name).required_special_tokens

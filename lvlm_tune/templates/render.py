@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from lvlm_tune.data.record import IMAGE_TAG, Turn
+from lvlm_tune.templates.messages import IMAGE_TAG, Turn
 from lvlm_tune.templates.registry import Template
 
 IMAGE_POSITIONS = ("before", "after", "random", "keep")

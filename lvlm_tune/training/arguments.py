@@ -6,8 +6,8 @@ extends ``trl.ModelConfig``, with lvlm-tune's defaults: :mod:`lvlm_tune.training
 ``transformers.TrainingArguments``, so every Trainer option is a recipe key). Value and
 cross-field checks live in ``__post_init__`` and name the offending key; every such problem is
 a :class:`~lvlm_tune.errors.UserError`. Reading a recipe is :mod:`lvlm_tune.training.recipe`.
-
-Over 300 lines: the three classes stay together so lvlm-tune's own recipe keys read as one list.
+Registered extensions add their own keys and stages (:mod:`lvlm_tune.training.extensions`;
+MiniGPT-5's are in :mod:`lvlm_tune.generation.arguments`).
 """
 
 from __future__ import annotations
@@ -19,24 +19,19 @@ from typing import Any
 from transformers import TrainingArguments
 
 from lvlm_tune.data.dataset import BAD_SAMPLE_POLICIES, DEFAULT_MAX_BAD_FRACTION
-from lvlm_tune.data.encoder import (
-    CAPTION_TASKS,
-    PLAIN_MULTI_TURN,
-    SPECIAL_TEXT_POLICIES,
-    STOP_TEXT_POLICIES,
-)
 from lvlm_tune.data.images import ASPECT_RATIOS, DEFAULT_MAX_IMAGE_PIXELS
 from lvlm_tune.data.prompts import INSTRUCTION_POOLS
 from lvlm_tune.data.sources import SOURCE_FORMATS
+from lvlm_tune.data.text_policy import PLAIN_MULTI_TURN, SPECIAL_TEXT_POLICIES, STOP_TEXT_POLICIES
 from lvlm_tune.errors import UserError
 from lvlm_tune.models.registry import family_names
 from lvlm_tune.templates.registry import template_names
 from lvlm_tune.templates.render import IMAGE_POSITIONS
 from lvlm_tune.training.distributed import check_deepspeed_config
-from lvlm_tune.training.freezing import STAGES, VOKEN_STAGES
+from lvlm_tune.training.extensions import extension_lora_stages, extension_stages
+from lvlm_tune.training.freezing import STAGES
 from lvlm_tune.training.model_config import LvlmModelConfig
 
-LORA_STAGES = ("finetune_lora", "vokens_lora")
 LORA_KEYS = (
     "lora_r",
     "lora_alpha",
@@ -45,6 +40,16 @@ LORA_KEYS = (
     "use_dora",
     "use_rslora",
 )
+
+
+def stage_names() -> tuple[str, ...]:
+    """Every valid ``stage``: the core's, then the registered extensions'."""
+    return (*STAGES, *extension_stages())
+
+
+def lora_stages() -> tuple[str, ...]:
+    """The stages that train LoRA adapters (where the LoRA keys act)."""
+    return ("finetune_lora", *extension_lora_stages())
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -91,8 +96,9 @@ class ModelArguments(LvlmModelConfig):
         default=32,
     )
     stage: str = _help(
-        "pretrain (projector only) | finetune (projector + LLM) | finetune_lora | vokens "
-        "(MiniGPT-5 stage 1: voken rows + mapper) | vokens_lora (stage 2: + LoRA)",
+        "pretrain (projector only) | finetune (projector + LLM) | finetune_lora | an "
+        "extension's: vokens (MiniGPT-5 stage 1: voken rows + mapper) | vokens_lora (stage 2: "
+        "+ LoRA)",
         default="finetune",
     )
     pretrained_projector: str | None = _help(
@@ -101,57 +107,27 @@ class ModelArguments(LvlmModelConfig):
         default=None,
     )
     unfreeze_vision_tower: bool = _help("also train the vision tower", default=False)
-    num_vokens: int = _help(
-        "MiniGPT-5: generative vokens [IMG0]..[IMG{N-1}] per image (8 in the paper; 0 = off)",
-        default=0,
-    )
-    diffusion_model: str | None = _help(
-        "MiniGPT-5: Stable Diffusion pipeline folder or hub id (frozen; e.g. "
-        "stabilityai/stable-diffusion-2-1-base)",
-        default=None,
-    )
-    pretrained_vokens: str | None = _help(
-        "MiniGPT-5: a vokens-stage run folder to start the voken rows and the mapper from",
-        default=None,
-    )
-    mapper_hidden_size: int = _help("MiniGPT-5 mapper width", default=1024)
-    mapper_layers: int = _help("MiniGPT-5 mapper encoder (and decoder) layers", default=4)
-    mapper_heads: int = _help("MiniGPT-5 mapper attention heads", default=8)
-
     # Filled by the recipe parser: each registered extension's parsed arguments, by name
     # (lvlm_tune.training.extensions); not a recipe key itself.
     extensions: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.use_peft = self.stage in LORA_STAGES  # TRL's flag, for any TRL helper reading it
+        self.use_peft = self.stage in lora_stages()  # TRL's flag, for any TRL helper reading it
         if self.family not in family_names():
             raise UserError(
                 f"family: unknown {self.family!r}; choose one of: {', '.join(family_names())}"
             )
-        if self.stage not in STAGES:
-            raise UserError(f"stage: unknown {self.stage!r}; choose one of: {', '.join(STAGES)}")
-        if (self.stage in VOKEN_STAGES) != (self.num_vokens > 0):
-            raise UserError(
-                f"stage: {self.stage!r} with num_vokens={self.num_vokens}; the MiniGPT-5 stages "
-                f"({', '.join(VOKEN_STAGES)}) need num_vokens > 0 and the others num_vokens: 0"
-            )
-        if self.num_vokens and not self.diffusion_model:
-            raise UserError("diffusion_model: MiniGPT-5 (num_vokens > 0) needs a diffusers folder")
+        stages = stage_names()
+        if self.stage not in stages:
+            raise UserError(f"stage: unknown {self.stage!r}; choose one of: {', '.join(stages)}")
         if not self.model_name_or_path and not (self.vision_tower and self.llm_name_or_path):
             raise UserError(
                 "model_name_or_path: set it to an existing checkpoint, or set both vision_tower "
                 "and llm_name_or_path to compose a new model"
             )
-        for key in (
-            "lora_r",
-            "num_query_tokens",
-            "mapper_hidden_size",
-            "mapper_layers",
-            "mapper_heads",
-        ):
+        for key in ("lora_r", "num_query_tokens"):
             _check_range(self, key, low=1)
-        _check_range(self, "num_vokens", low=0)
         _check_range(self, "lora_alpha", low=0, open_low=True)
         _check_range(self, "lora_dropout", low=0, high=1)
 
@@ -197,11 +173,6 @@ class DataArguments:
         default=False,
     )
     system_prompt: str | None = _help("override the template's default system prompt", default=None)
-    caption_task: str = _help(
-        "caption pairs: describe (the caption answers) | generate (MiniGPT-5: the caption asks, "
-        "the image is the answer)",
-        default="describe",
-    )
     instruction_pool: str | None = _help(
         "instructions for caption pairs: brief (LLaVA stage 1, the default) | detailed "
         "(MiniGPT-4 stage 2)",
@@ -230,7 +201,6 @@ class DataArguments:
             "image_aspect_ratio": (self.image_aspect_ratio or "none", ASPECT_RATIOS),
             "on_bad_sample": (self.on_bad_sample, BAD_SAMPLE_POLICIES),
             "instruction_pool": (self.instruction_pool or "brief", tuple(INSTRUCTION_POOLS)),
-            "caption_task": (self.caption_task, CAPTION_TASKS),
             "data_format": (self.data_format, SOURCE_FORMATS),
             "special_text": (self.special_text, SPECIAL_TEXT_POLICIES),
             "stop_text_in_answer": (self.stop_text_in_answer, STOP_TEXT_POLICIES),
@@ -264,16 +234,6 @@ class LvlmTrainingArguments(TrainingArguments):
         "batches hold only image or only text samples, of similar length", default=False
     )
     loss_curve: bool = _help("write loss_curve.png into output_dir at the end", default=True)
-    text_loss_weight: float = _help("MiniGPT-5: weight of the text (and voken) CE", default=0.01)
-    ldm_loss_weight: float = _help("MiniGPT-5: weight of the diffusion loss", default=1.0)
-    caption_loss_weight: float = _help("MiniGPT-5: weight of the caption MSE", default=0.1)
-    cfg_drop: float = _help(
-        "MiniGPT-5: probability of zeroing an image's voken states (classifier-free guidance)",
-        default=0.1,
-    )
-    min_snr_gamma: float = _help(
-        "MiniGPT-5: min-SNR weighting of the LDM loss (0: off)", default=5.0
-    )
     overwrite_output_dir: bool = _help(
         "start in an output_dir that holds another run (other options): that run's checkpoints "
         "and saved files are deleted first",
@@ -294,9 +254,6 @@ class LvlmTrainingArguments(TrainingArguments):
             _check_range(self, key, low=1)
         for key in ("learning_rate", "projector_lr", "weight_decay", "dataloader_num_workers"):
             _check_range(self, key, low=0)
-        for key in ("text_loss_weight", "ldm_loss_weight", "caption_loss_weight", "min_snr_gamma"):
-            _check_range(self, key, low=0)
-        _check_range(self, "cfg_drop", low=0, high=1)
         if self.max_steps == 0 or self.max_steps < -1:
             # transformers reads max_steps <= 0 as "train num_train_epochs", so 0 would train
             raise UserError(

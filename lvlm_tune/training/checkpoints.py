@@ -17,7 +17,9 @@ import logging
 import os
 import re
 import shutil
+from typing import Any
 
+import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 logger = logging.getLogger(__name__)
@@ -133,3 +135,16 @@ def _fsync_dir(folder: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def newest_common_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest checkpoint of ``output_dir`` complete on every rank (nodes may not share a
+    filesystem); ``None`` when there is none."""
+    steps = set(complete_checkpoint_steps(output_dir))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        everyone: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, sorted(steps))
+        steps = set.intersection(*(set(s) for s in everyone))
+    if not steps:
+        return None
+    return os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{max(steps)}")

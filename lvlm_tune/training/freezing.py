@@ -7,28 +7,23 @@ vision tower or projector, even when their layers share names such as ``q_proj``
 projector fully through PEFT ``modules_to_save``, so the adapter folder carries it and
 ``merge_and_unload`` folds it in. ``unfreeze_vision_tower`` additionally trains the vision tower
 in any stage. Parts are found through the model-family registry; parameters a family fixes
-(the identity ``linear_2`` of a ``linear`` projector) never train. The MiniGPT-5 stages train
-the generative vokens' rows of the input embedding and ``lm_head`` through PEFT trainable
-tokens (the original rows are not parameters of the optimizer): ``vokens`` only those rows
-(the mapping module lives outside the LVLM and trains too), ``vokens_lora`` also LoRA on the
-LLM (MiniGPT-5 stage 2: r=8, alpha=16 on ``q_proj``/``v_proj``).
+(the identity ``linear_2`` of a ``linear`` projector) never train. An extension may add stages
+of its own (MiniGPT-5's ``vokens``, ``vokens_lora``); it freezes for them itself, with the
+helpers here (:mod:`lvlm_tune.training.extensions`).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
 
-from peft import LoraConfig, PeftModel, TrainableTokensConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from lvlm_tune.generation.vokens import trainable_token_targets
 from lvlm_tune.models.parts import canonical_name, is_under, unwrap_model
 from lvlm_tune.models.registry import ModelFamily, get_model_family
 
-STAGES = ("pretrain", "finetune", "finetune_lora", "vokens", "vokens_lora")
-VOKEN_STAGES = ("vokens", "vokens_lora")
+STAGES = ("pretrain", "finetune", "finetune_lora")  # the core's; extensions add their own
 
 
 @dataclass(frozen=True)
@@ -80,7 +75,8 @@ def lora_target_regex(
     return rf"^(?:{prefixes})\.(?:.*\.)?(?:{leaves})$"
 
 
-def _set_trainable(model: nn.Module, prefixes: tuple[str, ...]) -> None:
+def set_trainable(model: nn.Module, prefixes: tuple[str, ...]) -> None:
+    """Train exactly the parameters under ``prefixes`` (names as in the unwrapped model)."""
     for name, param in model.named_parameters():
         param.requires_grad_(is_under(canonical_name(name), prefixes))
 
@@ -104,7 +100,6 @@ def apply_stage(
     *,
     lora: LoraOptions | None = None,
     unfreeze_vision_tower: bool = False,
-    voken_ids: list[int] | None = None,
 ) -> nn.Module:
     """Set ``requires_grad`` for ``stage`` (and wrap with LoRA for ``finetune_lora``).
 
@@ -115,7 +110,6 @@ def apply_stage(
         lora: LoRA settings for ``finetune_lora`` (``LoraOptions()`` when omitted).
         unfreeze_vision_tower: also train the vision tower (under LoRA: fully, via
             ``modules_to_save``).
-        voken_ids: token ids of the generative vokens (the ``vokens*`` stages).
 
     Returns:
         The model to train: ``model`` itself, or a ``PeftModel`` for ``finetune_lora``.
@@ -126,15 +120,13 @@ def apply_stage(
         raise ValueError("apply_stage expects an unwrapped model; this one is already PEFT-wrapped")
     family = get_model_family(family)
     vision = family.vision_modules if unfreeze_vision_tower else ()
-    if stage in VOKEN_STAGES:
-        return _voken_stage(model, stage, family, lora or LoraOptions(), vision, voken_ids)
     if stage == "pretrain":
-        _set_trainable(model, family.projector_modules + vision)
+        set_trainable(model, family.projector_modules + vision)
     elif stage == "finetune":
-        _set_trainable(model, family.projector_modules + family.language_modules + vision)
+        set_trainable(model, family.projector_modules + family.language_modules + vision)
     else:
         lora = lora or LoraOptions()
-        _set_trainable(model, ())
+        set_trainable(model, ())
         config = LoraConfig(
             r=lora.r,
             lora_alpha=lora.alpha,
@@ -149,36 +141,6 @@ def apply_stage(
         model = get_peft_model(model, config)
     _freeze_fixed(model, family)
     return model
-
-
-def _voken_stage(
-    model: nn.Module,
-    stage: str,
-    family: ModelFamily,
-    lora: LoraOptions,
-    vision: tuple[str, ...],
-    voken_ids: list[int] | None,
-) -> PeftModel:
-    if not voken_ids:
-        raise ValueError(f"stage {stage!r} trains generative vokens: set num_vokens > 0")
-    _set_trainable(model, ())
-    tokens = trainable_token_targets(model, voken_ids)
-    if stage == "vokens":
-        config: Any = TrainableTokensConfig(target_modules=list(tokens), token_indices=voken_ids)
-    else:
-        config = LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=lora_target_regex(model, family, lora.target_modules),
-            modules_to_save=list(vision) or None,
-            trainable_token_indices=tokens,
-            use_dora=lora.use_dora,
-            use_rslora=lora.use_rslora,
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-    return get_peft_model(model, config)
 
 
 def trainable_parameter_names(model: nn.Module) -> list[str]:

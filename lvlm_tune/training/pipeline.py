@@ -2,7 +2,9 @@
 
 Reads top to bottom: build the model -> freeze for the stage -> data -> train -> save. The
 ``lvlm-tune train`` command (:mod:`lvlm_tune.commands.train`) parses the recipe and calls
-:func:`run`.
+:func:`run`. Enabled extensions (MiniGPT-5) take part through the registry's hooks
+(:mod:`lvlm_tune.training.extensions`): special tokens, an earlier stage folded in, their own
+stages, wrapping the model, data hooks and the trainer class.
 """
 
 from __future__ import annotations
@@ -16,19 +18,24 @@ from transformers import set_seed
 from lvlm_tune.data.collator import MultimodalCollator, pad_token_id
 from lvlm_tune.data.dataset import SupervisedDataset
 from lvlm_tune.data.encoder import ConversationEncoder
+from lvlm_tune.data.hooks import DataHooks
 from lvlm_tune.data.images import ImageLoader
 from lvlm_tune.data.sources import open_source
 from lvlm_tune.errors import UserError
-from lvlm_tune.generation.build import TargetImages, build_voken_model, fold_pretrained_vokens
-from lvlm_tune.generation.model import VokenModel
-from lvlm_tune.generation.vokens import added_special_tokens, voken_ids
 from lvlm_tune.models.llava import enable_gradient_checkpointing
 from lvlm_tune.models.llava_original import original_image_aspect_ratio
-from lvlm_tune.models.parts import load_projector, save_projector
+from lvlm_tune.models.parts import load_projector
 from lvlm_tune.models.registry import ModelFamily, get_model_family
 from lvlm_tune.templates.jinja import set_chat_template
 from lvlm_tune.templates.registry import TOKENIZER_TEMPLATE, get_template
 from lvlm_tune.training.distributed import register_token_weights, zero3_init_paused
+from lvlm_tune.training.extensions import (
+    active_extensions,
+    added_special_tokens,
+    data_hooks,
+    stage_owner,
+    trainer_class,
+)
 from lvlm_tune.training.freezing import LoraOptions, apply_stage, parameter_summary
 from lvlm_tune.training.loss_curve import write_loss_curve
 from lvlm_tune.training.recipe import (
@@ -37,7 +44,7 @@ from lvlm_tune.training.recipe import (
     ModelArguments,
     check_paths,
 )
-from lvlm_tune.training.run_card import make_run_card, run_options, write_run_card
+from lvlm_tune.training.run_card import make_run_card, run_options
 from lvlm_tune.training.run_folder import claim_output_dir
 from lvlm_tune.training.trainer import LvlmTrainer
 
@@ -52,7 +59,8 @@ def model_dtype(args: LvlmTrainingArguments) -> torch.dtype:
 def build_model(
     model_args: ModelArguments, data_args: DataArguments, train_args: LvlmTrainingArguments
 ) -> tuple[Any, Any, ModelFamily]:
-    """Build or load the model and processor, load a stage-1 projector, freeze for the stage.
+    """Build or load the model and processor, load a stage-1 projector, freeze for the stage
+    (an extension's stage through its hook), let enabled extensions wrap the model.
 
     An unset ``image_aspect_ratio`` becomes the loaded checkpoint's (``pad`` for an original
     LLaVA-1.5 folder), else ``none``.
@@ -61,7 +69,7 @@ def build_model(
     if data_args.image_aspect_ratio is None:
         base = original_image_aspect_ratio(model_args.model_name_or_path)
         data_args.image_aspect_ratio = base or "none"
-    extra = added_special_tokens(data_args.template, model_args.num_vokens)
+    extra = added_special_tokens(data_args.template, model_args.extensions)
     common = {
         "dtype": model_dtype(train_args),
         "attn_implementation": model_args.attn_implementation,
@@ -86,11 +94,9 @@ def build_model(
     if model_args.pretrained_projector:
         source = load_projector(model, model_args.pretrained_projector, family)
         logger.info("projector loaded from %s", source)
-    if model_args.pretrained_vokens:
-        model = fold_pretrained_vokens(model, model_args.pretrained_vokens)
-    vokens = (
-        voken_ids(processor.tokenizer, model_args.num_vokens) if model_args.num_vokens else None
-    )
+    extensions = active_extensions(model_args.extensions)
+    for extension, args in extensions:
+        model = extension.prepare_model(model, args)
     lora = LoraOptions(
         r=model_args.lora_r,
         alpha=model_args.lora_alpha,
@@ -101,23 +107,26 @@ def build_model(
         use_dora=model_args.use_dora,
         use_rslora=model_args.use_rslora,
     )
+    owner = stage_owner(model_args)  # an extension's stage, or None: the core's
     with zero3_init_paused():  # the model is still whole; PEFT must not gather (CUDA-only)
-        model = apply_stage(
-            model,
-            model_args.stage,
-            family,
-            lora=lora,
-            unfreeze_vision_tower=model_args.unfreeze_vision_tower,
-            voken_ids=vokens,
-        )
-    if vokens:
-        register_token_weights(model)  # ZeRO-3 gathers the rows the voken layers read
+        if owner is None:
+            model = apply_stage(
+                model, model_args.stage, family, lora=lora,
+                unfreeze_vision_tower=model_args.unfreeze_vision_tower,
+            )  # fmt: skip
+        else:
+            extension, args = owner
+            vision = family.vision_modules if model_args.unfreeze_vision_tower else ()
+            model = extension.apply_stage(
+                model, model_args.stage, family, lora=lora, vision=vision,
+                tokenizer=processor.tokenizer, args=args,
+            )  # fmt: skip
+    register_token_weights(model)  # ZeRO-3 gathers the rows PEFT trainable tokens read
     if train_args.activation_checkpointing:
         enable_gradient_checkpointing(model)  # with input grads, so frozen embeddings work
         train_args.activation_checkpointing = train_args.gradient_checkpointing = False
-    if model_args.num_vokens:
-        dtype = model_dtype(train_args)
-        model = build_voken_model(model, processor.tokenizer, model_args, train_args, dtype)
+    for extension, args in extensions:
+        model = extension.wrap_model(model, processor, args, model_dtype(train_args))
     logger.info(parameter_summary(model))
     return model, processor, family
 
@@ -128,14 +137,14 @@ def build_dataset(
     num_image_tokens: int,
     seed: int,
     *,
-    num_vokens: int = 0,
-    target_images: Any = None,
+    hooks: DataHooks | None = None,
 ) -> SupervisedDataset:
     """Source -> encoder (template, image tokens, max length) -> dataset with images.
 
-    ``num_vokens`` and ``target_images`` (MiniGPT-5) encode image-generating answers and turn
-    their target images into the diffusion VAE's input.
+    ``hooks``: the extensions' data hooks (:func:`lvlm_tune.training.extensions.data_hooks`),
+    e.g. MiniGPT-5's image-generating answers and their target images; default: none.
     """
+    hooks = hooks or DataHooks()
     if not data_args.data_path:
         raise UserError("data_path: a training recipe needs data; set data_path")
     encoder = ConversationEncoder(
@@ -147,8 +156,7 @@ def build_dataset(
         seed=seed,
         system=data_args.system_prompt,
         instruction_pool=data_args.instruction_pool,
-        num_vokens=num_vokens,
-        caption_task=data_args.caption_task,
+        answer_tags=hooks.answer_tags,
         special_text=data_args.special_text,
         stop_text_in_answer=data_args.stop_text_in_answer,
         plain_multi_turn=data_args.plain_multi_turn,
@@ -163,7 +171,7 @@ def build_dataset(
     source = open_source(data_args.data_path, fmt=data_args.data_format)
     return SupervisedDataset(
         source, encoder, images, on_bad_sample=data_args.on_bad_sample,
-        target_images=target_images, max_bad_fraction=data_args.max_bad_fraction,
+        max_bad_fraction=data_args.max_bad_fraction, hooks=hooks,
     )  # fmt: skip
 
 
@@ -198,16 +206,12 @@ def run(
     set_seed(train_args.seed)
     model, processor, family = build_model(model_args, data_args, train_args)
     image_tokens = family.num_image_tokens(model)
-    generates = isinstance(model, VokenModel)
-    dataset = build_dataset(
-        data_args, processor, image_tokens, train_args.seed,
-        num_vokens=model_args.num_vokens,
-        target_images=TargetImages(model.diffusion.image_size) if generates else None,
-    )  # fmt: skip
+    hooks = data_hooks(model_args.extensions, model)
+    dataset = build_dataset(data_args, processor, image_tokens, train_args.seed, hooks=hooks)
     card = make_run_card(
         model_args, data_args, train_args, options=options, num_image_tokens=image_tokens
     )
-    trainer = LvlmTrainer(
+    trainer = trainer_class(model_args.extensions, LvlmTrainer)(
         model=model,
         args=train_args,
         train_dataset=dataset,
@@ -215,6 +219,7 @@ def run(
         processing_class=processor,
         family=family,
         run_card=card,
+        stage=model_args.stage,
         blank_pixel_values=dataset.images.blank(),
         callbacks=callbacks,
     )
@@ -224,13 +229,9 @@ def run(
         tracker.merge()  # every rank's bad samples, each once
         dataset.check_bad_fraction()
         card["bad_samples"] = tracker.report()  # the final folder's run card says what was skipped
-    trainer.save_model()
+    trainer.save_model()  # with the run card (the trainer's, ``card``) and, in stage 1, the projector
     trainer.save_state()
-    if trainer.is_world_process_zero():
-        write_run_card(train_args.output_dir, card)
-        if train_args.loss_curve:
-            write_loss_curve(trainer.state.log_history, train_args.output_dir)
-    if model_args.stage == "pretrain":
-        save_projector(trainer.model, train_args.output_dir, family)
+    if trainer.is_world_process_zero() and train_args.loss_curve:
+        write_loss_curve(trainer.state.log_history, train_args.output_dir)
     logger.info("%s", tracker.summary() if tracker is not None else dataset.ledger.summary())
     return trainer

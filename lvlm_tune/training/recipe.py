@@ -30,13 +30,13 @@ from lvlm_tune.errors import UserError, require_path
 from lvlm_tune.training.arguments import (
     ARG_CLASSES,
     LORA_KEYS,
-    LORA_STAGES,
     DataArguments,
     LvlmTrainingArguments,
     ModelArguments,
     RecipeArgs,
+    lora_stages,
 )
-from lvlm_tune.training.extensions import argument_classes
+from lvlm_tune.training.extensions import argument_classes, check_extension_paths, check_extensions
 from lvlm_tune.training.model_config import not_supported_keys
 from lvlm_tune.training.recipe_file import load_recipe
 from lvlm_tune.training.recipe_values import cli_pairs, coerce, list_kind
@@ -44,7 +44,6 @@ from lvlm_tune.training.recipe_values import cli_pairs, coerce, list_kind
 __all__ = [
     "ARG_CLASSES",
     "LORA_KEYS",
-    "LORA_STAGES",
     "DataArguments",
     "LvlmTrainingArguments",
     "ModelArguments",
@@ -135,14 +134,14 @@ def _check_stage_keys(given: dict[str, str], stage: str) -> None:
         given: the keys the recipe and command line set, each mapped to where it was set.
         stage: the run's stage.
     """
-    if stage in LORA_STAGES:
+    if stage in lora_stages():
         return
     unused = [key for key in LORA_KEYS if key in given]
     if unused:
         where = given[unused[0]]
         raise UserError(
             f"{where}: {', '.join(unused)} only act in the LoRA stages "
-            f"({', '.join(LORA_STAGES)}), but stage is {stage!r}; remove "
+            f"({', '.join(lora_stages())}), but stage is {stage!r}; remove "
             f"{'it' if len(unused) == 1 else 'them'} or set stage: finetune_lora"
         )
 
@@ -191,6 +190,7 @@ def parse_recipe(path: str | os.PathLike | None, overrides: list[str] | None = N
         defaults, [f"--{key}={value}" for key, value in text.items()]
     )
     model_args.extensions = dict(zip(argument_classes(), extra, strict=True))
+    check_extensions(model_args)  # each extension's cross-check with the core's keys (stage)
     _check_stage_keys(given, model_args.stage)
     _resolve_dtype(model_args, train_args, given)
     train_args.recipe_path = os.fspath(path) if path else None  # recorded with every checkpoint
@@ -206,12 +206,12 @@ def check_paths(model_args: ModelArguments, data_args: DataArguments) -> None:
     Raises:
         UserError: ``KEY: PATH: no such file or folder``.
     """
-    for key in ("model_name_or_path", "vision_tower", "llm_name_or_path", "diffusion_model"):
+    for key in ("model_name_or_path", "vision_tower", "llm_name_or_path"):
         if getattr(model_args, key):
             require_path(getattr(model_args, key), key)
-    for key in ("pretrained_projector", "pretrained_vokens"):
-        if getattr(model_args, key):
-            require_path(getattr(model_args, key), key, hub_id_ok=False)
+    if model_args.pretrained_projector:
+        require_path(model_args.pretrained_projector, "pretrained_projector", hub_id_ok=False)
+    check_extension_paths(model_args)
     for key in ("data_path", "image_folder"):
         if getattr(data_args, key):
             require_path(getattr(data_args, key), key, hub_id_ok=False)

@@ -19,6 +19,8 @@ import os
 from dataclasses import asdict, fields, is_dataclass
 from typing import Any
 
+from lvlm_tune.training.extensions import card_options
+
 RUN_CARD = "lvlm_tune.json"
 # Training options that change where and how a run is written, logged or resumed, not what
 # it trains: left out of the fingerprint, so a resume may log or save differently.
@@ -61,6 +63,7 @@ def run_options(model_args: Any, data_args: Any, train_args: Any) -> dict[str, A
         for f in fields(group):
             if f.init and f.name not in NOT_IN_FINGERPRINT:
                 options[f.name] = getattr(group, f.name)
+    options.update(card_options(getattr(model_args, "extensions", {})))  # the extensions' keys
     return json.loads(json.dumps(_plain(options)))
 
 
@@ -95,13 +98,19 @@ def make_run_card(
         "system_prompt": data_args.system_prompt,
         "instruction_pool": data_args.instruction_pool,
         "recipe": getattr(train_args, "recipe_path", None),
-        "model_args": _plain(model_args),
+        "model_args": _model_args(model_args),
         "data_args": _plain(data_args),
         "fingerprint": fingerprint(options),
         "run_options": options,
     }
     card.update(_plain(extra))
     return card
+
+
+def _model_args(model_args: Any) -> dict[str, Any]:
+    """The model options, the extensions' keys among them (flat, as the recipe spells them)."""
+    plain = {k: v for k, v in _plain(model_args).items() if k != "extensions"}
+    return {**plain, **_plain(card_options(getattr(model_args, "extensions", {})))}
 
 
 def write_run_card(folder: str | os.PathLike, card: dict[str, Any]) -> None:

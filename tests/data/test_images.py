@@ -200,14 +200,16 @@ def test_without_an_image_folder_paths_are_not_confined(images):
 
 
 def test_generation_targets_go_through_the_same_checks(images):
+    from lvlm_tune.generation.data import load_targets  # MiniGPT-5's target images
+
     loader = ImageLoader(None, images["folder"])
     record = conv(gen=["ok.png", "../outside.png"])
-    decoded, captions = loader.load_targets(record, 1)
+    decoded, captions = load_targets(loader, record, 1)
     assert len(decoded) == 1 and captions == [None]
     with pytest.raises(BadSampleError) as caught:
-        loader.load_targets(record, 2)
+        load_targets(loader, record, 2)
     assert caught.value.reason == "image_outside_folder"
     assert caught.value.field == "gen_images[1]" and "s7" in str(caught.value)
     with pytest.raises(BadSampleError) as caught:
-        loader.load_targets(conv(gen=["100mp.png"]), 1)
+        load_targets(loader, conv(gen=["100mp.png"]), 1)
     assert caught.value.reason == "image_too_large" and caught.value.field == "gen_images[0]"

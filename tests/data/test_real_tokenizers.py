@@ -20,8 +20,8 @@ from masking import assert_exact, decode
 from lvlm_tune.data.encoder import IGNORE_INDEX, ConversationEncoder
 from lvlm_tune.data.errors import BadSampleError
 from lvlm_tune.data.record import Conversation, Turn
-from lvlm_tune.generation.vokens import added_special_tokens
 from lvlm_tune.models.tokenizer_saving import save_processor
+from lvlm_tune.templates.registry import template_special_tokens
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "tokenizers"
 NAMES = ["llama2", "llama2-nonlegacy", "llama2-spmconv", "llama3", "qwen2", "phi3"]
@@ -54,11 +54,11 @@ def load(name: str, template: str = "chatml"):
     if name not in _CACHE:
         tok = AutoTokenizer.from_pretrained(SHARED / name)
         extra = [
-            t for t in ("<image>", *added_special_tokens("chatml")) if t not in tok.get_vocab()
+            t for t in ("<image>", *template_special_tokens("chatml")) if t not in tok.get_vocab()
         ]
         tok.add_special_tokens({"additional_special_tokens": extra})
         _CACHE[name] = tok
-    assert set(added_special_tokens(template)) <= set(_CACHE[name].get_vocab())
+    assert set(template_special_tokens(template)) <= set(_CACHE[name].get_vocab())
     return _CACHE[name]
 
 

@@ -101,9 +101,10 @@ def test_vae_pretraining_learns_to_reconstruct(pairs, tmp_path):
 
 def test_stage1_recipe_is_minigpt5_stage1():
     model_args, data_args, train_args = parse_recipe(minigpt5.RECIPES / "minigpt5_stage1.yaml")
-    assert model_args.stage == "vokens" and 0 < model_args.num_vokens <= 8
-    assert data_args.caption_task == "generate" and data_args.template == minigpt5.TEMPLATE
-    assert train_args.use_cpu and train_args.caption_loss_weight > 0
+    vokens = model_args.extensions["minigpt5"]  # MiniGPT-5's recipe keys
+    assert model_args.stage == "vokens" and 0 < vokens.num_vokens <= 8
+    assert vokens.caption_task == "generate" and data_args.template == minigpt5.TEMPLATE
+    assert train_args.use_cpu and vokens.caption_loss_weight > 0
 
 
 def hit_rate(out) -> float:

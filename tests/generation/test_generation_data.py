@@ -12,13 +12,14 @@ from PIL import Image
 
 from lvlm_tune.commands.inspect import load_tokenizer
 from lvlm_tune.data.collator import MultimodalCollator
-from lvlm_tune.data.dataset import SupervisedDataset
+from lvlm_tune.data.dataset import SupervisedDataset, read_record
 from lvlm_tune.data.encoder import IGNORE_INDEX, ConversationEncoder
 from lvlm_tune.data.errors import BadSampleError
-from lvlm_tune.data.generation import expand_stories, story_samples
 from lvlm_tune.data.images import ImageLoader
 from lvlm_tune.data.readers import normalize
 from lvlm_tune.data.sources import open_source
+from lvlm_tune.generation.data import attach_generation_targets, generation_hooks
+from lvlm_tune.generation.stories import expand_stories, story_samples
 from lvlm_tune.generation.vokens import voken_ids
 
 VOKENS = 4
@@ -27,6 +28,16 @@ VOKENS = 4
 @pytest.fixture(scope="module")
 def tokenizer(tiny_parts):
     return load_tokenizer(tiny_parts["llm"], num_vokens=VOKENS)
+
+
+def read(raw):
+    """A raw sample as a MiniGPT-5 run reads it: normalised, then its generation targets."""
+    return attach_generation_targets(raw, normalize(raw, "llava", source="f.json", index=0))
+
+
+def encoder(tokenizer, num_vokens=VOKENS, **options):
+    tags = generation_hooks(num_vokens).answer_tags
+    return ConversationEncoder(tokenizer, "vicuna_v1", answer_tags=tags, **options)
 
 
 def row(answer="Here it is: <gen_image>", **extra):
@@ -42,10 +53,10 @@ def row(answer="Here it is: <gen_image>", **extra):
 
 
 def test_reader_keeps_targets_and_refuses_bad_ones():
-    record = normalize(row(gen_captions=["a red square"]), "llava", source="f.json", index=0)
+    record = read(row(gen_captions=["a red square"]))
     assert record.extra["gen_images"] == ["red.png"]
     assert record.extra["gen_captions"] == ["a red square"]
-    assert normalize(row(), "llava", source="f.json", index=0).extra["gen_captions"] == [None]
+    assert read(row()).extra["gen_captions"] == [None]
     bad = {
         "gen_images": row(answer="two <gen_image> <gen_image>"),
         "gen_captions": row(gen_captions=["a", "b"]),
@@ -59,21 +70,20 @@ def test_reader_keeps_targets_and_refuses_bad_ones():
     }
     for field, raw in bad.items():
         with pytest.raises(BadSampleError) as info:
-            normalize(raw, "llava", source="f.json", index=0)
+            read(raw)
         assert info.value.field == field and "f.json" in str(info.value) and "g1" in str(info.value)
 
 
 def test_vokens_replace_the_tag_and_are_trained(tokenizer):
-    encoder = ConversationEncoder(tokenizer, "vicuna_v1", num_vokens=VOKENS)
-    record = normalize(row(), "llava", source="f.json", index=0)
-    sample = encoder.encode(record)
+    record = read(row())
+    sample = encoder(tokenizer).encode(record)
     ids = voken_ids(tokenizer, VOKENS)
     at = list(sample.input_ids).index(ids[0])
     assert list(sample.input_ids[at : at + VOKENS]) == ids
     assert list(sample.labels[at : at + VOKENS]) == ids  # vokens are answer tokens
     assert sample.labels[at + VOKENS] == tokenizer.eos_token_id  # then the STOP, trained
-    assert sample.num_gen_images == 1
-    plain = ConversationEncoder(tokenizer, "vicuna_v1")
+    assert sample.tag_counts == {"<gen_image>": 1}
+    plain = encoder(tokenizer, 0)  # MiniGPT-5 off
     with pytest.raises(BadSampleError, match="no vokens") as info:
         plain.encode(record)
     assert info.value.field == "gen_images"
@@ -82,13 +92,10 @@ def test_vokens_replace_the_tag_and_are_trained(tokenizer):
 def test_caption_pairs_become_text_to_image_samples(tokenizer):
     raw = {"id": "c1", "image": "red.png", "caption": "a red square"}
     record = normalize(raw, "caption", source="c.json", index=0)
-    encoder = ConversationEncoder(
-        tokenizer, "vicuna_v1", num_vokens=VOKENS, caption_task="generate"
-    )
-    prepared = encoder.prepare_record(record)
+    prepared = generation_hooks(VOKENS, "generate").record_transform(raw, record)
     assert prepared.turns[0].content == "a red square" and not prepared.images
     assert prepared.extra == {"gen_images": ["red.png"], "gen_captions": ["a red square"]}
-    sample = encoder.encode(record)
+    sample = encoder(tokenizer).encode(prepared)
     trained = [int(t) for t in sample.labels if t != IGNORE_INDEX]
     # the space after "ASSISTANT:" stays its own token before a special token: trained too,
     # since the generation prompt ends before it
@@ -97,7 +104,7 @@ def test_caption_pairs_become_text_to_image_samples(tokenizer):
     )
     assert trained[1:] == [*voken_ids(tokenizer, VOKENS), tokenizer.eos_token_id]
     with pytest.raises(ValueError, match="needs num_vokens"):
-        ConversationEncoder(tokenizer, "vicuna_v1", caption_task="generate")
+        generation_hooks(0, "generate")
 
 
 def test_story_expansion_into_three_tasks(tmp_path):
@@ -123,7 +130,7 @@ def test_story_expansion_into_three_tasks(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps([{"id": "b", "story": [story[0]]}]))
     assert cli(["stories", str(tmp_path / "bad.json"), str(tmp_path / "x.json")]) == 2
     source = open_source(str(tmp_path / "out.json"), cache_dir=str(tmp_path / "cache"))
-    assert source.get(5).extra["gen_images"] == ["2.png"]
+    assert read_record(source, 5, generation_hooks(VOKENS)).extra["gen_images"] == ["2.png"]
     with pytest.raises(BadSampleError, match=r"story\[1\].image"):
         story_samples([story[0], {"text": "x"}], "s")
 
@@ -144,21 +151,20 @@ def test_truncation_drops_the_targets_of_cut_answers_and_collates(tokenizer, tmp
     }
     (tmp_path / "d.json").write_text(json.dumps([raw]))
     source = open_source(str(tmp_path / "d.json"), cache_dir=str(tmp_path / "cache"))
-    full = ConversationEncoder(tokenizer, "vicuna_v1", num_vokens=VOKENS)
-    length = len(full.encode(source.get(0)).input_ids)
 
     def target(images):
         return torch.stack(
             [torch.from_numpy(np.asarray(i, dtype=np.float32)).permute(2, 0, 1) for i in images]
         )
 
+    hooks = generation_hooks(VOKENS, target_images=target)
+    length = len(encoder(tokenizer).encode(read_record(source, 0, hooks)).input_ids)
+
     for max_length, expected in ((length, 2), (length - 5, 1)):
-        encoder = ConversationEncoder(
-            tokenizer, "vicuna_v1", num_vokens=VOKENS, model_max_length=max_length
-        )
         dataset = SupervisedDataset(
-            source, encoder, ImageLoader(None, tmp_path), target_images=target
-        )
+            source, encoder(tokenizer, model_max_length=max_length), ImageLoader(None, tmp_path),
+            hooks=hooks,
+        )  # fmt: skip
         item = dataset[0]
         assert len(item["gen_pixel_values"]) == expected
         assert item["gen_captions"] == ["a", None][:expected]

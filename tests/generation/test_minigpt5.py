@@ -116,11 +116,10 @@ def voken_model(stages):
     args = parse_recipe(stages["recipe1"])
     set_seed(0)
     model, processor, family = build_model(*args)
-    dataset = build_dataset(
-        args[1], processor, family.num_image_tokens(model), seed=0, num_vokens=VOKENS,
-        target_images=__import__("lvlm_tune.generation.build", fromlist=["TargetImages"])
-        .TargetImages(model.diffusion.image_size),
-    )  # fmt: skip
+    from lvlm_tune.training.extensions import data_hooks
+
+    hooks = data_hooks(args[0].extensions, model)  # the vokens and the targets' image size
+    dataset = build_dataset(args[1], processor, family.num_image_tokens(model), seed=0, hooks=hooks)
     from lvlm_tune.data.collator import MultimodalCollator
 
     batch = MultimodalCollator(0)([dataset[i] for i in range(4)])

@@ -161,7 +161,7 @@ def test_every_recipe_parses_and_builds_with_tiny_stand_ins(
                     "mapper_layers": 1,
                     "mapper_heads": 4,
                 }
-                if model_args.num_vokens
+                if model_args.extensions["minigpt5"].num_vokens
                 else {}
             ),
             "llm_name_or_path": tiny_parts["llm"],
@@ -179,7 +179,7 @@ def test_every_recipe_parses_and_builds_with_tiny_stand_ins(
         model = build_model(*args)[0]
         trainable = [canonical_name(n) for n, p in model.named_parameters() if p.requires_grad]
         assert trainable, path
-        if model_args.num_vokens:
+        if model_args.extensions["minigpt5"].num_vokens:
             assert all(
                 "trainable_tokens" in n or "lora_" in n or n.startswith("mapper.")
                 for n in trainable
