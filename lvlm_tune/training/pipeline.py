@@ -15,13 +15,12 @@ from transformers import set_seed
 
 from lvlm_tune.data.collator import MultimodalCollator, pad_token_id
 from lvlm_tune.data.dataset import SupervisedDataset
-from lvlm_tune.data.encoder import ConversationEncoder
 from lvlm_tune.data.images import ImageLoader
 from lvlm_tune.data.sources import open_source
 from lvlm_tune.errors import UserError
 from lvlm_tune.generation.build import TargetImages, build_voken_model, fold_pretrained_vokens
 from lvlm_tune.generation.model import VokenModel
-from lvlm_tune.generation.vokens import added_special_tokens, voken_ids
+from lvlm_tune.generation.vokens import voken_ids
 from lvlm_tune.models.llava import enable_gradient_checkpointing
 from lvlm_tune.models.llava_original import original_image_aspect_ratio
 from lvlm_tune.models.parts import load_projector, save_projector
@@ -29,6 +28,7 @@ from lvlm_tune.models.registry import ModelFamily, get_model_family
 from lvlm_tune.templates.jinja import set_chat_template
 from lvlm_tune.templates.registry import TOKENIZER_TEMPLATE, get_template
 from lvlm_tune.training.distributed import register_token_weights, zero3_init_paused
+from lvlm_tune.training.encoding import EncodingOptions
 from lvlm_tune.training.freezing import LoraOptions, apply_stage, parameter_summary
 from lvlm_tune.training.loss_curve import write_loss_curve
 from lvlm_tune.training.recipe import (
@@ -37,7 +37,7 @@ from lvlm_tune.training.recipe import (
     ModelArguments,
     check_paths,
 )
-from lvlm_tune.training.run_card import make_run_card, run_options, write_run_card
+from lvlm_tune.training.run_card import RunCard, run_options
 from lvlm_tune.training.run_folder import claim_output_dir
 from lvlm_tune.training.trainer import LvlmTrainer
 
@@ -61,7 +61,10 @@ def build_model(
     if data_args.image_aspect_ratio is None:
         base = original_image_aspect_ratio(model_args.model_name_or_path)
         data_args.image_aspect_ratio = base or "none"
-    extra = added_special_tokens(data_args.template, model_args.num_vokens)
+    encoding = EncodingOptions.from_recipe(
+        data_args, seed=train_args.seed, num_vokens=model_args.num_vokens
+    )
+    extra = encoding.special_tokens()  # as inspect, eval and chat prepare the tokenizer
     common = {
         "dtype": model_dtype(train_args),
         "attn_implementation": model_args.attn_implementation,
@@ -131,28 +134,16 @@ def build_dataset(
     num_vokens: int = 0,
     target_images: Any = None,
 ) -> SupervisedDataset:
-    """Source -> encoder (template, image tokens, max length) -> dataset with images.
+    """Source -> encoder (:class:`~lvlm_tune.training.encoding.EncodingOptions` of the recipe,
+    the model's image tokens) -> dataset with images.
 
     ``num_vokens`` and ``target_images`` (MiniGPT-5) encode image-generating answers and turn
     their target images into the diffusion VAE's input.
     """
     if not data_args.data_path:
         raise UserError("data_path: a training recipe needs data; set data_path")
-    encoder = ConversationEncoder(
-        processor.tokenizer,
-        data_args.template,
-        num_image_tokens=num_image_tokens,
-        model_max_length=data_args.model_max_length,
-        image_position=data_args.image_position,
-        seed=seed,
-        system=data_args.system_prompt,
-        instruction_pool=data_args.instruction_pool,
-        num_vokens=num_vokens,
-        caption_task=data_args.caption_task,
-        special_text=data_args.special_text,
-        stop_text_in_answer=data_args.stop_text_in_answer,
-        plain_multi_turn=data_args.plain_multi_turn,
-    )
+    options = EncodingOptions.from_recipe(data_args, seed=seed, num_vokens=num_vokens)
+    encoder = options.encoder(processor.tokenizer, num_image_tokens)
     images = ImageLoader(
         processor.image_processor,
         data_args.image_folder,
@@ -192,9 +183,7 @@ def run(
         raise UserError("data_path: a training recipe needs data; set data_path")
     check_paths(model_args, data_args)
     options = run_options(model_args, data_args, train_args)  # before build_model adjusts them
-    claim_output_dir(
-        train_args.output_dir, {"run_options": options}, train_args.overwrite_output_dir
-    )
+    claim_output_dir(train_args.output_dir, options, train_args.overwrite_output_dir)
     set_seed(train_args.seed)
     model, processor, family = build_model(model_args, data_args, train_args)
     image_tokens = family.num_image_tokens(model)
@@ -204,7 +193,7 @@ def run(
         num_vokens=model_args.num_vokens,
         target_images=TargetImages(model.diffusion.image_size) if generates else None,
     )  # fmt: skip
-    card = make_run_card(
+    card = RunCard.from_args(
         model_args, data_args, train_args, options=options, num_image_tokens=image_tokens
     )
     trainer = LvlmTrainer(
@@ -223,11 +212,11 @@ def run(
     if tracker is not None:  # on_bad_sample: skip
         tracker.merge()  # every rank's bad samples, each once
         dataset.check_bad_fraction()
-        card["bad_samples"] = tracker.report()  # the final folder's run card says what was skipped
+        card.bad_samples = tracker.report()  # the final folder's run card says what was skipped
     trainer.save_model()
     trainer.save_state()
     if trainer.is_world_process_zero():
-        write_run_card(train_args.output_dir, card)
+        card.write(train_args.output_dir)
         if train_args.loss_curve:
             write_loss_curve(trainer.state.log_history, train_args.output_dir)
     if model_args.stage == "pretrain":

@@ -137,7 +137,8 @@ def test_every_recipe_parses_and_builds_with_tiny_stand_ins(
 
     recipes = sorted(
         glob(
-            os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "**", "*.yaml"), recursive=True
+            os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "**", "*.yaml"),
+            recursive=True,
         )
     )
     assert recipes
@@ -250,7 +251,7 @@ def test_text_only_batch_still_runs_the_vision_path(tmp_path, tiny_parts, tiny_d
         model=model,
         args=args[2],
         family=family,
-        run_card={},
+        run_card=None,
         blank_pixel_values=dataset.images.blank(),
     )
     loss = trainer.compute_loss(model, batch)
