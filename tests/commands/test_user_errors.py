@@ -240,7 +240,7 @@ def test_inspect_paths_and_template(capsys, monkeypatch, tmp_path, sp_tokenizer_
     fails(capsys, ["inspect", "--template", "plain"], "missing --data, --tokenizer")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"data_path": str(data), "llm_name_or_path": "./gone/llm",
-                                      "template": "plain", "num_image_tokens": 1}))  # fmt: skip
+                                      "vision_tower": "./gone/vision", "template": "plain"}))  # fmt: skip
     fails(capsys, ["inspect", str(recipe)], "llm_name_or_path: ./gone/llm does not exist")
     assert cli([*ok, "--template", "plain"]) == 0
 
