@@ -1,7 +1,7 @@
 """``lvlm-tune merge`` (:mod:`lvlm_tune.inference.export`): merged logits equal the adapter
 model's, the folder loads with plain transformers in a clean process and generates what
 lvlm-tune answers, checkpoints and stage-1 runs export, the chat template matches training byte
-for byte, the model card says what the run was, and the errors are clear."""
+for byte, and the errors are clear."""
 
 from __future__ import annotations
 
@@ -273,31 +273,3 @@ def test_an_output_that_is_contains_or_lies_inside_the_run_is_refused(tmp_path, 
     assert merge_main(args) == 2
     assert "contains the run being merged" in capsys.readouterr().err
     assert merge(stage1, tmp_path / "outside", overwrite=True).is_dir()  # beside the run: fine
-
-
-def test_model_card_metadata_names_tags_hub_base_models_and_metrics(tmp_path):
-    from huggingface_hub import ModelCard
-
-    from lvlm_tune.inference.export import model_card
-    from lvlm_tune.models.registry import get_model_family
-    from lvlm_tune.training.run_card import RunCard
-
-    args = {
-        "model_name_or_path": "llava-hf/llava-1.5-7b-hf", "pretrained_projector": str(tmp_path),
-        "lora_r": 8, "lora_alpha": 16, "use_dora": True, "projector_type": "mlp2x_gelu",
-        "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
-    }  # fmt: skip
-    card = RunCard(family="llava", stage="finetune_lora", template="vicuna_v1", model_args=args)
-    figures = {"eval_loss": 0.25, "exact_match": 0.5}
-    readme = ModelCard(str(model_card(card, get_model_family("llava"), "runs/x", "bf16", figures)))
-    assert readme.data.library_name == "transformers"
-    assert readme.data.pipeline_tag == "image-text-to-text"
-    assert readme.data.tags == ["lvlm-tune", "llava"]
-    assert readme.data.base_model == ["llava-hf/llava-1.5-7b-hf"]  # the local projector is not
-    assert readme.data.metrics == ["eval_loss", "exact_match"]
-    assert "# x (merged with lvlm-tune)" in readme.text
-    assert "- base model: `llava-hf/llava-1.5-7b-hf`" in readme.text
-    assert f"- stage-1 projector: `{tmp_path}`" in readme.text
-    assert "- LoRA: r=8, alpha=16, DoRA=True" in readme.text
-    assert "- saved dtype: `bf16`" in readme.text
-    assert "- eval_loss: 0.25\n- exact_match: 0.5" in readme.text
