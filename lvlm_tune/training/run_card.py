@@ -219,7 +219,3 @@ class RunCard:
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, RUN_CARD), "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=2)
-
-    def model_option(self, key: str) -> Any:
-        """A recorded model option (``None`` when the card does not record it)."""
-        return self.model_args.get(key)
