@@ -2,10 +2,11 @@
 
 One-shot with ``--prompt``; otherwise a REPL where ``/image PATH`` attaches an image to the next
 turn, ``/reset`` clears the conversation and ``/exit`` (or end of input) quits. A mistake in the
-REPL (a missing or unreadable image) is printed and the conversation goes on unchanged. Prompts are the
-training rendering (the run card's template, image settings and system prompt) of the whole
-conversation so far; tokens are printed as they come (``TextStreamer``) and the answer ends at
-the template's STOP.
+REPL (a missing or unreadable image) is printed and the conversation goes on unchanged.
+Prompts are the training rendering (the run card's template, image settings and system prompt)
+of the whole conversation so far; tokens are printed as they come (``TextStreamer``) and the
+answer ends at the template's STOP. The conversation is :class:`lvlm_tune.inference.chat.
+ChatSession`.
 """
 
 from __future__ import annotations

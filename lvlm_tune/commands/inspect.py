@@ -59,7 +59,10 @@ NOT_TRAINING = ("--use_cpu=true", "--deepspeed=")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lvlm-tune inspect", description=__doc__.split("\n\n")[0])
-    p.add_argument("recipe", nargs="?", help="a training recipe (YAML) to read settings from")
+    p.add_argument(
+        "recipe", nargs="?", help="a training recipe (YAML) to read settings from; further "
+        "--key=value pairs override its keys, as for lvlm-tune train",
+    )  # fmt: skip
     p.add_argument("--data", help="data file (LLaVA JSON/JSONL, captions, messages, HF dataset)")
     p.add_argument("--data-format", help="auto (default) | llava | openai | caption | hf")
     p.add_argument("--tokenizer", help="tokenizer folder (or the LLM folder)")
