@@ -4,13 +4,15 @@ Human view: each shown sample decoded with trained spans marked (green on a term
 ``[[...]]`` otherwise) and image runs collapsed to ``<image x N>``, then statistics over the
 first ``--limit`` samples. ``--json`` prints one object per sample per line:
 ``{"id", "input_ids", "labels", "image_token_id"}`` (labels are -100 where masked).
-``lvlm-tune inspect RECIPE.yaml`` reads the same settings from a training recipe.
+``lvlm-tune inspect RECIPE.yaml`` reads the recipe with the parser ``lvlm-tune train`` uses
+(further ``--key=value`` pairs override its keys, as for train), loads the tokenizer the model
+is built with, and encodes exactly as training does.
 
 Every image a sample trains with (input images and MiniGPT-5 target images that survive
 truncation) is opened and decoded under training's checks (``image_folder``,
 ``max_image_pixels``, ``allow_outside_image_folder``), so a missing, empty, truncated, corrupt,
 oversized or out-of-folder image is reported like any bad sample: with ``--on-bad-sample
-error`` (the default) the first one ends the command with status 1; with ``skip`` each is
+error`` (the default) the first one ends the command with status 2; with ``skip`` each is
 listed and counted, and the status is 1 when more than ``max_bad_fraction`` of the inspected
 samples are bad (training would stop).
 """
@@ -19,56 +21,51 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
+from lvlm_tune.commands.inspect_view import render_sample, stats_report
 from lvlm_tune.data.dataset import BAD_SAMPLE_POLICIES, DEFAULT_MAX_BAD_FRACTION, read_record
-from lvlm_tune.data.encoder import IGNORE_INDEX, ConversationEncoder, EncodedSample
+from lvlm_tune.data.encoder import ConversationEncoder, EncodedSample
 from lvlm_tune.data.errors import (
     BadSampleError,
     SkipLedger,
     TooManyBadSamplesError,
     check_bad_fraction,
 )
+from lvlm_tune.data.hooks import DataHooks
 from lvlm_tune.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageLoader
 from lvlm_tune.errors import UserError, command, require_path
 from lvlm_tune.templates import template_names
 from lvlm_tune.templates.render import IMAGE_POSITIONS
-from lvlm_tune.training.recipe_file import load_recipe
+from lvlm_tune.training.encoding import EncodingOptions, load_tokenizer
 
-GREEN, RESET = "\033[32m", "\033[0m"
-# recipe key -> inspect option; the first tokenizer key present in a recipe wins
+# inspect option -> the recipe key it sets (given with a recipe, it overrides the recipe's)
 RECIPE_KEYS = {
-    "data_path": "data",
-    "image_folder": "image_folder",
-    "template": "template",
-    "image_position": "image_position",
-    "num_image_tokens": "num_image_tokens",
-    "seed": "seed",
-    "model_max_length": "model_max_length",
-    "data_format": "data_format",
-    "instruction_pool": "instruction_pool",
-    "num_vokens": "num_vokens",
-    "caption_task": "caption_task",
-    "special_text": "special_text",
-    "stop_text_in_answer": "stop_text_in_answer",
-    "plain_multi_turn": "plain_multi_turn",
-    "on_bad_sample": "on_bad_sample",
-    "max_bad_fraction": "max_bad_fraction",
+    "data": "data_path", "data_format": "data_format", "image_folder": "image_folder",
+    "template": "template", "image_position": "image_position",
+    "model_max_length": "model_max_length", "seed": "seed",
+    "instruction_pool": "instruction_pool", "num_vokens": "num_vokens",
+    "caption_task": "caption_task", "special_text": "special_text",
+    "stop_text_in_answer": "stop_text_in_answer", "plain_multi_turn": "plain_multi_turn",
+    "on_bad_sample": "on_bad_sample", "max_bad_fraction": "max_bad_fraction",
     "max_image_pixels": "max_image_pixels",
     "allow_outside_image_folder": "allow_outside_image_folder",
-}
-TOKENIZER_KEYS = ("tokenizer_name_or_path", "llm_name_or_path", "model_name_or_path")
+}  # fmt: skip
+# Training-only options a recipe may set that would stop it from parsing on this machine (bf16
+# without a GPU, a DeepSpeed config elsewhere); inspect trains nothing.
+NOT_TRAINING = ("--use_cpu=true", "--deepspeed=")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lvlm-tune inspect", description=__doc__.split("\n\n")[0])
-    p.add_argument("recipe", nargs="?", help="a training recipe (YAML) to read settings from")
+    p.add_argument(
+        "recipe", nargs="?", help="a training recipe (YAML) to read settings from; further "
+        "--key=value pairs override its keys, as for lvlm-tune train",
+    )  # fmt: skip
     p.add_argument("--data", help="data file (LLaVA JSON/JSONL, captions, messages, HF dataset)")
-    p.add_argument("--data-format", default="auto", help="auto | llava | openai | caption | hf")
+    p.add_argument("--data-format", help="auto (default) | llava | openai | caption | hf")
     p.add_argument("--tokenizer", help="tokenizer folder (or the LLM folder)")
     p.add_argument("--template", help=f"one of: {', '.join(template_names())}")
     p.add_argument("--image-folder", help="folder image paths are relative to")
@@ -113,174 +110,153 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """Command-line options over recipe values over defaults."""
-    settings: dict[str, Any] = {
-        "data": None, "tokenizer": None, "template": None, "image_folder": None,
-        "image_position": "before", "num_image_tokens": 1, "model_max_length": 2048, "seed": 0,
-        "data_format": "auto", "instruction_pool": None, "num_vokens": 0,
-        "caption_task": "describe", "special_text": "escape", "stop_text_in_answer": "refuse",
-        "plain_multi_turn": "refuse", "on_bad_sample": "error",
-        "max_bad_fraction": DEFAULT_MAX_BAD_FRACTION,
-        "max_image_pixels": DEFAULT_MAX_IMAGE_PIXELS, "allow_outside_image_folder": False,
-    }  # fmt: skip
-    tokenizer_key = None
-    if args.recipe:
-        recipe = load_recipe(args.recipe)
-        for key, name in RECIPE_KEYS.items():
-            if recipe.get(key) is not None:
-                settings[name] = recipe[key]
-        tokenizer_key = next((k for k in TOKENIZER_KEYS if recipe.get(k)), None)
-        settings["tokenizer"] = recipe[tokenizer_key] if tokenizer_key else None
-        if recipe.get("num_image_tokens") is None:
-            settings["num_image_tokens"] = recipe_image_tokens(recipe) or 1
-    for name in settings:
-        value = getattr(args, name, None)
-        if value is not None and not (name == "data_format" and value == "auto" and args.recipe):
-            settings[name] = value
-    missing = [n for n in ("data", "tokenizer", "template") if not settings[n]]
+@dataclass
+class Settings:
+    """What inspect encodes, with which tokenizer, and how bad samples are treated."""
+
+    options: EncodingOptions
+    hooks: DataHooks
+    special_tokens: tuple[str, ...]
+    tokenizer: str
+    num_image_tokens: int
+    data: str
+    data_format: str = "auto"
+    image_folder: str | None = None
+    on_bad_sample: str = "error"
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    allow_outside_image_folder: bool = False
+
+
+def _given(args: argparse.Namespace, name: str, default: Any) -> Any:
+    value = getattr(args, name)
+    return default if value is None else value
+
+
+def settings_from_options(args: argparse.Namespace) -> Settings:
+    """The settings of ``inspect --data ... --tokenizer ... --template ...`` (no recipe)."""
+    missing = [n for n in ("data", "tokenizer", "template") if not getattr(args, n)]
     if missing:
         raise UserError(f"missing {', '.join('--' + m for m in missing)}")
-    if settings["template"] not in template_names():
+    if args.template not in template_names():
         raise UserError(
-            f"template: unknown {settings['template']!r}; choose one of: "
-            f"{', '.join(template_names())}"
+            f"template: unknown {args.template!r}; choose one of: {', '.join(template_names())}"
         )
-    data_key = "--data" if args.data else f"{args.recipe}: data_path"
-    require_path(os.fspath(settings["data"]), data_key, hub_id_ok=False)
-    tokenizer_key = "--tokenizer" if args.tokenizer else f"{args.recipe}: {tokenizer_key}"
-    require_path(os.fspath(settings["tokenizer"]), tokenizer_key)
-    return settings
-
-
-def recipe_image_tokens(recipe: dict[str, Any]) -> int | None:
-    """Image tokens per image of a recipe's model, from local configs (None if not readable)."""
-    from transformers import AutoConfig, LlavaConfig
-
-    from lvlm_tune.models.llava import num_image_tokens
-    from lvlm_tune.models.llava_original import is_original_llava, original_llava_config
-
-    strategy = recipe.get("vision_feature_select_strategy", "default")
-    try:
-        if recipe.get("family") == "minigpt4":  # one image token per Q-Former query
-            path = recipe.get("model_name_or_path") or recipe.get("vision_tower")
-            return AutoConfig.from_pretrained(path).num_query_tokens if path else None
-        if recipe.get("model_name_or_path"):
-            path = recipe["model_name_or_path"]
-            if is_original_llava(path):  # AutoConfig does not know its model type
-                return num_image_tokens(original_llava_config(path, recipe.get("vision_tower")))
-            return num_image_tokens(AutoConfig.from_pretrained(path))
-        if recipe.get("vision_tower"):
-            vision = AutoConfig.from_pretrained(recipe["vision_tower"])
-            vision = getattr(vision, "vision_config", vision)
-            config = LlavaConfig(
-                vision_config=vision.to_dict(), vision_feature_select_strategy=strategy
-            )
-            return num_image_tokens(config)
-    except (OSError, ValueError, KeyError, AttributeError):
-        print("note: model config not found locally; pass --num-image-tokens", file=sys.stderr)
-    return None
-
-
-def load_tokenizer(path: str, num_vokens: int = 0) -> Any:
-    """Load a tokenizer and add ``<image>``, a pad token and the MiniGPT-5 vokens when missing,
-    exactly as training does (same ids)."""
-    from transformers import AutoTokenizer
-
+    defaults = EncodingOptions(template=args.template)
+    options = EncodingOptions(
+        **{
+            name: _given(args, name, getattr(defaults, name))
+            for name in ("template", "image_position", "model_max_length", "seed",
+                         "instruction_pool", "special_text", "stop_text_in_answer",
+                         "plain_multi_turn")
+        }
+    )  # fmt: skip
+    require_path(args.data, "--data", hub_id_ok=False)
+    require_path(args.tokenizer, "--tokenizer")
+    # Without a recipe there are no MiniGPT-5 arguments to parse (no diffusion model): its data
+    # hooks and vokens come straight from the two options.
+    from lvlm_tune.generation.data import generation_hooks
     from lvlm_tune.generation.vokens import voken_tokens
-    from lvlm_tune.models.layout import is_original_llava
-    from lvlm_tune.models.tokens import prepare_tokenizer
 
-    if is_original_llava(path):
-        from lvlm_tune.models.llava_original import original_tokenizer  # model code: only here
-
-        tokenizer = original_tokenizer(path)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    prepare_tokenizer(tokenizer, voken_tokens(num_vokens) if num_vokens else ())
-    return tokenizer
-
-
-def render_sample(tokenizer: Any, sample: EncodedSample, image_id: int, color: bool) -> str:
-    """Decode a sample with trained spans marked and image runs collapsed."""
-    trained = sample.labels != IGNORE_INDEX
-    ids, out, i = sample.input_ids, [], 0
-    while i < len(ids):
-        j = i
-        if ids[i] == image_id:
-            while j < len(ids) and ids[j] == image_id:
-                j += 1
-            out.append(f"<image x {j - i}>")
-        else:
-            while j < len(ids) and ids[j] != image_id and trained[j] == trained[i]:
-                j += 1
-            text = tokenizer.decode(ids[i:j].tolist())
-            if trained[i]:
-                text = f"{GREEN}{text}{RESET}" if color else f"[[{text}]]"
-            out.append(text)
-        i = j
-    return "".join(out)
+    vokens = _given(args, "num_vokens", 0)
+    hooks = generation_hooks(vokens, _given(args, "caption_task", "describe"))
+    return Settings(
+        options, hooks, (*options.special_tokens(), *voken_tokens(vokens)), args.tokenizer, _given(args, "num_image_tokens", 1), args.data,
+        data_format=_given(args, "data_format", "auto"), image_folder=args.image_folder,
+        on_bad_sample=_given(args, "on_bad_sample", "error"),
+        max_bad_fraction=_given(args, "max_bad_fraction", DEFAULT_MAX_BAD_FRACTION),
+        max_image_pixels=_given(args, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
+        allow_outside_image_folder=bool(args.allow_outside_image_folder),
+    )  # fmt: skip
 
 
-def stats_report(samples: list[EncodedSample], ledger: SkipLedger) -> str:
-    lengths = np.array([len(s.input_ids) for s in samples]) if samples else np.zeros(1)
-    trained = sum(s.num_trained for s in samples)
-    total = max(int(lengths.sum()), 1)
-    p50, p90, p99 = np.percentile(lengths, [50, 90, 99])
-    return "\n".join(
-        [
-            f"samples encoded: {len(samples)}",
-            f"trained tokens: {trained} of {total} ({trained / total:.1%})",
-            f"length p50/p90/p99/max: {p50:.0f}/{p90:.0f}/{p99:.0f}/{lengths.max()}",
-            f"truncated: {sum(s.truncated for s in samples)}",
-            f"control-token text tokenized as text: {sum(s.num_escaped for s in samples)} "
-            f"occurrence(s) in {sum(1 for s in samples if s.num_escaped)} sample(s)",
-            ledger.summary(),
-        ]
+def settings_from_recipe(args: argparse.Namespace, overrides: list[str]) -> Settings:
+    """The settings of ``inspect RECIPE``: the recipe as ``lvlm-tune train`` parses it, with
+    ``overrides`` and the given inspect options applied; the tokenizer the model is built with
+    (unless ``--tokenizer``) and its image tokens from the model's configs (the model-family
+    registry) unless ``--num-image-tokens``."""
+    from lvlm_tune.training.encoding import recipe_image_tokens, tokenizer_path
+    from lvlm_tune.training.recipe import parse_recipe
+
+    given = [
+        f"--{key}={value}" for name, key in RECIPE_KEYS.items()
+        if (value := getattr(args, name)) is not None
+    ]  # fmt: skip
+    model_args, data_args, train_args = parse_recipe(
+        args.recipe, [*overrides, *given, *NOT_TRAINING]
     )
+    if not data_args.data_path:
+        raise UserError(f"{args.recipe}: data_path: set it, or pass --data")
+    require_path(data_args.data_path, f"{args.recipe}: data_path", hub_id_ok=False)
+    found = ("--tokenizer", args.tokenizer) if args.tokenizer else tokenizer_path(model_args)
+    if found is None:
+        raise UserError(f"{args.recipe}: names no model or LLM to take the tokenizer from")
+    key = found[0] if args.tokenizer else f"{args.recipe}: {found[0]}"
+    require_path(found[1], key)
+    image_tokens = args.num_image_tokens or recipe_image_tokens(model_args) or 1
+    options = EncodingOptions.from_recipe(
+        data_args, seed=train_args.seed, extensions=model_args.extensions
+    )
+    return Settings(
+        options, options.data_hooks(), options.special_tokens(), found[1], image_tokens, data_args.data_path, data_format=data_args.data_format,
+        image_folder=data_args.image_folder, on_bad_sample=data_args.on_bad_sample,
+        max_bad_fraction=data_args.max_bad_fraction,
+        max_image_pixels=data_args.max_image_pixels,
+        allow_outside_image_folder=data_args.allow_outside_image_folder,
+    )  # fmt: skip
+
+
+def resolve_settings(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
+    """Parse the command line into its options and the settings they resolve to."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not args.recipe:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    settings = settings_from_recipe(args, extra) if args.recipe else settings_from_options(args)
+    return args, settings
+
+
+def open_inputs(settings: Settings) -> tuple[ConversationEncoder, Any, ImageLoader]:
+    """The encoder (tokenizer prepared as training prepares it), data source and image loader."""
+    from lvlm_tune.data.sources import open_source
+
+    tokenizer = load_tokenizer(settings.tokenizer, settings.special_tokens)
+    encoder = settings.options.encoder(tokenizer, settings.num_image_tokens, settings.hooks)
+    source = open_source(settings.data, fmt=settings.data_format)
+    images = ImageLoader(
+        None, settings.image_folder, max_image_pixels=settings.max_image_pixels,
+        allow_outside_folder=settings.allow_outside_image_folder,
+    )  # fmt: skip
+    return encoder, source, images
+
+
+def encode_sample(
+    encoder: ConversationEncoder, images: ImageLoader, source: Any, index: int, hooks: DataHooks
+) -> EncodedSample:
+    """Encode sample ``index`` as the training dataset does (``hooks``: the extensions' data
+    hooks), opening every image it trains with; raises ``BadSampleError`` when training would
+    refuse it."""
+    record = read_record(source, index, hooks)
+    sample = encoder.encode(record, index)
+    images.load(record, sample.num_images)  # decoded as training decodes them
+    if hooks.sample_extras is not None:  # e.g. MiniGPT-5's target images, decoded too
+        hooks.sample_extras(record, sample, images)
+    return sample
 
 
 @command("lvlm-tune inspect")
 def main(argv: list[str] | None = None) -> int:
-    from lvlm_tune.data.sources import open_source
-
-    args = build_parser().parse_args(argv)
-    cfg = resolve_settings(args)
-    from lvlm_tune.generation.data import generation_hooks  # MiniGPT-5's data hooks
-
-    tokenizer = load_tokenizer(cfg["tokenizer"], int(cfg["num_vokens"]))
-    hooks = generation_hooks(int(cfg["num_vokens"]), cfg["caption_task"])
-    encoder = ConversationEncoder(
-        tokenizer,
-        cfg["template"],
-        num_image_tokens=int(cfg["num_image_tokens"]),
-        model_max_length=int(cfg["model_max_length"]),
-        image_position=cfg["image_position"],
-        seed=int(cfg["seed"]),
-        instruction_pool=cfg["instruction_pool"],
-        answer_tags=hooks.answer_tags,
-        special_text=cfg["special_text"],
-        stop_text_in_answer=cfg["stop_text_in_answer"],
-        plain_multi_turn=cfg["plain_multi_turn"],
-    )
-    source = open_source(cfg["data"], fmt=cfg["data_format"])
-    images = ImageLoader(
-        None, cfg["image_folder"], max_image_pixels=int(cfg["max_image_pixels"]),
-        allow_outside_folder=bool(cfg["allow_outside_image_folder"]),
-    )  # fmt: skip
+    args, cfg = resolve_settings(argv)
+    encoder, source, images = open_inputs(cfg)
     count = min(args.limit, len(source))
     ledger = SkipLedger(count)
     color = sys.stdout.isatty()
     samples: list[EncodedSample] = []
     for index in range(count):
         try:
-            record = read_record(source, index, hooks)
-            sample = encoder.encode(record, index)
-            images.load(record, sample.num_images)  # decoded as training decodes them
-            if hooks.sample_extras is not None:  # MiniGPT-5: its target images, decoded too
-                hooks.sample_extras(record, sample, images)
+            sample = encode_sample(encoder, images, source, index, cfg.hooks)
         except BadSampleError as err:
-            if cfg["on_bad_sample"] == "error":
+            if cfg.on_bad_sample == "error":
                 raise  # printed as one line by @command, exit status 2
             ledger.add(index, err.reason)
             print(f"skipped ({err.reason}): {err}", file=sys.stderr)
@@ -296,11 +272,11 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row, ensure_ascii=False))
         elif len(samples) <= args.show:
             print(f"=== sample {sample.id!r} ({len(sample.input_ids)} tokens) ===")
-            print(render_sample(tokenizer, sample, encoder.image_token_id, color))
+            print(render_sample(encoder.tokenizer, sample, encoder.image_token_id, color))
             print()
     print(stats_report(samples, ledger), file=sys.stderr if args.json else sys.stdout)
     try:
-        check_bad_fraction(ledger, float(cfg["max_bad_fraction"]), str(cfg["data"]))
+        check_bad_fraction(ledger, cfg.max_bad_fraction, str(cfg.data))
     except TooManyBadSamplesError as err:
         print(f"lvlm-tune inspect: error: {err}", file=sys.stderr)
         return 1

@@ -35,7 +35,6 @@ from typing import Any
 import torch
 from PIL import Image
 
-from lvlm_tune.commands.chat import ChatSession
 from lvlm_tune.demo import pretrain, shapes
 from lvlm_tune.demo.pretrain_diffusion import (
     DiffusionPretrainConfig,
@@ -45,6 +44,7 @@ from lvlm_tune.demo.pretrain_diffusion import (
 )
 from lvlm_tune.generation.diffusion import load_diffusion_parts
 from lvlm_tune.generation.trainer import LOSS_PARTS
+from lvlm_tune.inference.chat import ChatSession
 from lvlm_tune.inference.load import load_run
 from lvlm_tune.templates.registry import get_template
 from lvlm_tune.testing.tiny_models import write_tiny_vision_tower

@@ -33,7 +33,6 @@ import torch
 from torch import nn
 from transformers import AutoImageProcessor, Blip2Config, Blip2ForConditionalGeneration
 
-from lvlm_tune.data.encoder import ConversationEncoder
 from lvlm_tune.data.record import IMAGE_TAG, Conversation
 from lvlm_tune.data.sources import open_source
 from lvlm_tune.demo.pretrain import LanguageModelConfig, pretrain_llama, train_tokenizer
@@ -41,6 +40,7 @@ from lvlm_tune.demo.probes import GROUP_SIZES, fit, probe, probe_report, scene_b
 from lvlm_tune.templates.registry import get_template
 from lvlm_tune.templates.render import place_images, render
 from lvlm_tune.testing.tiny_models import write_tiny_blip2
+from lvlm_tune.training.encoding import EncodingOptions
 
 # (template, data file of make_shapes_dataset, image position) of the two stages' recipes
 STAGE_DATA = (("plain", "captions_train", "before"), ("minigpt4", "instruct_train", "random"))
@@ -162,13 +162,13 @@ def caption_corpus(
     data: dict[str, Path], tokenizer: Any, seed: int = 0, max_length: int = MAX_LENGTH
 ) -> list[list[int]]:
     """The LLM's pre-training sequences: every :func:`described_records` record encoded exactly
-    as training encodes it (``ConversationEncoder``: template, image position, BOS), the token
+    as training encodes it (``EncodingOptions.encoder``: template, image position, BOS), the token
     ids of its image's caption in place of the image token, EOS appended, cut to ``max_length``.
     """
     with_image = copy.deepcopy(tokenizer)
     with_image.add_special_tokens({"additional_special_tokens": [IMAGE_TAG]})
-    encoders = {
-        name: ConversationEncoder(with_image, name, image_position=position, seed=seed)
+    encoders = {  # the training factory's encoders; one image token per image is replaced below
+        name: EncodingOptions(name, image_position=position, seed=seed).encoder(with_image, 1)
         for name, _, position in STAGE_DATA
     }
     sequences = []

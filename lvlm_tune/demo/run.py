@@ -12,10 +12,10 @@ Steps (each timed, outputs under ``--out``, default ``runs/demo/`` or ``runs/dem
 3. stage 1 (feature alignment, projector only) and stage 2 (LLaVA: LoRA on the LLM +
    projector; MiniGPT-4: the linear projection only, on instructions), run by the same recipe
    machinery as real runs (``recipes/demo/{family}_*.yaml``);
-4. the last steps use the user commands: ``lvlm-tune merge`` (LoRA folded into a standalone
-   folder, ``merged/``), ``lvlm-tune eval`` on the held-out questions with real and with blank
-   images (colour + shape exact match; answers must come from the image path), and
-   ``lvlm-tune chat`` answering one held-out question.
+4. the last steps run what the user commands run (:mod:`lvlm_tune.inference`): ``lvlm-tune
+   merge`` (LoRA folded into a standalone folder, ``merged/``), ``lvlm-tune eval`` on the
+   held-out questions with real and with blank images (colour + shape exact match; answers
+   must come from the image path), and ``lvlm-tune chat`` answering one held-out question.
 
 It prints a summary and writes ``summary.json`` with the accuracies, chance levels, per-stage
 losses and the wall time of every step.
@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -36,10 +37,11 @@ from typing import Any
 
 import torch
 
-from lvlm_tune.commands import chat as chat_command
-from lvlm_tune.commands import eval as eval_command
-from lvlm_tune.commands import merge as merge_command
 from lvlm_tune.demo import pretrain, pretrain_minigpt4, shapes
+from lvlm_tune.inference.chat import ChatSession
+from lvlm_tune.inference.evaluate import evaluate as evaluate_run
+from lvlm_tune.inference.export import merge
+from lvlm_tune.inference.load import load_run
 from lvlm_tune.training.pipeline import run
 from lvlm_tune.training.recipe import parse_recipe
 
@@ -93,7 +95,7 @@ VARIANTS: dict[str, Variant] = {
 
 def evaluate(model_dir: Path, path: Path) -> dict[str, Any]:
     """``lvlm-tune eval`` on a held-out LLaVA JSON; exact match per question kind."""
-    report = eval_command.evaluate(model_dir, path, batch_size=64, progress=False)
+    report = evaluate_run(model_dir, path, batch_size=64, progress=False)
     kind_of = {row["id"]: row["kind"] for row in json.loads(path.read_text())}
     hits: dict[str, list[bool]] = defaultdict(list)
     for sample in report["samples"]:
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         summary[f"{stage}_final_loss"] = final_loss(trainers[stage])
 
     start = step(f"merge: lvlm-tune merge --checkpoint {out / 'stage2'} --output {out / 'merged'}")
-    merged = merge_command.merge(out / "stage2", out / "merged", overwrite=True)
+    merged = merge(out / "stage2", out / "merged", overwrite=True)
     times["merge"] = time.perf_counter() - start
 
     start = step("eval: lvlm-tune eval on held-out questions (real and blank images)")
@@ -197,18 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     image = Path(paths["root"]) / first["image"]
     start = step(f"chat: lvlm-tune chat --model {merged} --image {image} --prompt {question!r}")
     print(f"user: {question}\nassistant: ", end="", flush=True)
-    chat_command.main(
-        [
-            "--model",
-            str(merged),
-            "--image",
-            str(image),
-            "--prompt",
-            question,
-            "--max-new-tokens",
-            "16",
-        ]
-    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    session = ChatSession(load_run(merged, device=device))  # what `lvlm-tune chat` runs
+    session.ask(question, str(image), max_new_tokens=16, stream=sys.stdout)
     summary["example"] = {
         "image": str(image),
         "question": question,

@@ -101,6 +101,26 @@ class MiniGPT5(Extension):
         )  # fmt: skip
         return loaded.eval()
 
+    def chat_generator(
+        self,
+        loaded: Any,
+        model: Any,
+        *,
+        diffusion_model: str | None = None,
+        guidance_scale: float = 7.5,
+        steps: int = 25,
+        seed: int | None = 0,
+    ) -> Any:
+        """A :class:`~lvlm_tune.generation.generate.VokenGenerator` over the loaded VokenModel."""
+        from lvlm_tune.generation.diffusion import load_diffusion_parts  # the gen extra
+        from lvlm_tune.generation.generate import VokenGenerator
+
+        parts = load_diffusion_parts(diffusion_model) if diffusion_model else loaded.diffusion
+        return VokenGenerator(
+            model, loaded.mapper, parts, first_voken_id=loaded.first_voken_id,
+            guidance_scale=guidance_scale, num_inference_steps=steps, seed=seed,
+        )  # fmt: skip
+
     def save_merged(self, loaded: Any, folder: Any, dtype: Any) -> None:
         from lvlm_tune.generation.mapper import save_mapper
 

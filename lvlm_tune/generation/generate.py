@@ -21,7 +21,7 @@ from PIL import Image
 from lvlm_tune.generation.diffusion import DiffusionParts, make_pipeline
 from lvlm_tune.generation.mapper import VokenMapper
 from lvlm_tune.generation.model import last_hidden_state
-from lvlm_tune.generation.vokens import voken_hidden_states
+from lvlm_tune.generation.vokens import GEN_IMAGE_TAG, voken_hidden_states
 
 
 @dataclass
@@ -79,6 +79,13 @@ class VokenGenerator:
         self.num_inference_steps = num_inference_steps
         self.seed = seed
         self.pipeline = make_pipeline(diffusion)
+
+    # In a chat history a generated image is written as the tag the training data uses.
+    image_tag = GEN_IMAGE_TAG
+
+    def split(self, token_ids: list[int]) -> list[list[int]]:
+        """The text pieces of a generated answer between its voken runs (one per image + 1)."""
+        return split_at_vokens(token_ids, self.first_voken_id, self.num_vokens)
 
     def vokens(self, device: torch.device) -> torch.Tensor:
         return torch.arange(

@@ -22,14 +22,17 @@ import torch
 from peft import PeftModel
 from transformers import AutoProcessor
 
+from lvlm_tune.data.encoder import ConversationEncoder
+from lvlm_tune.data.images import ImageLoader
 from lvlm_tune.errors import UserError, looks_like_path
 from lvlm_tune.models.llava_original import is_original_llava
 from lvlm_tune.models.parts import unwrap_model
 from lvlm_tune.models.registry import ModelFamily, get_model_family
 from lvlm_tune.templates.jinja import set_chat_template
 from lvlm_tune.templates.registry import TOKENIZER_TEMPLATE, get_template
-from lvlm_tune.training.extensions import added_special_tokens, args_from_card, load_extensions
-from lvlm_tune.training.run_card import RUN_CARD, read_run_card
+from lvlm_tune.training.encoding import EncodingOptions
+from lvlm_tune.training.extensions import load_extensions
+from lvlm_tune.training.run_card import RUN_CARD, RunCard
 from lvlm_tune.training.run_folder import check_final_save
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -52,10 +55,29 @@ class LoadedRun:
 
     model: Any
     processor: Any
-    card: dict[str, Any]
+    card: RunCard
     family: ModelFamily
     is_adapter: bool
     extensions: dict[str, Any] = field(default_factory=dict)
+
+    def encoder(
+        self, template: str | None = None, image_position: str | None = None
+    ) -> ConversationEncoder:
+        """The encoder of the run's training settings (see ``EncodingOptions.from_run_card``)."""
+        options = EncodingOptions.from_run_card(
+            self.card, template=template, image_position=image_position
+        )
+        num_image_tokens = self.family.num_image_tokens(unwrap_model(self.model))
+        return options.encoder(self.processor.tokenizer, num_image_tokens)
+
+    def images(
+        self, folder: str | os.PathLike | None = None, allow_outside_folder: bool = False
+    ) -> ImageLoader:
+        """An image loader with the run's processor and aspect ratio."""
+        return ImageLoader(
+            self.processor.image_processor, folder, self.card.image_aspect_ratio,
+            allow_outside_folder=allow_outside_folder,
+        )  # fmt: skip
 
 
 def checkpoint_kind(folder: str | os.PathLike) -> str:
@@ -73,9 +95,8 @@ def checkpoint_kind(folder: str | os.PathLike) -> str:
     )
 
 
-def _extra_tokens(card: dict[str, Any]) -> tuple[str, ...]:
-    template = card.get("template", TOKENIZER_TEMPLATE)
-    return added_special_tokens(template, args_from_card(card))
+def _extra_tokens(card: RunCard) -> tuple[str, ...]:
+    return EncodingOptions.from_run_card(card).special_tokens()
 
 
 BASE_HELP = (
@@ -120,7 +141,10 @@ def parse_base(base: str) -> dict[str, str]:
 
 
 def build_base(
-    card: dict[str, Any], base: str | None = None, dtype: torch.dtype = torch.float32
+    card: RunCard,
+    base: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    family: ModelFamily | None = None,
 ) -> tuple[Any, Any]:
     """Rebuild the model an adapter was trained on, as the card records it.
 
@@ -131,12 +155,13 @@ def build_base(
             VISION is the BLIP-2 checkpoint for MiniGPT-4). For an original-layout LLaVA folder,
             ``"FOLDER,VISION"`` names the folder and its vision tower.
         dtype: parameter dtype.
+        family: the card's model family, when the caller has looked it up already.
 
     Returns:
         ``(model, processor)`` of the base.
     """
-    family = get_model_family(card.get("family", "llava"))
-    args = card.get("model_args", {})
+    family = family or get_model_family(card.family)
+    args = card.model_args
     common = {
         "dtype": dtype,
         "attn_implementation": "sdpa" if args.get("attn_implementation") != "eager" else "eager",
@@ -168,14 +193,11 @@ def build_base(
     return family.build(vision, llm, **options, **common)
 
 
-def _processor(
-    folder: Path, fallback: Any, card: dict[str, Any], family: ModelFamily, model: Any
-) -> Any:
+def _processor(folder: Path, fallback: Any, card: RunCard, family: ModelFamily, model: Any) -> Any:
     if (folder / "processor_config.json").is_file() or (folder / "tokenizer_config.json").is_file():
         return AutoProcessor.from_pretrained(folder)
-    template = card.get("template", TOKENIZER_TEMPLATE)
-    if template != TOKENIZER_TEMPLATE:
-        set_chat_template(fallback, get_template(template), family.prompt_image_tokens(model))
+    if card.template != TOKENIZER_TEMPLATE:
+        set_chat_template(fallback, get_template(card.template), family.prompt_image_tokens(model))
     return fallback
 
 
@@ -189,16 +211,17 @@ def load_run(
     """Open a run folder, ``checkpoint-N`` or merged folder for inference.
 
     Raises ``FileNotFoundError`` for a folder without a run card, without adapters or config, or
-    whose recorded base is missing; ``RunFolderError`` (a ``ValueError``) for a run folder
-    whose top-level save is not the final save of the run its newest checkpoint belongs to.
+    whose recorded base is missing; ``RunCardError`` for a card that records no family;
+    ``RunFolderError`` (a ``ValueError``) for a run folder whose top-level save is not the
+    final save of the run its newest checkpoint belongs to.
     """
     folder = Path(folder)
     check_final_save(folder)
     kind = checkpoint_kind(folder)
-    card = read_run_card(folder)
-    family = get_model_family(card.get("family", "llava"))
+    card = RunCard.read(folder)
+    family = get_model_family(card.family)
     if kind == "adapter":
-        model, built = build_base(card, base, dtype)
+        model, built = build_base(card, base, dtype, family)
         model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
     else:
         model, built = family.load(
@@ -213,7 +236,7 @@ def load_run(
     model.eval()
     if device is not None:
         model.to(device)
-    extensions = load_extensions(folder, model, processor, card, dtype)
+    extensions = load_extensions(folder, model, processor, card.to_dict(), dtype)
     for value in extensions.values():
         if device is not None and isinstance(value, torch.nn.Module):
             value.to(device)

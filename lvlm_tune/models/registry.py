@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PretrainedConfig
+from transformers import AutoConfig, LlavaConfig, PretrainedConfig
 
 from lvlm_tune.models.llava import build_llava, load_llava, num_image_tokens
 from lvlm_tune.models.minigpt4 import build_minigpt4, load_minigpt4, read_original_projection
@@ -36,6 +36,23 @@ def _llava_image_features(model: Any, pixel_values: torch.Tensor) -> torch.Tenso
 def _num_query_tokens(config: Any) -> int:
     """Image tokens per image of a BLIP-2 / MiniGPT-4 model: one per Q-Former query."""
     return int(getattr(config, "config", config).num_query_tokens)
+
+
+def _llava_parts_config(
+    vision_tower: str, vision_feature_select_strategy: str = "default", **_: Any
+) -> LlavaConfig:
+    """The part of the ``LlavaConfig`` ``build_llava`` composes that fixes the image tokens."""
+    vision = AutoConfig.from_pretrained(vision_tower)
+    vision = getattr(vision, "vision_config", vision)
+    return LlavaConfig(
+        vision_config=vision.to_dict(),
+        vision_feature_select_strategy=vision_feature_select_strategy,
+    )
+
+
+def _blip2_parts_config(vision_tower: str, **_: Any) -> PretrainedConfig:
+    """The BLIP-2 checkpoint's config (its ``num_query_tokens`` are the image tokens)."""
+    return AutoConfig.from_pretrained(vision_tower)
 
 
 def _blip2_image_features(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -62,6 +79,9 @@ class ModelFamily:
             model on ``pixel_values``; the trainer calls it on a blank image for text-only
             batches so every rank runs the same modules.
         num_image_tokens: given a model (or its config), the image tokens one image becomes.
+        parts_config: given the vision side and the ``build_options``, a config of the model
+            ``build`` would compose, read from config files only, that ``num_image_tokens``
+            takes (``lvlm-tune inspect`` counts image tokens without building the model).
         build_options: the ``ModelArguments`` fields (beyond the two parts, dtype, attention
             and tokens) that ``build`` takes, recorded in the run card and passed again
             when an adapter's base is rebuilt.
@@ -87,6 +107,7 @@ class ModelFamily:
     fixed_projector_parameters: Callable[[PretrainedConfig], tuple[str, ...]] = _no_fixed_parameters
     image_features: Callable[[Any, torch.Tensor], torch.Tensor] = _llava_image_features
     num_image_tokens: Callable[[Any], int] = num_image_tokens
+    parts_config: Callable[..., PretrainedConfig] = _llava_parts_config
     build_options: tuple[str, ...] = ()
     load_options: tuple[str, ...] = ()
     forward_needs_pixels: bool = False
@@ -123,6 +144,7 @@ MINIGPT4 = ModelFamily(
     lora_modules=("language_model.model",),
     image_features=_blip2_image_features,
     num_image_tokens=_num_query_tokens,
+    parts_config=_blip2_parts_config,
     build_options=("num_query_tokens",),
     forward_needs_pixels=True,
     processor_expands_images=False,

@@ -128,6 +128,17 @@ class Extension:
     def save_merged(self, loaded: Any, folder: Any, dtype: Any) -> None:
         """Write what :meth:`load` gave into a merged folder (``lvlm-tune merge``)."""
 
+    def chat_generator(self, loaded: Any, model: Any, **options: Any) -> Any:
+        """A generator of answers that hold more than text (MiniGPT-5: images) for a chat
+        session over ``model``, from what :meth:`load` gave (``None``: plain text answers).
+
+        It has ``generate(inputs, max_new_tokens, **kwargs)`` (a result with ``token_ids`` and
+        ``images``), ``split(token_ids)`` (the text pieces around each image) and ``image_tag``
+        (how an image is written in the chat history). ``options``: ``diffusion_model``,
+        ``guidance_scale``, ``steps``, ``seed``.
+        """
+        return None
+
 
 @cache
 def extensions() -> tuple[Extension, ...]:
@@ -248,3 +259,12 @@ def save_merged(loaded: Mapping[str, Any], folder: Any, dtype: Any) -> None:
     """Write what :func:`load_extensions` gave into a merged folder."""
     for name, value in loaded.items():
         get_extension(name).save_merged(value, folder, dtype)
+
+
+def chat_generator(loaded: Mapping[str, Any], model: Any, **options: Any) -> Any:
+    """The enabled extension's chat generator (:meth:`Extension.chat_generator`), or ``None``."""
+    for name, value in loaded.items():
+        generator = get_extension(name).chat_generator(value, model, **options)
+        if generator is not None:
+            return generator
+    return None

@@ -17,7 +17,6 @@ from transformers import set_seed
 
 from lvlm_tune.data.collator import MultimodalCollator, pad_token_id
 from lvlm_tune.data.dataset import SupervisedDataset
-from lvlm_tune.data.encoder import ConversationEncoder
 from lvlm_tune.data.hooks import DataHooks
 from lvlm_tune.data.images import ImageLoader
 from lvlm_tune.data.sources import open_source
@@ -29,13 +28,8 @@ from lvlm_tune.models.registry import ModelFamily, get_model_family
 from lvlm_tune.templates.jinja import set_chat_template
 from lvlm_tune.templates.registry import TOKENIZER_TEMPLATE, get_template
 from lvlm_tune.training.distributed import register_token_weights, zero3_init_paused
-from lvlm_tune.training.extensions import (
-    active_extensions,
-    added_special_tokens,
-    data_hooks,
-    stage_owner,
-    trainer_class,
-)
+from lvlm_tune.training.encoding import EncodingOptions
+from lvlm_tune.training.extensions import active_extensions, stage_owner, trainer_class
 from lvlm_tune.training.freezing import LoraOptions, apply_stage, parameter_summary
 from lvlm_tune.training.loss_curve import write_loss_curve
 from lvlm_tune.training.recipe import (
@@ -44,7 +38,7 @@ from lvlm_tune.training.recipe import (
     ModelArguments,
     check_paths,
 )
-from lvlm_tune.training.run_card import make_run_card, run_options
+from lvlm_tune.training.run_card import RunCard, run_options
 from lvlm_tune.training.run_folder import claim_output_dir
 from lvlm_tune.training.trainer import LvlmTrainer
 
@@ -69,7 +63,10 @@ def build_model(
     if data_args.image_aspect_ratio is None:
         base = original_image_aspect_ratio(model_args.model_name_or_path)
         data_args.image_aspect_ratio = base or "none"
-    extra = added_special_tokens(data_args.template, model_args.extensions)
+    encoding = EncodingOptions.from_recipe(
+        data_args, seed=train_args.seed, extensions=model_args.extensions
+    )
+    extra = encoding.special_tokens()  # as inspect, eval and chat prepare the tokenizer
     common = {
         "dtype": model_dtype(train_args),
         "attn_implementation": model_args.attn_implementation,
@@ -139,7 +136,8 @@ def build_dataset(
     *,
     hooks: DataHooks | None = None,
 ) -> SupervisedDataset:
-    """Source -> encoder (template, image tokens, max length) -> dataset with images.
+    """Source -> encoder (:class:`~lvlm_tune.training.encoding.EncodingOptions` of the recipe,
+    the model's image tokens) -> dataset with images.
 
     ``hooks``: the extensions' data hooks (:func:`lvlm_tune.training.extensions.data_hooks`),
     e.g. MiniGPT-5's image-generating answers and their target images; default: none.
@@ -147,20 +145,8 @@ def build_dataset(
     hooks = hooks or DataHooks()
     if not data_args.data_path:
         raise UserError("data_path: a training recipe needs data; set data_path")
-    encoder = ConversationEncoder(
-        processor.tokenizer,
-        data_args.template,
-        num_image_tokens=num_image_tokens,
-        model_max_length=data_args.model_max_length,
-        image_position=data_args.image_position,
-        seed=seed,
-        system=data_args.system_prompt,
-        instruction_pool=data_args.instruction_pool,
-        answer_tags=hooks.answer_tags,
-        special_text=data_args.special_text,
-        stop_text_in_answer=data_args.stop_text_in_answer,
-        plain_multi_turn=data_args.plain_multi_turn,
-    )
+    options = EncodingOptions.from_recipe(data_args, seed=seed)
+    encoder = options.encoder(processor.tokenizer, num_image_tokens, hooks)
     images = ImageLoader(
         processor.image_processor,
         data_args.image_folder,
@@ -200,15 +186,15 @@ def run(
         raise UserError("data_path: a training recipe needs data; set data_path")
     check_paths(model_args, data_args)
     options = run_options(model_args, data_args, train_args)  # before build_model adjusts them
-    claim_output_dir(
-        train_args.output_dir, {"run_options": options}, train_args.overwrite_output_dir
-    )
+    claim_output_dir(train_args.output_dir, options, train_args.overwrite_output_dir)
     set_seed(train_args.seed)
     model, processor, family = build_model(model_args, data_args, train_args)
     image_tokens = family.num_image_tokens(model)
-    hooks = data_hooks(model_args.extensions, model)
+    hooks = EncodingOptions.from_recipe(
+        data_args, seed=train_args.seed, extensions=model_args.extensions
+    ).data_hooks(model)
     dataset = build_dataset(data_args, processor, image_tokens, train_args.seed, hooks=hooks)
-    card = make_run_card(
+    card = RunCard.from_args(
         model_args, data_args, train_args, options=options, num_image_tokens=image_tokens
     )
     trainer = trainer_class(model_args.extensions, LvlmTrainer)(
@@ -228,7 +214,7 @@ def run(
     if tracker is not None:  # on_bad_sample: skip
         tracker.merge()  # every rank's bad samples, each once
         dataset.check_bad_fraction()
-        card["bad_samples"] = tracker.report()  # the final folder's run card says what was skipped
+        card.bad_samples = tracker.report()  # the final folder's run card says what was skipped
     trainer.save_model()  # with the run card (the trainer's, ``card``) and, in stage 1, the projector
     trainer.save_state()
     if trainer.is_world_process_zero() and train_args.loss_curve:

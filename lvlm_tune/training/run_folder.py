@@ -27,7 +27,7 @@ from lvlm_tune.training.checkpoints import (
     checkpoint_step,
     newest_complete_checkpoint,
 )
-from lvlm_tune.training.run_card import RUN_CARD
+from lvlm_tune.training.run_card import RUN_CARD, RunCard
 
 logger = logging.getLogger(__name__)
 
@@ -50,21 +50,20 @@ class RunFolderError(UserError):
     """A run folder or checkpoint that belongs to another run (a user error, one line)."""
 
 
-def read_card(folder: str | os.PathLike) -> dict[str, Any] | None:
+def read_card(folder: str | os.PathLike) -> RunCard | None:
     """A folder's run card, or ``None`` when it has none or it cannot be read."""
     try:
-        with open(os.path.join(folder, RUN_CARD), encoding="utf-8") as f:
-            card = json.load(f)
-    except (OSError, ValueError):
+        return RunCard.read(folder)
+    except (OSError, ValueError):  # no card, not JSON, or not a card (RunCardError)
         return None
-    return card if isinstance(card, dict) else None
 
 
-def difference(ours: dict[str, Any] | None, theirs: dict[str, Any] | None) -> str | None:
-    """Why two run cards are not the same run (``None`` when they are)."""
+def difference(mine: dict[str, Any] | None, theirs: RunCard | None) -> str | None:
+    """Why the run with ``run_options`` ``mine`` is not the run of card ``theirs`` (``None``
+    when it is)."""
     if theirs is None:
         return "no run card"
-    mine, other = (ours or {}).get("run_options"), theirs.get("run_options")
+    other = theirs.run_options
     if not isinstance(other, dict):
         return "its run card has no run_options (written by an older lvlm-tune)"
     if not isinstance(mine, dict):
@@ -79,10 +78,10 @@ def difference(ours: dict[str, Any] | None, theirs: dict[str, Any] | None) -> st
     return f"options differ: {shown}{more}"
 
 
-def saved_runs(run_dir: str | os.PathLike) -> list[tuple[str, dict[str, Any] | None]]:
+def saved_runs(run_dir: str | os.PathLike) -> list[tuple[str, RunCard | None]]:
     """``(what, card)`` for the final save and every ``checkpoint-N`` folder in ``run_dir``."""
     run_dir = Path(run_dir)
-    found: list[tuple[str, dict[str, Any] | None]] = []
+    found: list[tuple[str, RunCard | None]] = []
     if (run_dir / RUN_CARD).is_file():
         found.append(("its final save", read_card(run_dir)))
     if run_dir.is_dir():
@@ -94,8 +93,11 @@ def saved_runs(run_dir: str | os.PathLike) -> list[tuple[str, dict[str, Any] | N
     return found
 
 
-def claim_output_dir(output_dir: str | os.PathLike, card: dict[str, Any], overwrite: bool) -> None:
-    """Refuse to start ``card``'s run in a folder holding another run, unless ``overwrite``.
+def claim_output_dir(
+    output_dir: str | os.PathLike, options: dict[str, Any], overwrite: bool
+) -> None:
+    """Refuse to start the run of ``options`` (its ``run_options``) in a folder holding
+    another run, unless ``overwrite``.
 
     With ``overwrite`` the other run's ``checkpoint-N`` folders, staging folder and saved files
     (:data:`SAVED_FILES`) are removed, by the first process of each node.
@@ -104,7 +106,9 @@ def claim_output_dir(output_dir: str | os.PathLike, card: dict[str, Any], overwr
         RunFolderError: naming the other run's save and the options that differ.
     """
     others = [
-        (what, why) for what, theirs in saved_runs(output_dir) if (why := difference(card, theirs))
+        (what, why)
+        for what, theirs in saved_runs(output_dir)
+        if (why := difference(options, theirs))
     ]
     if not others:
         return
@@ -144,13 +148,14 @@ def remove_run(run_dir: str | os.PathLike) -> list[str]:
     return removed
 
 
-def check_same_run(checkpoint: str | os.PathLike, card: dict[str, Any]) -> None:
-    """Refuse to resume ``card``'s run from a checkpoint of another run.
+def check_same_run(checkpoint: str | os.PathLike, options: dict[str, Any] | None) -> None:
+    """Refuse to resume the run of ``options`` (its ``run_options``) from a checkpoint of
+    another run.
 
     Raises:
         RunFolderError: naming the checkpoint and the options that differ.
     """
-    why = difference(card, read_card(checkpoint))
+    why = difference(options, read_card(checkpoint))
     if why:
         raise RunFolderError(
             f"resume_from_checkpoint: {checkpoint} is not a checkpoint of this run ({why}); "
@@ -181,8 +186,8 @@ def check_final_save(run_dir: str | os.PathLike) -> None:
     if top is None:
         raise RunFolderError(f"{run_dir}: no final save (has the run finished?); {hint}")
     theirs = read_card(newest)
-    legacy = theirs is not None and "run_options" not in top and "run_options" not in theirs
-    why = None if legacy else difference(top, theirs)
+    legacy = theirs is not None and top.run_options is None and theirs.run_options is None
+    why = None if legacy else difference(top.run_options, theirs)
     if why:
         raise RunFolderError(
             f"{run_dir}: its final save is from another run than its newest checkpoint "

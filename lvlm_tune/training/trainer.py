@@ -51,7 +51,7 @@ from lvlm_tune.training.checkpoints import (
 from lvlm_tune.training.distributed import check_deepspeed_config, zero3_init_paused
 from lvlm_tune.training.optimizer import optimizer_cls_and_kwargs, parameter_groups
 from lvlm_tune.training.pickle_scan import check_checkpoint
-from lvlm_tune.training.run_card import write_run_card
+from lvlm_tune.training.run_card import RunCard
 from lvlm_tune.training.run_folder import RunFolderError, check_same_run
 from lvlm_tune.training.vision_path import blank_features, vision_path_after_embeddings
 
@@ -63,7 +63,8 @@ class LvlmTrainer(Trainer):
 
     Args:
         family: the model family entry (where the projector and vision path are).
-        run_card: what to record with every save (see ``write_run_card``).
+        run_card: what to record with every save (``None``: nothing, for a trainer that
+            never saves).
         stage: the run's stage; saves of a ``pretrain`` run also write the projector alone.
         blank_pixel_values: a blank image batch (1, C, H, W) for text-only batches.
         **kwargs: passed to ``transformers.Trainer``.
@@ -73,7 +74,7 @@ class LvlmTrainer(Trainer):
         self,
         *args: Any,
         family: ModelFamily,
-        run_card: dict[str, Any],
+        run_card: RunCard | None,
         stage: str | None = None,
         blank_pixel_values: torch.Tensor | None = None,
         **kwargs: Any,
@@ -207,7 +208,8 @@ class LvlmTrainer(Trainer):
                 os.remove(pickled)
             with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as f:
                 f.write(self.args.to_json_string())
-            write_run_card(output_dir, self.run_card)
+            if self.run_card is not None:
+                self.run_card.write(output_dir)
         if self.stage == "pretrain":
             # every rank: gathers ZeRO-3 partitions; rank 0 writes
             save_projector(self.model, output_dir, self.family)
@@ -271,7 +273,8 @@ class LvlmTrainer(Trainer):
                 raise RunFolderError(
                     f"resume_from_checkpoint: {resume_from_checkpoint} is not a folder"
                 )
-            check_same_run(resume_from_checkpoint, self.run_card)
+            options = self.run_card.run_options if self.run_card is not None else None
+            check_same_run(resume_from_checkpoint, options)
             check_checkpoint(resume_from_checkpoint)  # before DeepSpeed or Trainer unpickle it
             if self.bad_samples is not None:
                 self.bad_samples.load(resume_from_checkpoint)

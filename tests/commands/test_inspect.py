@@ -93,20 +93,19 @@ def test_human_view_marks_trained_spans_and_prints_stats(capsys, data_file, sp_t
     assert "skipped samples: none" in out
 
 
-def test_recipe_settings_and_bad_data(capsys, tmp_path, data_file, sp_tokenizer_dir):
+def test_recipe_settings_and_bad_data(capsys, tmp_path, data_file, sp_tokenizer_dir, tiny_parts):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(
-        yaml.safe_dump(
-            {
-                "data_path": str(data_file),
-                "llm_name_or_path": str(sp_tokenizer_dir),
-                "template": "llava_v0",
-                "num_image_tokens": 2,
-            }
-        )
-    )
-    rows = run_json(capsys, str(recipe))
+    settings = {
+        "data_path": str(data_file), "llm_name_or_path": str(sp_tokenizer_dir),
+        "vision_tower": tiny_parts["vision"], "template": "llava_v0",
+    }  # fmt: skip
+    recipe.write_text(yaml.safe_dump(settings))
+    rows = run_json(capsys, str(recipe), "--num-image-tokens", "2")  # options over the recipe
     assert len(rows) == 2 and rows[0]["input_ids"].count(rows[0]["image_token_id"]) == 2
+    # the recipe is read as train reads it: a key train does not know is refused
+    recipe.write_text(yaml.safe_dump({**settings, "num_image_tokens": 2}))
+    assert inspect_cmd.main([str(recipe)]) == 2
+    assert "unknown key 'num_image_tokens'" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"id": "z9", "conversations": [{"from": "gpt", "value": "x"}]}]))
     assert (
@@ -253,14 +252,17 @@ def test_skip_lists_and_counts_bad_images_and_fails_beyond_max_bad_fraction(
     assert allowed == 0 and "skipped samples: 4 of 6" in capsys.readouterr().out
 
 
-def test_recipe_image_options_reach_inspect(capsys, tmp_path, data_file, sp_tokenizer_dir):
+def test_recipe_image_options_reach_inspect(
+    capsys, tmp_path, data_file, sp_tokenizer_dir, tiny_parts
+):
     path, folder = bad_image_data(tmp_path)
     rows = json.loads(path.read_text())
     small = tmp_path / "small.json"
     small.write_text(json.dumps([rows[0], rows[5]]))
     recipe = {
         "data_path": str(small), "image_folder": str(folder), "template": "vicuna_v1",
-        "llm_name_or_path": str(sp_tokenizer_dir), "on_bad_sample": "skip",
+        "llm_name_or_path": str(sp_tokenizer_dir), "vision_tower": tiny_parts["vision"],
+        "on_bad_sample": "skip",
         "max_bad_fraction": 0.5, "allow_outside_image_folder": True, "max_image_pixels": 63,
     }  # fmt: skip
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))

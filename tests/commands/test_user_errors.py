@@ -217,7 +217,7 @@ def test_inspect_paths_and_template(capsys, monkeypatch, tmp_path, sp_tokenizer_
     fails(capsys, ["inspect", "--template", "plain"], "missing --data, --tokenizer")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"data_path": str(data), "llm_name_or_path": "./gone/llm",
-                                      "template": "plain", "num_image_tokens": 1}))  # fmt: skip
+                                      "vision_tower": "./gone/vision", "template": "plain"}))  # fmt: skip
     fails(capsys, ["inspect", str(recipe)], "llm_name_or_path: ./gone/llm does not exist")
     assert cli([*ok, "--template", "plain"]) == 0
 
@@ -279,7 +279,8 @@ def test_parse_base_forms():
 def test_chat_repl_survives_bad_images(capsys, monkeypatch, lora_run, tiny_data, tmp_path):
     import argparse
 
-    from lvlm_tune.commands.chat import ChatSession, repl
+    from lvlm_tune.commands.chat import repl
+    from lvlm_tune.inference.chat import ChatSession
     from lvlm_tune.inference.load import load_run
 
     corrupt = tmp_path / "corrupt.png"
@@ -338,7 +339,7 @@ def test_eval_output_and_limit_are_checked_before_evaluating(capsys, tmp_path, t
 
 
 def test_eval_report_has_no_nan(lora_run, tiny_data, tmp_path):
-    from lvlm_tune.commands.eval import perplexity
+    from lvlm_tune.inference.evaluate import perplexity
 
     assert perplexity(None) is None and perplexity(1e6) is None and perplexity(0.0) == 1.0
     out = tmp_path / "r.json"

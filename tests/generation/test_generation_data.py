@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from lvlm_tune.commands.inspect import load_tokenizer
 from lvlm_tune.data.collator import MultimodalCollator
 from lvlm_tune.data.dataset import SupervisedDataset, read_record
 from lvlm_tune.data.encoder import IGNORE_INDEX, ConversationEncoder
@@ -20,14 +19,15 @@ from lvlm_tune.data.readers import normalize
 from lvlm_tune.data.sources import open_source
 from lvlm_tune.generation.data import attach_generation_targets, generation_hooks
 from lvlm_tune.generation.stories import expand_stories, story_samples
-from lvlm_tune.generation.vokens import voken_ids
+from lvlm_tune.generation.vokens import voken_ids, voken_tokens
+from lvlm_tune.training.encoding import load_tokenizer
 
 VOKENS = 4
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_parts):
-    return load_tokenizer(tiny_parts["llm"], num_vokens=VOKENS)
+    return load_tokenizer(tiny_parts["llm"], voken_tokens(VOKENS))
 
 
 def read(raw):

@@ -77,7 +77,7 @@ def test_stage2_adds_lora_on_q_and_v_only(stages):
 
 
 def test_original_rows_bit_identical_after_weight_decay(stages, tiny_parts, tmp_path):
-    from lvlm_tune.commands.merge import merge
+    from lvlm_tune.inference.export import merge
 
     merged = merge(stages["s1"], tmp_path / "merged")
     from lvlm_tune.inference.load import load_run
@@ -176,7 +176,7 @@ def test_cfg_drop_rate_and_null_condition(voken_model):
 
 
 def test_forced_generation_returns_text_and_an_image_with_the_zero_negative(stages, tmp_path):
-    from lvlm_tune.commands.chat import ChatSession
+    from lvlm_tune.inference.chat import ChatSession
     from lvlm_tune.inference.load import load_run
 
     session = ChatSession(
@@ -208,8 +208,8 @@ def test_forced_generation_returns_text_and_an_image_with_the_zero_negative(stag
 
 @pytest.mark.slow
 def test_merged_minigpt5_folder_chats_like_the_adapter(stages, tmp_path):
-    from lvlm_tune.commands.chat import ChatSession
-    from lvlm_tune.commands.merge import merge
+    from lvlm_tune.inference.chat import ChatSession
+    from lvlm_tune.inference.export import merge
     from lvlm_tune.inference.load import load_run
 
     merged = merge(stages["s2"], tmp_path / "merged")

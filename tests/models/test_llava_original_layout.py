@@ -26,7 +26,6 @@ from transformers import (
 )
 
 from lvlm_tune.cli import main as cli_main
-from lvlm_tune.commands.inspect import load_tokenizer, recipe_image_tokens
 from lvlm_tune.inference.load import build_base, load_run
 from lvlm_tune.models import IMAGE_TOKEN, build_llava, get_model_family
 from lvlm_tune.models.llava_original import (
@@ -36,7 +35,9 @@ from lvlm_tune.models.llava_original import (
     read_weights,
 )
 from lvlm_tune.models.tokenizer_saving import save_processor
-from lvlm_tune.training.run_card import read_run_card
+from lvlm_tune.training.encoding import load_tokenizer, recipe_image_tokens
+from lvlm_tune.training.recipe import ModelArguments
+from lvlm_tune.training.run_card import RunCard
 
 TOWER_PREFIX = "model.vision_tower.vision_tower."
 TYPE_WARNING = "model of type"
@@ -261,7 +262,7 @@ def test_vision_tower_override_and_clear_error_when_offline(tmp_path, tiny_parts
         _load(folder)
     assert hub_id in str(error.value) and "config.json" in str(error.value)
     ref, _ = reference(tiny_parts, state, "mlp2x_gelu")
-    card = {"family": "llava", "model_args": {"model_name_or_path": str(folder)}}
+    card = RunCard(family="llava", model_args={"model_name_or_path": str(folder)})
     with pytest.raises(FileNotFoundError, match="--base FOLDER,VISION"):
         build_base(card)  # an adapter's recorded base, its tower out of reach
     loaded = [
@@ -273,7 +274,7 @@ def test_vision_tower_override_and_clear_error_when_offline(tmp_path, tiny_parts
         with torch.no_grad():
             assert torch.equal(model.eval()(**batch).logits, ref(**batch).logits)
     assert original_llava_config(folder, tiny_parts["vision"]).image_seq_length == 16
-    recipe = {"model_name_or_path": str(folder), "vision_tower": tiny_parts["vision"]}
+    recipe = ModelArguments(model_name_or_path=str(folder), vision_tower=tiny_parts["vision"])
     assert recipe_image_tokens(recipe) == 16  # lvlm-tune inspect
     tokenizer = load_tokenizer(str(folder))
     assert tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == loaded[0][0].config.image_token_index
@@ -322,9 +323,9 @@ def test_stage2_lora_on_an_original_folder_trains_merges_and_chats(
     caplog.set_level(logging.WARNING)
     assert cli_main(["train", str(tmp_path / "lora.yaml")]) == 0
     assert TYPE_WARNING not in caplog.text
-    card = read_run_card(out)
-    assert card["model_args"]["model_name_or_path"] == str(folder)
-    assert card["image_aspect_ratio"] == "pad"  # the checkpoint's, as the recipe left it unset
+    card = RunCard.read(out)
+    assert card.model_args["model_name_or_path"] == str(folder)
+    assert card.image_aspect_ratio == "pad"  # the checkpoint's, as the recipe left it unset
 
     merged = tmp_path / "merged"
     assert cli_main(["merge", "--checkpoint", str(out), "--output", str(merged)]) == 0

@@ -20,7 +20,7 @@ from lvlm_tune.data.sources import open_source
 from lvlm_tune.errors import UserError
 from lvlm_tune.training import extensions as registry
 from lvlm_tune.training.recipe import parse_recipe
-from lvlm_tune.training.run_card import make_run_card
+from lvlm_tune.training.run_card import RunCard
 from lvlm_tune.training.trainer import LvlmTrainer
 
 
@@ -142,7 +142,7 @@ def test_a_second_extension_works_through_every_hook(fake, tmp_path, tokenizer):
     )  # fmt: skip
     assert registry.added_special_tokens("chatml", {}) == ("<|im_start|>", "<|im_end|>")
 
-    card = make_run_card(model_args, data_args, train_args)
+    card = RunCard.from_args(model_args, data_args, train_args).to_dict()
     assert card["model_args"]["fake_tokens"] == 2 and "extensions" not in card["model_args"]
     assert card["run_options"]["fake_weight"] == 1.0
     assert registry.args_from_card(card)["fake"] == args  # read back when the run is loaded
@@ -176,7 +176,7 @@ def test_a_disabled_extension_changes_nothing(fake, tmp_path):
     assert registry.active_extensions(model_args.extensions) == []
     assert registry.trainer_class(model_args.extensions, LvlmTrainer) is LvlmTrainer
     assert registry.added_special_tokens("vicuna_v1", model_args.extensions) == ()
-    card = make_run_card(model_args, *recipe(tmp_path)[1:])
+    card = RunCard.from_args(model_args, *recipe(tmp_path)[1:]).to_dict()
     assert registry.load_extensions(tmp_path, None, None, card, None) == {}
 
 

@@ -47,7 +47,7 @@ def trained_runs(labels: list[int]) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_parts):
-    from lvlm_tune.commands.inspect import load_tokenizer
+    from lvlm_tune.training.encoding import load_tokenizer
 
     return load_tokenizer(tiny_parts["llm"])
 
@@ -185,7 +185,7 @@ def test_text_only_batch_runs_the_vision_path_with_zero_effect(stages, tmp_path)
     text_only = [dataset[i] for i in range(len(dataset)) if dataset[i]["pixel_values"] is None]
     batch = MultimodalCollator(0)(text_only[:2])
     trainer = LvlmTrainer(
-        model=model, args=args[2], family=family, run_card={},
+        model=model, args=args[2], family=family, run_card=None,
         blank_pixel_values=dataset.images.blank(),
     )  # fmt: skip
     model.train()
@@ -266,9 +266,9 @@ print(json.dumps({"prompt": prompt, "ids": inputs["input_ids"][0].tolist(), "tex
 def test_merged_folder_loads_in_plain_transformers_and_answers_like_chat(
     stages, tiny_data, tmp_path
 ):
-    from lvlm_tune.commands.chat import ChatSession
-    from lvlm_tune.commands.merge import merge
     from lvlm_tune.data.record import Conversation, Turn
+    from lvlm_tune.inference.chat import ChatSession
+    from lvlm_tune.inference.export import merge
     from lvlm_tune.inference.load import load_run
 
     out = merge(stages["stage2"], tmp_path / "merged")
@@ -300,8 +300,8 @@ def test_merged_folder_loads_in_plain_transformers_and_answers_like_chat(
 
 
 def test_eval_and_text_only_chat_on_a_minigpt4_run(stages, tiny_data):
-    from lvlm_tune.commands.chat import ChatSession
-    from lvlm_tune.commands.eval import evaluate
+    from lvlm_tune.inference.chat import ChatSession
+    from lvlm_tune.inference.evaluate import evaluate
     from lvlm_tune.inference.load import load_run
 
     report = evaluate(stages["stage2"], tiny_data["data_path"], progress=False, batch_size=4)

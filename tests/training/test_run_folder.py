@@ -15,7 +15,7 @@ from lvlm_tune.commands.train import main as train_main
 from lvlm_tune.inference.load import load_run
 from lvlm_tune.training.pipeline import run
 from lvlm_tune.training.recipe import LORA_KEYS
-from lvlm_tune.training.run_card import run_options
+from lvlm_tune.training.run_card import RunCard, run_options
 from lvlm_tune.training.run_folder import RunFolderError, check_final_save
 
 
@@ -72,7 +72,7 @@ def test_another_recipe_is_refused_a_resume_takes_only_its_run_and_overwrite_rep
 
 def _save(folder, options, step):
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "lvlm_tune.json").write_text(json.dumps({"run_options": options}))
+    RunCard(family="llava", stage="finetune_lora", run_options=options).write(folder)
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     (folder / "adapter_model.safetensors").write_bytes(b"x")
 

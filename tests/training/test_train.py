@@ -254,7 +254,7 @@ def test_text_only_batch_still_runs_the_vision_path(tmp_path, tiny_parts, tiny_d
         model=model,
         args=args[2],
         family=family,
-        run_card={},
+        run_card=None,
         blank_pixel_values=dataset.images.blank(),
     )
     loss = trainer.compute_loss(model, batch)

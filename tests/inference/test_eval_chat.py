@@ -1,5 +1,6 @@
-"""``lvlm-tune eval``: the loss uses the training masking (it equals the model's own loss on
-the collated batch), adapter and merged folders score the same, accuracy compares real answers."""
+"""``lvlm-tune eval`` and ``chat`` (:mod:`lvlm_tune.inference`): the loss uses the training
+masking (it equals the model's own loss on the collated batch), adapter and merged folders score
+the same, accuracy compares real answers, chat answers as lvlm-tune answers."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ import json
 
 import pytest
 import torch
-from test_merge import train
+from test_export import train
 
-from lvlm_tune.commands.eval import evaluate, normalize
 from lvlm_tune.commands.eval import main as eval_main
-from lvlm_tune.commands.merge import merge
+from lvlm_tune.inference.evaluate import evaluate, normalize
+from lvlm_tune.inference.export import merge
 from lvlm_tune.inference.load import load_run
 
 
@@ -108,7 +109,8 @@ def test_chat_one_shot_streams_the_answer_lvlm_tune_gives(lora_run, tiny_data, c
 def test_chat_repl_keeps_the_conversation(lora_run, tiny_data, capsys):
     import argparse
 
-    from lvlm_tune.commands.chat import ChatSession, repl
+    from lvlm_tune.commands.chat import repl
+    from lvlm_tune.inference.chat import ChatSession
 
     session = ChatSession(load_run(lora_run["merged"]))
     args = argparse.Namespace(image=None, max_new_tokens=4, temperature=0.0)

@@ -1,6 +1,7 @@
-"""``lvlm-tune merge``: merged logits equal the adapter model's, the folder loads with plain
-transformers in a clean process and generates what lvlm-tune answers, checkpoints and stage-1
-runs export, the chat template matches training byte for byte, and the errors are clear."""
+"""``lvlm-tune merge`` (:mod:`lvlm_tune.inference.export`): merged logits equal the adapter
+model's, the folder loads with plain transformers in a clean process and generates what
+lvlm-tune answers, checkpoints and stage-1 runs export, the chat template matches training byte
+for byte, and the errors are clear."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import yaml
 from conftest import tiny_recipe
 
 from lvlm_tune.commands.merge import main as merge_main
-from lvlm_tune.commands.merge import merge
 from lvlm_tune.data.collator import MultimodalCollator, pad_token_id
+from lvlm_tune.inference.export import merge
 from lvlm_tune.inference.load import load_run
 from lvlm_tune.models.llava import num_image_tokens
 from lvlm_tune.training.pipeline import build_dataset, run
