@@ -161,7 +161,8 @@ def settings_from_options(args: argparse.Namespace) -> Settings:
     vokens = _given(args, "num_vokens", 0)
     hooks = generation_hooks(vokens, _given(args, "caption_task", "describe"))
     return Settings(
-        options, hooks, (*options.special_tokens(), *voken_tokens(vokens)), args.tokenizer, _given(args, "num_image_tokens", 1), args.data,
+        options, hooks, (*options.special_tokens(), *(voken_tokens(vokens) if vokens else ())),
+        args.tokenizer, _given(args, "num_image_tokens", 1), args.data,
         data_format=_given(args, "data_format", "auto"), image_folder=args.image_folder,
         on_bad_sample=_given(args, "on_bad_sample", "error"),
         max_bad_fraction=_given(args, "max_bad_fraction", DEFAULT_MAX_BAD_FRACTION),

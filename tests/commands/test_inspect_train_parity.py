@@ -21,6 +21,7 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from lvlm_tune.commands import inspect as inspect_cmd
 from lvlm_tune.data.errors import SkippedSample
+from lvlm_tune.training.encoding import EncodingOptions
 from lvlm_tune.training.pipeline import build_dataset, build_model
 from lvlm_tune.training.recipe import parse_recipe
 
@@ -63,7 +64,7 @@ def stand_ins(recipe, tiny_parts, tiny_blip2, tiny_sd, tmp_path):
         "pretrained_projector": "", "output_dir": str(tmp_path / "out"), "deepspeed": "",
         "bf16": False, "use_cpu": True, "on_bad_sample": "skip", "max_bad_fraction": 1,
     }  # fmt: skip
-    if model_args.num_vokens:
+    if model_args.extensions["minigpt5"].num_vokens:
         values.update(
             diffusion_model=tiny_sd, pretrained_vokens="", mapper_hidden_size=32,
             mapper_layers=1, mapper_heads=4,
@@ -96,20 +97,19 @@ def inspected(capsys, argv):
 def test_inspect_and_train_encode_every_sample_alike(
     recipe, capsys, tmp_path, tiny_parts, tiny_data, tiny_blip2, tiny_sd, parity_data
 ):
-    from lvlm_tune.generation.build import TargetImages
-    from lvlm_tune.generation.model import VokenModel
-
     overrides = stand_ins(recipe, tiny_parts, tiny_blip2, tiny_sd, tmp_path)
     folder = f"--image_folder={tiny_data['image_folder']}"
     model_args, data_args, train_args = parse_recipe(recipe, [*overrides, folder])
     unset_hf_deepspeed_config()
     model, processor, family = build_model(model_args, data_args, train_args)
-    targets = TargetImages(model.diffusion.image_size) if isinstance(model, VokenModel) else None
+    hooks = EncodingOptions.from_recipe(  # as lvlm-tune train hands them to its dataset
+        data_args, seed=train_args.seed, extensions=model_args.extensions
+    ).data_hooks(model)
     encoded = 0
     for data in parity_data:
         dataset = build_dataset(
             replace(data_args, data_path=data), processor, family.num_image_tokens(model),
-            train_args.seed, num_vokens=model_args.num_vokens, target_images=targets,
+            train_args.seed, hooks=hooks,
         )  # fmt: skip
         kept, dropped = trained(dataset)
         argv = [str(recipe), *overrides, folder, f"--data_path={data}"]

@@ -51,8 +51,9 @@ def test_every_recipe_parses_to_the_values_it_sets(path, monkeypatch):
     args = parse_recipe(path, ["--use_cpu=true"])
     unset_hf_deepspeed_config()  # parsing a ZeRO-3 recipe switches transformers to ZeRO-3 init
     assert args[2].recipe_path == str(path)
+    groups = [*args, *args[0].extensions.values()]  # the core's classes, then the extensions'
     for key, value in load_recipe(path).items():
-        (got,) = [getattr(group, key) for group in args if key in {f.name for f in fields(group)}]
+        (got,) = [getattr(group, key) for group in groups if key in {f.name for f in fields(group)}]
         got = got.value if isinstance(got, Enum) else got
         if key == "report_to" and value == "none":
             value = []  # TrainingArguments' own spelling of "none"
