@@ -199,8 +199,8 @@ def settings_from_recipe(args: argparse.Namespace, overrides: list[str]) -> Sett
         data_args, seed=train_args.seed, extensions=model_args.extensions
     )
     return Settings(
-        options, options.data_hooks(), options.special_tokens(), found[1], image_tokens, data_args.data_path, data_format=data_args.data_format,
-        image_folder=data_args.image_folder, on_bad_sample=data_args.on_bad_sample,
+        options, options.data_hooks(), options.special_tokens(), found[1], image_tokens,
+        data_args.data_path, data_format=data_args.data_format, image_folder=data_args.image_folder, on_bad_sample=data_args.on_bad_sample,
         max_bad_fraction=data_args.max_bad_fraction,
         max_image_pixels=data_args.max_image_pixels,
         allow_outside_image_folder=data_args.allow_outside_image_folder,

@@ -236,7 +236,7 @@ def load_run(
     model.eval()
     if device is not None:
         model.to(device)
-    extensions = load_extensions(folder, model, processor, card.to_dict(), dtype)
+    extensions = load_extensions(folder, model, processor, card.extension_args(), dtype)
     for value in extensions.values():
         if device is not None and isinstance(value, torch.nn.Module):
             value.to(device)

@@ -24,7 +24,7 @@ from typing import Any
 from lvlm_tune.data.encoder import ConversationEncoder
 from lvlm_tune.data.hooks import DataHooks
 from lvlm_tune.models.tokens import prepare_tokenizer
-from lvlm_tune.training.extensions import added_special_tokens, args_from_card, data_hooks
+from lvlm_tune.training.extensions import added_special_tokens, data_hooks
 from lvlm_tune.training.run_card import RunCard
 
 # The fields that are ConversationEncoder keyword arguments of the same name.
@@ -96,7 +96,7 @@ class EncodingOptions:
             special_text=data.get("special_text") or defaults.special_text,
             stop_text_in_answer=data.get("stop_text_in_answer") or defaults.stop_text_in_answer,
             plain_multi_turn=data.get("plain_multi_turn") or defaults.plain_multi_turn,
-            extensions=args_from_card({"model_args": card.model_args}),
+            extensions=card.extension_args(),
         )
 
     def special_tokens(self) -> tuple[str, ...]:

@@ -214,9 +214,8 @@ def card_options(ext_args: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def args_from_card(card: Mapping[str, Any]) -> dict[str, Any]:
-    """name -> arguments of every extension, as a run card records them."""
-    model_args = card.get("model_args", {})
+def args_from_card(model_args: Mapping[str, Any]) -> dict[str, Any]:
+    """name -> arguments of every extension, as a run card's ``model_args`` records them."""
     return {ext.name: ext.args_from_card(model_args) for ext in extensions()}
 
 
@@ -244,11 +243,12 @@ def trainer_class(ext_args: Mapping[str, Any], default: type) -> type:
 
 
 def load_extensions(
-    folder: Any, model: Any, processor: Any, card: Mapping[str, Any], dtype: Any
+    folder: Any, model: Any, processor: Any, ext_args: Mapping[str, Any], dtype: Any
 ) -> dict[str, Any]:
-    """name -> what each enabled extension loads from a saved folder (:meth:`Extension.load`)."""
+    """name -> what each extension enabled by ``ext_args`` (the run card's, see
+    :func:`args_from_card`) loads from a saved folder (:meth:`Extension.load`)."""
     out = {}
-    for ext, args in active_extensions(args_from_card(card)):
+    for ext, args in active_extensions(ext_args):
         loaded = ext.load(folder, model, processor, args, dtype)
         if loaded is not None:
             out[ext.name] = loaded

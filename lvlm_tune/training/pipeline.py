@@ -29,7 +29,12 @@ from lvlm_tune.templates.jinja import set_chat_template
 from lvlm_tune.templates.registry import TOKENIZER_TEMPLATE, get_template
 from lvlm_tune.training.distributed import register_token_weights, zero3_init_paused
 from lvlm_tune.training.encoding import EncodingOptions
-from lvlm_tune.training.extensions import active_extensions, stage_owner, trainer_class
+from lvlm_tune.training.extensions import (
+    active_extensions,
+    data_hooks,
+    stage_owner,
+    trainer_class,
+)
 from lvlm_tune.training.freezing import LoraOptions, apply_stage, parameter_summary
 from lvlm_tune.training.loss_curve import write_loss_curve
 from lvlm_tune.training.recipe import (
@@ -190,9 +195,7 @@ def run(
     set_seed(train_args.seed)
     model, processor, family = build_model(model_args, data_args, train_args)
     image_tokens = family.num_image_tokens(model)
-    hooks = EncodingOptions.from_recipe(
-        data_args, seed=train_args.seed, extensions=model_args.extensions
-    ).data_hooks(model)
+    hooks = data_hooks(model_args.extensions, model)
     dataset = build_dataset(data_args, processor, image_tokens, train_args.seed, hooks=hooks)
     card = RunCard.from_args(
         model_args, data_args, train_args, options=options, num_image_tokens=image_tokens

@@ -24,7 +24,7 @@ from typing import Any
 
 from lvlm_tune.errors import UserError
 from lvlm_tune.templates.registry import TOKENIZER_TEMPLATE
-from lvlm_tune.training.extensions import card_options
+from lvlm_tune.training.extensions import args_from_card, card_options
 
 RUN_CARD = "lvlm_tune.json"
 FORMAT = 1
@@ -217,6 +217,10 @@ class RunCard:
         except ValueError as error:
             raise RunCardError(f"{path}: not valid JSON ({error})") from None
         return cls.from_dict(data, path)
+
+    def extension_args(self) -> dict[str, Any]:
+        """name -> each registered extension's arguments, as ``model_args`` records them."""
+        return args_from_card(self.model_args)
 
     def write(self, folder: str | os.PathLike) -> None:
         """Write ``lvlm_tune.json`` into ``folder`` (on the main process only)."""

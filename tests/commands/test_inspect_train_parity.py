@@ -21,7 +21,7 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from lvlm_tune.commands import inspect as inspect_cmd
 from lvlm_tune.data.errors import SkippedSample
-from lvlm_tune.training.encoding import EncodingOptions
+from lvlm_tune.training.extensions import data_hooks
 from lvlm_tune.training.pipeline import build_dataset, build_model
 from lvlm_tune.training.recipe import parse_recipe
 
@@ -102,9 +102,7 @@ def test_inspect_and_train_encode_every_sample_alike(
     model_args, data_args, train_args = parse_recipe(recipe, [*overrides, folder])
     unset_hf_deepspeed_config()
     model, processor, family = build_model(model_args, data_args, train_args)
-    hooks = EncodingOptions.from_recipe(  # as lvlm-tune train hands them to its dataset
-        data_args, seed=train_args.seed, extensions=model_args.extensions
-    ).data_hooks(model)
+    hooks = data_hooks(model_args.extensions, model)  # as lvlm-tune train hands them over
     encoded = 0
     for data in parity_data:
         dataset = build_dataset(

@@ -145,7 +145,8 @@ def test_a_second_extension_works_through_every_hook(fake, tmp_path, tokenizer):
     card = RunCard.from_args(model_args, data_args, train_args).to_dict()
     assert card["model_args"]["fake_tokens"] == 2 and "extensions" not in card["model_args"]
     assert card["run_options"]["fake_weight"] == 1.0
-    assert registry.args_from_card(card)["fake"] == args  # read back when the run is loaded
+    read_back = RunCard.from_dict(card).extension_args()  # as a loaded run reads its card
+    assert read_back["fake"] == args
 
     hooks = registry.data_hooks(model_args.extensions)
     assert [t.tag for t in hooks.answer_tags] == ["<gen_image>", "<beep>"]  # MiniGPT-5 is off
@@ -165,7 +166,7 @@ def test_a_second_extension_works_through_every_hook(fake, tmp_path, tokenizer):
     with pytest.raises(UserError, match="different trainers"):
         registry.trainer_class(both.extensions, LvlmTrainer)
 
-    loaded = registry.load_extensions(tmp_path, None, None, card, None)
+    loaded = registry.load_extensions(tmp_path, None, None, read_back, None)
     assert list(loaded) == ["fake"] and loaded["fake"].folder == tmp_path
     registry.save_merged(loaded, tmp_path, None)
     assert json.loads((tmp_path / "fake.json").read_text()) == {"from": str(tmp_path)}
@@ -176,8 +177,8 @@ def test_a_disabled_extension_changes_nothing(fake, tmp_path):
     assert registry.active_extensions(model_args.extensions) == []
     assert registry.trainer_class(model_args.extensions, LvlmTrainer) is LvlmTrainer
     assert registry.added_special_tokens("vicuna_v1", model_args.extensions) == ()
-    card = RunCard.from_args(model_args, *recipe(tmp_path)[1:]).to_dict()
-    assert registry.load_extensions(tmp_path, None, None, card, None) == {}
+    card = RunCard.from_args(model_args, *recipe(tmp_path)[1:])
+    assert registry.load_extensions(tmp_path, None, None, card.extension_args(), None) == {}
 
 
 @pytest.fixture
