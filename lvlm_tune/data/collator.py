@@ -4,7 +4,8 @@ Samples arrive already rendered, labelled, expanded and truncated (see
 :mod:`lvlm_tune.data.encoder`, run inside the dataset so DataLoader workers share the work).
 The collator right-pads ``input_ids`` (pad id), ``labels`` (-100) and builds ``attention_mask``;
 ``pixel_values`` of all images in the batch are concatenated in order, matching the order of
-the image-token runs, which is how HF LLaVA assigns image features. Any further key of the items (an extension's model
+the image-token runs, which is how HF LLaVA assigns image features (anyres tiles padded, see
+:func:`concat_pixels`; the samples' ``image_sizes`` and ``batch_num_images`` are extras). Any further key of the items (an extension's model
 inputs, :mod:`lvlm_tune.data.hooks`) is batched the same way: tensors concatenated along their
 first dimension, lists joined, in batch order (items without the key add nothing).
 
@@ -71,7 +72,7 @@ class MultimodalCollator:
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         pixels = [item["pixel_values"] for item in items if item.get("pixel_values") is not None]
         if pixels:
-            batch["pixel_values"] = torch.cat(pixels, dim=0)
+            batch["pixel_values"] = concat_pixels(pixels)
         batch.update(batch_extras(items))
         return batch
 
@@ -84,6 +85,19 @@ class MultimodalCollator:
             "labels": torch.full((1, length), IGNORE_INDEX, dtype=torch.long),
             ALL_BAD: True,
         }
+
+
+def concat_pixels(pixels: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The samples' ``pixel_values`` in one tensor, in order. Anyres samples (5-D: images x
+    tiles x C x H x W) may hold different tile counts; they are zero-padded to the most, as
+    the processors pad within a call (the model keeps each image's real tiles, counted from
+    its ``image_sizes``)."""
+    if pixels[0].dim() == 5:
+        tiles = max(p.shape[1] for p in pixels)
+        pixels = [
+            torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, tiles - p.shape[1])) for p in pixels
+        ]
+    return torch.cat(pixels, dim=0)
 
 
 def batch_extras(items: Sequence[dict[str, Any]]) -> dict[str, Any]:

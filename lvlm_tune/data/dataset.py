@@ -92,13 +92,15 @@ class SupervisedDataset(torch.utils.data.Dataset):
     def encode(self, index: int) -> dict[str, Any]:
         """Encode sample ``index`` or raise ``BadSampleError``."""
         record = read_record(self.source, index, self.hooks)
-        sample = self.encoder.encode(record, index, self.epoch)
-        pixel_values = self.images.pixel_values(record, sample.num_images)
+        sizes = self.images.sizes(record) if self.encoder.num_image_tokens is None else None
+        sample = self.encoder.encode(record, index, self.epoch, image_sizes=sizes)
+        image_inputs = self.images.model_inputs(record, sample.num_images)
         item = {
             "id": sample.id,
             "input_ids": sample.input_ids,
             "labels": sample.labels,
-            "pixel_values": pixel_values,
+            "pixel_values": image_inputs.pop("pixel_values", None),
+            **image_inputs,  # anyres: image_sizes (and OneVision's batch_num_images)
         }
         if self.hooks.sample_extras is not None:
             item.update(self.hooks.sample_extras(record, sample, self.images))
@@ -137,5 +139,5 @@ class SupervisedDataset(torch.utils.data.Dataset):
         """Estimated token length per sample, negative for text-only samples (for the sampler)."""
         words = self.source.num_words().astype(np.int64)
         images = self.source.num_images().astype(np.int64)
-        length = words * 4 // 3 + images * self.encoder.num_image_tokens + 1
+        length = words * 4 // 3 + images * (self.encoder.num_image_tokens or 1) + 1
         return np.where(images > 0, length, -length)

@@ -14,9 +14,11 @@ model generates at inference), with three guarantees on top (see ``docs/masking.
   sample.
 
 Image tags become one image token each in the text; after tokenization each is expanded to
-``num_image_tokens`` copies (HF LLaVA convention). Truncation to ``model_max_length`` counts the
-expansion and drops whole trailing turns (never cutting an image run); a sample left with no
-answer raises ``BadSampleError(reason="no_trained_tokens")``.
+that image's token count (HF LLaVA convention): a fixed ``num_image_tokens``, or, for the
+anyres families, a :data:`~lvlm_tune.data.image_tokens.ImageTokenCounter` told the sizes of the
+sample's images. Truncation to ``model_max_length`` counts the expansion and drops whole
+trailing turns with their images (never cutting an image run); a sample left with no answer
+raises ``BadSampleError(reason="no_trained_tokens")``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 from lvlm_tune.data.errors import BadSampleError
 from lvlm_tune.data.exact_tokenizer import exact_tokenizer
 from lvlm_tune.data.hooks import AnswerTag
+from lvlm_tune.data.image_tokens import ImageSize, ImageTokenCounter, as_counter, fixed_count
 from lvlm_tune.data.labels import IGNORE_INDEX, answer_labels, crossed, expand_and_truncate
 from lvlm_tune.data.prompts import draw_instruction, get_pool, sample_uniform
 from lvlm_tune.data.record import IMAGE_TAG, Conversation, Turn
@@ -61,6 +64,7 @@ class EncodedSample:
     truncated: bool
     num_escaped: int = 0  # control-token texts in the data tokenized as ordinary text
     tag_counts: dict[str, int] = field(default_factory=dict)  # answer tag -> runs kept
+    image_tokens: list[int] = field(default_factory=list)  # token count of each kept image
 
 
 class ConversationEncoder:
@@ -69,7 +73,9 @@ class ConversationEncoder:
     Args:
         tokenizer: a fast (offsets-capable) Hugging Face tokenizer holding ``image_token``.
         template: a template name (see ``lvlm_tune.templates``) or ``"tokenizer"``.
-        num_image_tokens: image tokens per image after expansion (e.g. 576 for CLIP-L/336).
+        num_image_tokens: image tokens per image after expansion (e.g. 576 for CLIP-L/336),
+            or a counter giving each image's count from the sizes of a sample's images (the
+            anyres families; :meth:`encode` is then given the sizes).
         model_max_length: maximum sequence length after expansion.
         image_position: ``before`` | ``after`` | ``random`` | ``keep``.
         seed: seed of the per-sample random choices (image position, instruction).
@@ -93,7 +99,7 @@ class ConversationEncoder:
         tokenizer: Any,
         template: str,
         *,
-        num_image_tokens: int = 1,
+        num_image_tokens: int | ImageTokenCounter = 1,
         model_max_length: int = 2048,
         image_position: str = "before",
         seed: int = 0,
@@ -114,13 +120,15 @@ class ConversationEncoder:
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
-        if num_image_tokens < 1 or model_max_length < 1:
-            raise ValueError("num_image_tokens and model_max_length must be positive")
+        if model_max_length < 1:
+            raise ValueError("model_max_length must be positive")
+        self.image_counter = as_counter(num_image_tokens)  # raises on a count below 1
         self.tokenizer = tokenizer
         self.template_name = template
         self.chat_template = template == TOKENIZER_TEMPLATE
         self.template = CHAT_TEMPLATE_IMAGES if self.chat_template else get_template(template)
-        self.num_image_tokens = num_image_tokens
+        # the fixed count per image, None when counts come from image sizes
+        self.num_image_tokens = fixed_count(self.image_counter)
         self.model_max_length = model_max_length
         self.image_position = image_position
         self.seed = seed
@@ -233,11 +241,31 @@ class ConversationEncoder:
         )  # fmt: skip
         return rendered, escape
 
-    def encode_prompt(self, record: Conversation, index: int = 0) -> np.ndarray:
+    def image_sizes(
+        self, record: Conversation, sizes: Sequence[ImageSize] | None
+    ) -> Sequence[ImageSize]:
+        """``sizes`` checked against the record's images; placeholders for a fixed count."""
+        if sizes is None:
+            if self.num_image_tokens is None and record.images:
+                raise ValueError(
+                    f"sample {record.id!r}: this model's image tokens depend on the image sizes; "
+                    "pass image_sizes (ImageLoader.sizes) to encode the sample"
+                )
+            return [(0, 0)] * len(record.images)
+        if len(sizes) != len(record.images):
+            raise ValueError(
+                f"sample {record.id!r}: {len(sizes)} image size(s) for {len(record.images)} image(s)"
+            )
+        return list(sizes)
+
+    def encode_prompt(
+        self, record: Conversation, index: int = 0, image_sizes: Sequence[ImageSize] | None = None
+    ) -> np.ndarray:
         """Token ids of the generation prompt, image tokens expanded (inference)."""
         rendered, escape = self._render(record, index, 0, True)
         ids, _ = self._tokenize(rendered, escape)
-        repeats = [self.num_image_tokens if t == self.image_token_id else 1 for t in ids]
+        counts = iter(self.image_counter(self.image_sizes(record, image_sizes)))
+        repeats = [next(counts) if t == self.image_token_id else 1 for t in ids]
         return np.repeat(np.asarray(ids, dtype=np.int64), repeats)
 
     # ---- encoding ----------------------------------------------------------------------
@@ -266,8 +294,18 @@ class ConversationEncoder:
             )
         return ids, offsets
 
-    def encode(self, record: Conversation, index: int = 0, epoch: int = 0) -> EncodedSample:
-        """Encode one record; raises ``BadSampleError`` naming the sample when it cannot."""
+    def encode(
+        self,
+        record: Conversation,
+        index: int = 0,
+        epoch: int = 0,
+        image_sizes: Sequence[ImageSize] | None = None,
+    ) -> EncodedSample:
+        """Encode one record; raises ``BadSampleError`` naming the sample when it cannot.
+
+        ``image_sizes``: ``(height, width)`` of each of the record's images as the processor
+        sees them (:meth:`ImageLoader.sizes`); needed when image tokens depend on sizes.
+        """
         rendered, escape = self._render(record, index, epoch, False)
         ids, offsets = self._tokenize(rendered, escape)
         labels, cuts = answer_labels(
@@ -275,19 +313,21 @@ class ConversationEncoder:
         )
         if self.image_token_id in labels:
             raise self._fail(record, "an image token fell inside an answer")
-        kept, input_ids, label_arr, num_images, truncated = expand_and_truncate(
-            record, ids, labels, cuts, self.image_token_id, self.num_image_tokens,
+        sizes = self.image_sizes(record, image_sizes)
+        kept, input_ids, label_arr, counts, truncated = expand_and_truncate(
+            record, ids, labels, cuts, self.image_token_id, self.image_counter, sizes,
             self.model_max_length,
         )  # fmt: skip
         return EncodedSample(
             id=record.id,
             input_ids=input_ids,
             labels=label_arr,
-            num_images=num_images,
+            num_images=len(counts),
             num_trained=int((label_arr != IGNORE_INDEX).sum()),  # image tokens never train
             truncated=truncated,
             num_escaped=len(escape),
             tag_counts={tag: kept.count(token) for tag, token in self.tag_ids.items()},
+            image_tokens=counts,
         )
 
     def _fail(self, record: Conversation, problem: str) -> BadSampleError:

@@ -29,6 +29,9 @@ from lvlm_tune.data.errors import BadSampleError
 from lvlm_tune.data.record import Conversation, ImageRef
 
 ASPECT_RATIOS = ("none", "pad")
+# The image processors' outputs that are model inputs (LLaVA: pixel_values; NeXT/OneVision add
+# the sizes the features are unpadded with and, OneVision, the images per sample).
+IMAGE_INPUT_KEYS = ("pixel_values", "image_sizes", "batch_num_images")
 # PIL's own default (Image.MAX_IMAGE_PIXELS): about 9459 x 9459, a 268 MB RGB decode.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
@@ -103,6 +106,23 @@ class ImageLoader:
         self, ref: ImageRef, record: Conversation, k: int, field: str | None = None
     ) -> Image.Image:
         """Decode image ``k`` of ``record`` as RGB (``field`` names it in errors)."""
+        return self._read(ref, record, k, field, decode=True)
+
+    def size(
+        self, ref: ImageRef, record: Conversation, k: int, field: str | None = None
+    ) -> tuple[int, int]:
+        """``(height, width)`` of image ``k`` of ``record`` from its header (no decoding),
+        after padding to a square when ``aspect_ratio`` is ``pad``; the same checks as
+        :meth:`open` but for a truncated body, which only decoding finds."""
+        width, height = self._read(ref, record, k, field, decode=False)
+        if self.aspect_ratio == "pad":
+            width = height = max(width, height)
+        return height, width
+
+    def _read(
+        self, ref: ImageRef, record: Conversation, k: int, field: str | None, decode: bool
+    ) -> Any:
+        """The decoded RGB image, or (``decode=False``) its ``(width, height)``."""
         field = field or ("image" if len(record.images) == 1 else f"image[{k}]")
 
         def bad(problem: str, reason: str) -> BadSampleError:
@@ -114,7 +134,7 @@ class ImageLoader:
                 ref = ref.get("bytes") or ref.get("path")
             if isinstance(ref, Image.Image):  # decoded already (Hugging Face datasets)
                 self._check_size(ref.size, "the image", bad)
-                return ref.convert("RGB")
+                return ref.convert("RGB") if decode else ref.size
             if isinstance(ref, bytes | bytearray):
                 name, fp = f"<{len(ref)} bytes>", io.BytesIO(ref)
             elif isinstance(ref, str | os.PathLike):
@@ -123,6 +143,8 @@ class ImageLoader:
                 raise bad(f"unsupported image reference of type {type(ref).__name__}", "bad_field")
             with _pil_settings(self.max_pixels), Image.open(fp) as image:
                 self._check_size(image.size, name, bad)
+                if not decode:
+                    return image.size
                 image.load()
                 return image.convert("RGB")
         except BadSampleError:
@@ -182,9 +204,23 @@ class ImageLoader:
         pixels = self.processor(images=[Image.new("RGB", (8, 8))], return_tensors="pt")
         return pixels["pixel_values"]
 
-    def pixel_values(self, record: Conversation, count: int | None = None) -> torch.Tensor | None:
-        """``pixel_values`` (num_images, C, H, W) for the record's first ``count`` images."""
+    def sizes(self, record: Conversation, count: int | None = None) -> list[tuple[int, int]]:
+        """``(height, width)`` of the first ``count`` images (all by default), from headers."""
+        refs = record.images if count is None else record.images[:count]
+        return [self.size(ref, record, k) for k, ref in enumerate(refs)]
+
+    def model_inputs(self, record: Conversation, count: int | None = None) -> dict[str, Any]:
+        """The image processor's outputs for the record's first ``count`` images as one
+        sample's model inputs: ``pixel_values`` (num_images, C, H, W), or (num_images,
+        patches, C, H, W) for the anyres processors, which add ``image_sizes`` and, for
+        OneVision, ``batch_num_images`` (this sample's image count); empty without images."""
         images = self.load(record, count)
         if not images or self.processor is None:
-            return None
-        return self.processor(images=images, return_tensors="pt")["pixel_values"]
+            return {}
+        # One nested list: the images of one sample (OneVision counts them per sample).
+        out = self.processor(images=[images], return_tensors="pt")
+        return {key: out[key] for key in out if key in IMAGE_INPUT_KEYS}
+
+    def pixel_values(self, record: Conversation, count: int | None = None) -> torch.Tensor | None:
+        """``pixel_values`` for the record's first ``count`` images (see :meth:`model_inputs`)."""
+        return self.model_inputs(record, count).get("pixel_values")

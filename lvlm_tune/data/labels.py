@@ -7,8 +7,9 @@ prove the mask is exact and raise otherwise (there is no silent "mask everything
 * a trained token that starts before its answer only covers whitespace there (the separator
   that tokenizers merge into the first answer token, as the model will generate it).
 
-Each image token is then expanded to ``num_image_tokens`` copies (HF LLaVA convention), and
-truncation to ``model_max_length`` counts the expansion and drops whole trailing turns.
+Each image token is then expanded to that image's token count (HF LLaVA convention; fixed per
+model, or from the image's size for the anyres families), and truncation to
+``model_max_length`` counts the expansion and drops whole trailing turns with their images.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from lvlm_tune.data.errors import BadSampleError
+from lvlm_tune.data.image_tokens import ImageSize, ImageTokenCounter
 from lvlm_tune.templates.render import Span
 
 IGNORE_INDEX = -100
@@ -111,14 +113,18 @@ def expand_and_truncate(
     labels: list[int],
     cuts: list[int],
     image_id: int,
-    num_image_tokens: int,
+    counter: ImageTokenCounter,
+    sizes: Sequence[ImageSize],
     model_max_length: int,
-) -> tuple[list[int], np.ndarray, np.ndarray, int, bool]:
+) -> tuple[list[int], np.ndarray, np.ndarray, list[int], bool]:
     """Expand image tokens and cut whole trailing turns to ``model_max_length``.
 
-    Returns the kept unexpanded ids, the expanded ids and labels, the number of images kept and
-    whether the sample was truncated. Raises ``BadSampleError`` when the image tokens do not
-    match the record's images or not even the first answer fits.
+    ``counter`` gives each kept image's token count from the sizes of the images the sample
+    keeps (``sizes``: one per image of the record, in order; counts may depend on how many are
+    kept, as OneVision's do), so a cut is chosen by the expanded length it really leaves.
+    Returns the kept unexpanded ids, the expanded ids and labels, the token count of each kept
+    image and whether the sample was truncated. Raises ``BadSampleError`` when the image tokens
+    do not match the record's images or not even the first answer fits.
     """
     image_at = [k for k, t in enumerate(ids) if t == image_id] if image_id in ids else []
     if len(image_at) != len(record.images):
@@ -127,11 +133,17 @@ def expand_and_truncate(
             f"token(s) for {len(record.images)} image(s) (does a message contain the image "
             "token text literally?)", "image_tag_mismatch",
         )  # fmt: skip
-    extra = num_image_tokens - 1
-    expanded_len = len(ids) + extra * len(image_at)
+
+    def expanded(keep: int) -> tuple[int, list[int]]:
+        """Expanded length and per-image counts when the first ``keep`` tokens stay."""
+        kept = sum(a < keep for a in image_at)
+        counts = counter(sizes[:kept]) if kept else []
+        return keep + sum(counts) - kept, counts
+
+    expanded_len, counts = expanded(len(ids))
     truncated = expanded_len > model_max_length
     if truncated:
-        fitting = [c for c in cuts if c + extra * sum(a < c for a in image_at) <= model_max_length]
+        fitting = [c for c in cuts if expanded(c)[0] <= model_max_length]
         if not fitting:
             raise BadSampleError.of(
                 record, "conversations", f"{expanded_len} tokens after image "
@@ -141,11 +153,12 @@ def expand_and_truncate(
         keep = fitting[-1]
         ids, labels = ids[:keep], labels[:keep]
         image_at = [a for a in image_at if a < keep]
+        counts = expanded(keep)[1]
     input_ids = np.asarray(ids, dtype=np.int64)
     label_arr = np.asarray(labels, dtype=np.int64)
-    if extra and image_at:
+    if image_at and any(c != 1 for c in counts):
         repeats = np.ones(len(ids), dtype=np.int64)
-        repeats[image_at] = num_image_tokens
+        repeats[image_at] = counts
         input_ids = np.repeat(input_ids, repeats)
         label_arr = np.repeat(label_arr, repeats)
-    return ids, input_ids, label_arr, len(image_at), truncated
+    return ids, input_ids, label_arr, counts, truncated

@@ -67,8 +67,8 @@ class LoadedRun:
         options = EncodingOptions.from_run_card(
             self.card, template=template, image_position=image_position
         )
-        num_image_tokens = self.family.num_image_tokens(unwrap_model(self.model))
-        return options.encoder(self.processor.tokenizer, num_image_tokens)
+        image_tokens = self.family.image_tokens(unwrap_model(self.model), self.processor)
+        return options.encoder(self.processor.tokenizer, image_tokens)
 
     def images(
         self, folder: str | os.PathLike | None = None, allow_outside_folder: bool = False

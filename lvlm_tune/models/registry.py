@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, LlavaConfig, PretrainedConfig
 
+from lvlm_tune.data.image_tokens import ImageTokenCounter
 from lvlm_tune.models.llava import build_llava, load_llava, num_image_tokens
 from lvlm_tune.models.minigpt4 import build_minigpt4, load_minigpt4, read_original_projection
 from lvlm_tune.models.projectors import fixed_projector_parameters
@@ -78,7 +79,11 @@ class ModelFamily:
         image_features: runs the vision path (vision tower + projector) of an unwrapped
             model on ``pixel_values``; the trainer calls it on a blank image for text-only
             batches so every rank runs the same modules.
-        num_image_tokens: given a model (or its config), the image tokens one image becomes.
+        num_image_tokens: given a model (or its config), the image tokens one image becomes
+            (families with a fixed count).
+        sized_image_tokens: given the processor, the counter of the families whose image
+            tokens depend on the image sizes (:mod:`lvlm_tune.models.anyres`); ``None`` when
+            the count is fixed (see :meth:`image_tokens`).
         parts_config: given the vision side and the ``build_options``, a config of the model
             ``build`` would compose, read from config files only, that ``num_image_tokens``
             takes (``lvlm-tune inspect`` counts image tokens without building the model).
@@ -107,12 +112,20 @@ class ModelFamily:
     fixed_projector_parameters: Callable[[PretrainedConfig], tuple[str, ...]] = _no_fixed_parameters
     image_features: Callable[[Any, torch.Tensor], torch.Tensor] = _llava_image_features
     num_image_tokens: Callable[[Any], int] = num_image_tokens
+    sized_image_tokens: Callable[[Any], ImageTokenCounter] | None = None
     parts_config: Callable[..., PretrainedConfig] = _llava_parts_config
     build_options: tuple[str, ...] = ()
     load_options: tuple[str, ...] = ()
     forward_needs_pixels: bool = False
     processor_expands_images: bool = True
     read_original_projector: Callable[[Path], dict[str, torch.Tensor]] | None = None
+
+    def image_tokens(self, model: Any, processor: Any) -> int | ImageTokenCounter:
+        """What each image of a sample becomes: a fixed count, or a counter from the sizes
+        (the encoder takes either as its ``num_image_tokens``)."""
+        if self.sized_image_tokens is not None:
+            return self.sized_image_tokens(processor)
+        return self.num_image_tokens(model)
 
     def prompt_image_tokens(self, model: Any) -> int:
         """Image tokens per image in an exported chat template's text (see ``to_jinja``)."""

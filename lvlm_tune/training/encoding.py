@@ -23,6 +23,7 @@ from typing import Any
 
 from lvlm_tune.data.encoder import ConversationEncoder
 from lvlm_tune.data.hooks import DataHooks
+from lvlm_tune.data.image_tokens import ImageTokenCounter
 from lvlm_tune.models.tokens import prepare_tokenizer
 from lvlm_tune.training.extensions import added_special_tokens, data_hooks
 from lvlm_tune.training.run_card import RunCard
@@ -115,7 +116,10 @@ class EncodingOptions:
         return data_hooks(self.extensions, model)
 
     def encoder(
-        self, tokenizer: Any, num_image_tokens: int, hooks: DataHooks | None = None
+        self,
+        tokenizer: Any,
+        num_image_tokens: int | ImageTokenCounter,
+        hooks: DataHooks | None = None,
     ) -> ConversationEncoder:
         """The conversation encoder for a prepared ``tokenizer`` and the model's image tokens;
         ``hooks`` (default: :meth:`data_hooks` without a model) gives the answer tags."""

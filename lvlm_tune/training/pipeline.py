@@ -18,6 +18,7 @@ from transformers import set_seed
 from lvlm_tune.data.collator import MultimodalCollator, pad_token_id
 from lvlm_tune.data.dataset import SupervisedDataset
 from lvlm_tune.data.hooks import DataHooks
+from lvlm_tune.data.image_tokens import ImageTokenCounter
 from lvlm_tune.data.images import ImageLoader
 from lvlm_tune.data.sources import open_source
 from lvlm_tune.errors import UserError
@@ -136,7 +137,7 @@ def build_model(
 def build_dataset(
     data_args: DataArguments,
     processor: Any,
-    num_image_tokens: int,
+    num_image_tokens: int | ImageTokenCounter,
     seed: int,
     *,
     hooks: DataHooks | None = None,
@@ -194,12 +195,13 @@ def run(
     claim_output_dir(train_args.output_dir, options, train_args.overwrite_output_dir)
     set_seed(train_args.seed)
     model, processor, family = build_model(model_args, data_args, train_args)
-    image_tokens = family.num_image_tokens(model)
+    image_tokens = family.image_tokens(model, processor)
     hooks = data_hooks(model_args.extensions, model)
     dataset = build_dataset(data_args, processor, image_tokens, train_args.seed, hooks=hooks)
     card = RunCard.from_args(
-        model_args, data_args, train_args, options=options, num_image_tokens=image_tokens
-    )
+        model_args, data_args, train_args, options=options,
+        num_image_tokens=image_tokens if isinstance(image_tokens, int) else None,
+    )  # fmt: skip
     trainer = trainer_class(model_args.extensions, LvlmTrainer)(
         model=model,
         args=train_args,
