@@ -13,12 +13,15 @@ model generates at inference), with three guarantees on top (see ``docs/masking.
 * **exact labels** (:mod:`lvlm_tune.data.labels`): only answer + STOP tokens train, proved per
   sample.
 
-Image tags become one image token each in the text; after tokenization each is expanded to
-that image's token count (HF LLaVA convention): a fixed ``num_image_tokens``, or, for the
-anyres families, a :data:`~lvlm_tune.data.image_tokens.ImageTokenCounter` told the sizes of the
-sample's images. Truncation to ``model_max_length`` counts the expansion and drops whole
-trailing turns with their images (never cutting an image run); a sample left with no answer
-raises ``BadSampleError(reason="no_trained_tokens")``.
+Images may be tagged (``<image>``) in any user turn, several per turn, in tag order.
+``image_position`` ``before``/``after``/``random`` applies to the first user turn only: its
+images (all of them when the data has no tag) go before/after its question, later tags stay
+where the data put them; ``keep`` leaves every tag in place (``docs/images.md``). Each image
+token is expanded after tokenization to that image's count (HF LLaVA convention): a fixed
+``num_image_tokens``, or (anyres) an :data:`~lvlm_tune.data.image_tokens.ImageTokenCounter`
+told the sizes of the sample's images. Truncation to ``model_max_length`` counts the expansion
+and drops whole trailing turns with their images (never cutting an image run); a sample left
+with no answer raises ``BadSampleError(reason="no_trained_tokens")``.
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ from typing import Any
 import numpy as np
 
 from lvlm_tune.data.errors import BadSampleError
-from lvlm_tune.data.exact_tokenizer import exact_tokenizer
-from lvlm_tune.data.hooks import AnswerTag
+from lvlm_tune.data.exact_tokenizer import exact_tokenizer, single_token_id
+from lvlm_tune.data.hooks import AnswerTag, write_answer_tags
+from lvlm_tune.data.image_tags import checked_sizes, text_image_count
 from lvlm_tune.data.image_tokens import ImageSize, ImageTokenCounter, as_counter, fixed_count
-from lvlm_tune.data.labels import IGNORE_INDEX, answer_labels, crossed, expand_and_truncate
+from lvlm_tune.data.labels import IGNORE_INDEX, answer_labels, expand_and_truncate
 from lvlm_tune.data.prompts import draw_instruction, get_pool, sample_uniform
 from lvlm_tune.data.record import IMAGE_TAG, Conversation, Turn
 from lvlm_tune.data.text_policy import (
@@ -137,11 +141,13 @@ class ConversationEncoder:
             get_pool(instruction_pool)  # raises naming the choices
         self.instruction_pool = instruction_pool
         self.special_text = special_text
-        self.image_token_id = self._single_token_id(image_token, "the image token")
+        self.image_token_id = single_token_id(tokenizer, image_token, "the image token")
         for token in self.template.required_special_tokens:
-            self._single_token_id(token, f"template {template!r}")
+            single_token_id(tokenizer, token, f"template {template!r}")
         self.answer_tags = tuple(answer_tags)
-        kept = {k: self._single_token_id(k, "an answer tag") for t in answer_tags for k in t.tokens}
+        kept = {
+            k: single_token_id(tokenizer, k, "an answer tag") for t in answer_tags for k in t.tokens
+        }
         # tag -> id of its first token: one per run of the tag's tokens in an encoded sample
         self.tag_ids = {t.tag: kept[t.tokens[0]] for t in self.answer_tags if t.tokens}
         self.exact = exact_tokenizer(tokenizer, keep=(image_token, *kept))
@@ -160,49 +166,27 @@ class ConversationEncoder:
         )  # fmt: skip
         self.plain_stop = self.policy.plain_stop
 
-    def _single_token_id(self, token: str, needed_by: str) -> int:
-        token_id = self.tokenizer.convert_tokens_to_ids(token)
-        if token_id is None or token_id == self.tokenizer.unk_token_id:
-            raise ValueError(
-                f"tokenizer has no special token {token!r}, needed by {needed_by}; add it with "
-                f"tokenizer.add_special_tokens(...) (and resize the model's embeddings)"
-            )
-        return int(token_id)
-
     # ---- rendering ---------------------------------------------------------------------
-
-    def _write_tags(self, record: Conversation, turns: list[Turn]) -> list[Turn]:
-        """Answer tags replaced by their tokens; a tag this run cannot train refuses the sample."""
-        for tag in self.answer_tags:
-            if not any(tag.tag in t.content for t in turns):
-                continue
-            if not tag.tokens:
-                raise BadSampleError.of(record, tag.field, tag.refusal, "bad_field")
-            turns = [Turn(t.role, t.content.replace(tag.tag, tag.text)) for t in turns]
-        return turns
 
     def prepare_turns(self, record: Conversation, index: int, epoch: int) -> list[Turn]:
         """The record's turns with the instruction drawn, images placed and answer tags
         written as their tokens."""
-        turns = self._write_tags(record, list(record.turns))
+        return self._prepare(record, index, epoch)[0]
+
+    def _prepare(self, record: Conversation, index: int, epoch: int) -> tuple[list[Turn], int]:
+        """The prepared turns and how many of the record's images (its first ones) they hold."""
+        turns = write_answer_tags(record, list(record.turns), self.answer_tags)
         if record.instruction_pool and not turns[0].content.replace(IMAGE_TAG, "").strip():
             pool = self.instruction_pool or record.instruction_pool
             question = draw_instruction(pool, self.seed, index, epoch)
             turns[0] = Turn("user", turns[0].content + question)
         position = self.image_position
-        turns = self.policy.check_turns(record, turns, position)
-        tags = sum(t.content.count(IMAGE_TAG) for t in turns)
-        num_images = len(record.images)
-        if (tags and tags != num_images) or (position == "keep" and tags != num_images):
-            raise BadSampleError.of(
-                record, "image", f"{tags} <image> tag(s) in the text but {num_images} image(s)"
-                + (" (image_position 'keep' needs one tag per image)" if not tags else ""),
-                "image_tag_mismatch",
-            )  # fmt: skip
+        kept = self.policy.check_turns(record, turns)
+        num_images = text_image_count(record, turns, kept, position)
         if position == "random":
             before = sample_uniform(self.seed, index, epoch, "image_position") < 0.5
             position = "before" if before else "after"
-        return place_images(turns, num_images, position, self.template)
+        return place_images(kept, num_images, position, self.template), num_images
 
     def _render_turns(
         self, record: Conversation, turns: list[Turn], system: str | None, prompt: bool
@@ -228,9 +212,10 @@ class ConversationEncoder:
 
     def _render(
         self, record: Conversation, index: int, epoch: int, prompt: bool
-    ) -> tuple[Rendered, list[tuple[int, int]]]:
-        """The rendering and the control-token texts in it that came from the data."""
-        turns = self.prepare_turns(record, index, epoch)
+    ) -> tuple[Rendered, list[tuple[int, int]], int]:
+        """The rendering, the control-token texts in it that came from the data, and how many
+        of the record's images (its first ones) it holds."""
+        turns, num_images = self._prepare(record, index, epoch)
         system = self.system if record.system is None else record.system
         rendered = self._render_turns(record, turns, system, prompt)
         escape = self.policy.escapes(
@@ -239,32 +224,16 @@ class ConversationEncoder:
                 record, masked_turns, masked_system, prompt
             ).text,
         )  # fmt: skip
-        return rendered, escape
-
-    def image_sizes(
-        self, record: Conversation, sizes: Sequence[ImageSize] | None
-    ) -> Sequence[ImageSize]:
-        """``sizes`` checked against the record's images; placeholders for a fixed count."""
-        if sizes is None:
-            if self.num_image_tokens is None and record.images:
-                raise ValueError(
-                    f"sample {record.id!r}: this model's image tokens depend on the image sizes; "
-                    "pass image_sizes (ImageLoader.sizes) to encode the sample"
-                )
-            return [(0, 0)] * len(record.images)
-        if len(sizes) != len(record.images):
-            raise ValueError(
-                f"sample {record.id!r}: {len(sizes)} image size(s) for {len(record.images)} image(s)"
-            )
-        return list(sizes)
+        return rendered, escape, num_images
 
     def encode_prompt(
         self, record: Conversation, index: int = 0, image_sizes: Sequence[ImageSize] | None = None
     ) -> np.ndarray:
         """Token ids of the generation prompt, image tokens expanded (inference)."""
-        rendered, escape = self._render(record, index, 0, True)
+        rendered, escape, num_images = self._render(record, index, 0, True)
         ids, _ = self._tokenize(rendered, escape)
-        counts = iter(self.image_counter(self.image_sizes(record, image_sizes)))
+        sizes = checked_sizes(record, image_sizes, self.num_image_tokens is None)[:num_images]
+        counts = iter(self.image_counter(sizes) if sizes else [])
         repeats = [next(counts) if t == self.image_token_id else 1 for t in ids]
         return np.repeat(np.asarray(ids, dtype=np.int64), repeats)
 
@@ -283,16 +252,11 @@ class ConversationEncoder:
     ) -> tuple[list[int], list[tuple[int, int]]]:
         """Tokenize with the data's control-token texts escaped and the text cut wherever a
         token would span a generation prompt's end or a STOP's end."""
-        text = rendered.text
-        add_special = self._adds_bos(text)
-        ids, offsets = self.exact.encode(text, add_special_tokens=add_special, escape=escape)
         points = [p for s in rendered.spans for p in (s.sep_start, s.end)]
-        cuts = crossed(offsets, points)
-        if cuts:
-            ids, offsets = self.exact.encode(
-                text, add_special_tokens=add_special, escape=escape, cuts=cuts
-            )
-        return ids, offsets
+        add_special = self._adds_bos(rendered.text)
+        return self.exact.encode_whole(
+            rendered.text, points, add_special_tokens=add_special, escape=escape
+        )
 
     def encode(
         self,
@@ -306,14 +270,14 @@ class ConversationEncoder:
         ``image_sizes``: ``(height, width)`` of each of the record's images as the processor
         sees them (:meth:`ImageLoader.sizes`); needed when image tokens depend on sizes.
         """
-        rendered, escape = self._render(record, index, epoch, False)
+        rendered, escape, num_images = self._render(record, index, epoch, False)
         ids, offsets = self._tokenize(rendered, escape)
         labels, cuts = answer_labels(
             rendered.text, rendered.spans, ids, offsets, lambda problem: self._fail(record, problem)
         )
         if self.image_token_id in labels:
             raise self._fail(record, "an image token fell inside an answer")
-        sizes = self.image_sizes(record, image_sizes)
+        sizes = checked_sizes(record, image_sizes, self.num_image_tokens is None)[:num_images]
         kept, input_ids, label_arr, counts, truncated = expand_and_truncate(
             record, ids, labels, cuts, self.image_token_id, self.image_counter, sizes,
             self.model_max_length,

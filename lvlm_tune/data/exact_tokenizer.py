@@ -18,6 +18,7 @@ ended there, which is what inference sees.
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 import weakref
@@ -186,6 +187,24 @@ class ExactTokenizer:
             ids.append(real)
         return ids, offsets
 
+    def encode_whole(
+        self,
+        text: str,
+        points: Sequence[int],
+        *,
+        add_special_tokens: bool = True,
+        escape: Sequence[tuple[int, int]] = (),
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """:meth:`encode`, cut at those of ``points`` that a token would span (the ends of
+        generation prompts and STOPs), so no token spans any of them."""
+        ids, offsets = self.encode(text, add_special_tokens=add_special_tokens, escape=escape)
+        cuts = crossed(offsets, points)
+        if cuts:
+            ids, offsets = self.encode(
+                text, add_special_tokens=add_special_tokens, escape=escape, cuts=cuts
+            )
+        return ids, offsets
+
     def _build_clone(self) -> Any:
         """The backend with every control token splittable and one sentinel per control token."""
         if self._clone is not None:
@@ -223,3 +242,26 @@ class ExactTokenizer:
         self._sentinel_ids[clone.token_to_id(self._cut)] = -1
         self._clone = clone
         return clone
+
+
+def crossed(offsets: Sequence[tuple[int, int]], points: Sequence[int]) -> list[int]:
+    """The ``points`` that some token spans (starts before and ends after)."""
+    out = []
+    for p in points:
+        k = bisect.bisect_left(offsets, p, key=lambda o: o[0]) - 1
+        while k >= 0 and offsets[k][0] == offsets[k][1]:  # zero-width tokens span nothing
+            k -= 1
+        if k >= 0 and offsets[k][0] < p < offsets[k][1]:
+            out.append(p)
+    return out
+
+
+def single_token_id(tokenizer: Any, token: str, needed_by: str) -> int:
+    """The id of ``token``, which must be one token of ``tokenizer`` (``needed_by`` says why)."""
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(
+            f"tokenizer has no special token {token!r}, needed by {needed_by}; add it with "
+            f"tokenizer.add_special_tokens(...) (and resize the model's embeddings)"
+        )
+    return int(token_id)

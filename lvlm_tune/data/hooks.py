@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from lvlm_tune.data.record import Conversation
+from lvlm_tune.data.errors import BadSampleError
+from lvlm_tune.data.record import Conversation, Turn
 
 RecordTransform = Callable[[Any, Conversation], Conversation]
 SampleExtras = Callable[[Conversation, Any, Any], dict[str, Any]]
@@ -100,3 +101,17 @@ class _Merged:
         for extra in self.extras:
             out.update(extra(record, sample, images))
         return out
+
+
+def write_answer_tags(
+    record: Conversation, turns: list[Turn], tags: Iterable[AnswerTag]
+) -> list[Turn]:
+    """``turns`` with each answer tag replaced by its tokens; a tag this run cannot train (it
+    has no tokens) refuses the sample."""
+    for tag in tags:
+        if not any(tag.tag in t.content for t in turns):
+            continue
+        if not tag.tokens:
+            raise BadSampleError.of(record, tag.field, tag.refusal, "bad_field")
+        turns = [Turn(t.role, t.content.replace(tag.tag, tag.text)) for t in turns]
+    return turns

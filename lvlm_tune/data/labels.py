@@ -14,7 +14,6 @@ model, or from the image's size for the anyres families), and truncation to
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -95,18 +94,6 @@ def answer_labels(
     return labels, cuts
 
 
-def crossed(offsets: Sequence[tuple[int, int]], points: Sequence[int]) -> list[int]:
-    """The ``points`` that some token spans (starts before and ends after)."""
-    out = []
-    for p in points:
-        k = bisect.bisect_left(offsets, p, key=lambda o: o[0]) - 1
-        while k >= 0 and offsets[k][0] == offsets[k][1]:  # zero-width tokens span nothing
-            k -= 1
-        if k >= 0 and offsets[k][0] < p < offsets[k][1]:
-            out.append(p)
-    return out
-
-
 def expand_and_truncate(
     record: Any,
     ids: list[int],
@@ -120,17 +107,17 @@ def expand_and_truncate(
     """Expand image tokens and cut whole trailing turns to ``model_max_length``.
 
     ``counter`` gives each kept image's token count from the sizes of the images the sample
-    keeps (``sizes``: one per image of the record, in order; counts may depend on how many are
-    kept, as OneVision's do), so a cut is chosen by the expanded length it really leaves.
+    keeps (``sizes``: one per image the text holds, in order; counts may depend on how many
+    are kept, as OneVision's do), so a cut is chosen by the expanded length it really leaves.
     Returns the kept unexpanded ids, the expanded ids and labels, the token count of each kept
     image and whether the sample was truncated. Raises ``BadSampleError`` when the image tokens
     do not match the record's images or not even the first answer fits.
     """
     image_at = [k for k, t in enumerate(ids) if t == image_id] if image_id in ids else []
-    if len(image_at) != len(record.images):
+    if len(image_at) != len(sizes):
         raise BadSampleError.of(
             record, "conversations", f"the text holds {len(image_at)} image "
-            f"token(s) for {len(record.images)} image(s) (does a message contain the image "
+            f"token(s) for {len(sizes)} image(s) (does a message contain the image "
             "token text literally?)", "image_tag_mismatch",
         )  # fmt: skip
 

@@ -7,7 +7,7 @@
 * A plain-text STOP (``###``) inside an answer, which cannot be escaped: refused unless
   ``stop_text_in_answer: allow``.
 * ``plain`` (one image, one caption) with several answers: refused unless
-  ``plain_multi_turn: first``; an ``<image>`` tag in a later turn under ``before``/``after``.
+  ``plain_multi_turn: first`` (which keeps the first pair and the images tagged in it).
 
 See ``docs/masking.md``.
 """
@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from lvlm_tune.data.errors import BadSampleError
 from lvlm_tune.data.exact_tokenizer import ExactTokenizer
-from lvlm_tune.data.record import IMAGE_TAG, Conversation, Turn
+from lvlm_tune.data.record import Conversation, Turn
 
 SPECIAL_TEXT_POLICIES = ("escape", "refuse", "allow")
 STOP_TEXT_POLICIES = ("refuse", "allow")
@@ -54,7 +54,7 @@ class TextPolicy:
         # A STOP written as plain text cannot be escaped inside an answer.
         self.plain_stop = stripped if stripped and not exact.find_control(stripped) else ""
 
-    def check_turns(self, record: Conversation, turns: list[Turn], position: str) -> list[Turn]:
+    def check_turns(self, record: Conversation, turns: list[Turn]) -> list[Turn]:
         """The turns to train, or ``BadSampleError`` for what the template cannot train."""
         if self.drop_question and len(turns) > 2:
             if self.plain_multi_turn == "refuse":
@@ -65,15 +65,6 @@ class TextPolicy:
                     "plain_multi_turn: first to train the first answer only", "template",
                 )  # fmt: skip
             turns = turns[:2]
-        if position in ("before", "after"):
-            for i, turn in enumerate(turns[1:], start=1):
-                if IMAGE_TAG in turn.content:
-                    raise BadSampleError.of(
-                        record, turn_field(i, turn), f"an {IMAGE_TAG} tag in a later human turn "
-                        f"(turn {i + 1}); image_position {position!r} puts every image in the "
-                        "first user turn, image_position: keep leaves them where the data puts "
-                        "them", "image_tag_mismatch",
-                    )  # fmt: skip
         for i, turn in enumerate(turns):
             problem = self.exact.check_text(turn.content)
             if problem:

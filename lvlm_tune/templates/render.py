@@ -3,8 +3,9 @@
 Training and inference both call :func:`render`, so the prompt a model sees when it answers is
 byte for byte the prefix it was trained on. For training the result carries, per assistant turn,
 the span ``[start, end)`` of answer + STOP (trained) and the separator before it (which a
-tokenizer may merge into the first answer token). :func:`place_images` puts the image strings
-into the first user turn (``before`` / ``after``) or where the data put them (``keep``).
+tokenizer may merge into the first answer token). :func:`place_images` puts the first user turn's
+images before or after its question (``before`` / ``after``) and every other image where the
+data put its tag (``keep`` leaves all of them there).
 """
 
 from __future__ import annotations
@@ -40,22 +41,30 @@ class Rendered:
 def place_images(
     turns: Sequence[Turn], num_images: int, position: str, template: Template
 ) -> list[Turn]:
-    """Write the template's image string for ``num_images`` images into the user turns.
+    """Write the template's image string for each image into the user turns.
 
-    ``before``/``after`` drop the data's ``<image>`` tags and put all images in the first user
-    turn, joined to the question with ``template.image_join``; ``keep`` replaces each tag in
-    place. ``random`` must be resolved to ``before``/``after`` by the caller (it is per sample).
+    ``keep`` replaces every ``<image>`` tag in place. ``before``/``after`` apply to the first
+    user turn only: the images whose tags are in it (all ``num_images`` when the conversation
+    has no tag at all) are put before/after its question, joined with ``template.image_join``;
+    tags in later turns are replaced in place, as under ``keep``. Either way the images keep
+    the order of their tags. ``random`` must be resolved to ``before``/``after`` by the caller
+    (it is per sample).
     """
     if position not in ("before", "after", "keep"):
         raise ValueError(f"image position must be before, after or keep here, got {position!r}")
-    out = list(turns)
-    if position == "keep":
-        return [Turn(t.role, t.content.replace(IMAGE_TAG, template.image_format)) for t in out]
-    if num_images == 0:
+    out = [
+        Turn(t.role, t.content.replace(IMAGE_TAG, template.image_format) if t.role == "user" else t.content)
+        for t in turns
+    ]
+    if position == "keep" or not turns:
         return out
-    first = out[0]
+    first = turns[0]
+    tagged = any(IMAGE_TAG in t.content for t in turns)
+    count = first.content.count(IMAGE_TAG) if tagged else num_images
+    if count == 0:
+        return out
     question = first.content.replace(IMAGE_TAG, "").strip()
-    images = template.image_join.join([template.image_format] * num_images)
+    images = template.image_join.join([template.image_format] * count)
     if template.drop_question or not question:
         content = images
     elif position == "before":

@@ -142,3 +142,45 @@ def test_tokenizer_chat_template_that_rewrites_history_is_refused(bpe_tokenizer)
 
     with pytest.raises(TemplateError, match="differently once later turns follow"):
         render_chat_template(Rewriting(), TURNS, stop="<|im_end|>")
+
+
+@pytest.mark.parametrize("name", ["vicuna_v1", "llava_v0", "llama2", "chatml", "minigpt4"])
+@pytest.mark.parametrize("position", ["before", "after", "keep"])
+def test_placement_moves_first_turn_images_only(name, position):
+    """before/after move the first user turn's images; later tags stay where the data put
+    them, several per turn, in tag order."""
+    template = get_template(name)
+    image = template.image_format
+    turns = [
+        Turn("user", "<image> and <image>: same?"),
+        Turn("assistant", "no"),
+        Turn("user", "Now <image> then\n<image>"),
+        Turn("assistant", "yes"),
+    ]
+    placed = place_images(turns, 4, position, template)
+    join = template.image_join
+    first = {
+        "before": image + join + image + join + "and : same?",
+        "after": "and : same?" + join + image + join + image,
+        "keep": f"{image} and {image}: same?",
+    }[position]
+    assert placed[0].content == first
+    assert placed[2].content == f"Now {image} then\n{image}"
+    assert placed[1] == turns[1] and placed[3] == turns[3]
+
+
+@pytest.mark.parametrize("position", ["before", "after"])
+def test_untagged_images_all_go_to_the_first_turn(position):
+    template = get_template("vicuna_v1")
+    turns = [Turn("user", "q1"), Turn("assistant", "a1"), Turn("user", "q2"), Turn("assistant", "a2")]
+    placed = place_images(turns, 2, position, template)
+    expected = "<image>\n<image>\nq1" if position == "before" else "q1\n<image>\n<image>"
+    assert placed[0].content == expected and placed[2] == turns[2]
+
+
+def test_images_only_in_a_later_turn_leave_the_first_turn_alone():
+    template = get_template("minigpt4")
+    turns = [Turn("user", "hi"), Turn("assistant", "hello"), Turn("user", "<image> this?"),
+             Turn("assistant", "a cat")]  # fmt: skip
+    placed = place_images(turns, 1, "before", template)
+    assert placed[0] == turns[0] and placed[2].content == "<Img><image></Img> this?"
