@@ -38,20 +38,35 @@ def trained_runs(sample) -> list[np.ndarray]:
     return runs
 
 
-def collapse_images(ids: np.ndarray, image_id: int, n: int) -> list[int]:
-    out, i = [], 0
+def collapse_images(ids: np.ndarray, image_id: int, counts: list[int]) -> list[int]:
+    """``ids`` with each image's run (``counts[k]`` tokens for image ``k``) as one token; every
+    run is whole and there are exactly ``len(counts)`` of them."""
+    out, i, k = [], 0, 0
     while i < len(ids):
         out.append(int(ids[i]))
         if ids[i] == image_id:
-            assert (ids[i : i + n] == image_id).all(), "image run shorter than num_image_tokens"
-            i += n
+            assert k < len(counts), "more image tokens than the sample's images account for"
+            n = counts[k]
+            assert (ids[i : i + n] == image_id).all(), f"image {k}'s run is shorter than {n}"
+            i, k = i + n, k + 1
         else:
             i += 1
+    assert k == len(counts), f"{k} image runs for {len(counts)} kept images"
     return out
 
 
-def assert_exact(encoder, record, sample, index=0, epoch=0) -> None:
-    """The mask is exact: trained text == answers + STOPs, nothing else, ids == tokenizer's."""
+def history_images(record, turns) -> list:
+    """The images a conversation cut to ``turns`` holds: those tagged in them (all, untagged)."""
+    tags = sum(t.content.count("<image>") for t in record.turns)
+    if not tags:
+        return list(record.images)
+    return list(record.images[: sum(t.content.count("<image>") for t in turns)])
+
+
+def assert_exact(encoder, record, sample, index=0, epoch=0, sizes=None) -> None:
+    """The mask is exact: trained text == answers + STOPs, nothing else, ids == tokenizer's.
+
+    ``sizes``: the images' ``(height, width)`` when their token counts depend on sizes."""
     tok = encoder.tokenizer
     rendered = encoder.render(record, index, epoch)
     text = rendered.text
@@ -61,11 +76,17 @@ def assert_exact(encoder, record, sample, index=0, epoch=0) -> None:
     assert (
         sample.labels[sample.labels != IGNORE_INDEX] == ids[sample.labels != IGNORE_INDEX]
     ).all()
-    # image runs are exactly num_image_tokens long and never trained
+    # every kept image is one whole run of its own count, never trained
     image = ids == encoder.image_token_id
     assert not (sample.labels[image] != IGNORE_INDEX).any(), "an image token is trained"
-    assert image.sum() == sample.num_images * encoder.num_image_tokens
-    collapsed = collapse_images(ids, encoder.image_token_id, encoder.num_image_tokens)
+    counts = list(sample.image_tokens)
+    assert len(counts) == sample.num_images and image.sum() == sum(counts)
+    if encoder.num_image_tokens is not None:
+        assert counts == [encoder.num_image_tokens] * sample.num_images
+    else:
+        kept_sizes = list(sizes[: sample.num_images])
+        assert counts == encoder.image_counter(kept_sizes), "counts are not the counter's"
+    collapsed = collapse_images(ids, encoder.image_token_id, counts)
     if data_spells_control(encoder, record):
         assert_template_controls(encoder, record, collapsed, index, epoch)
     elif collapsed != (reference if not sample.truncated else reference[: len(collapsed)]):
@@ -77,7 +98,7 @@ def assert_exact(encoder, record, sample, index=0, epoch=0) -> None:
         assert (
             decode(tok, collapsed) == decode(tok, reference[: len(collapsed)]) or sample.truncated
         )
-    assert_prompt_prefixes(encoder, record, sample, index)
+    assert_prompt_prefixes(encoder, record, sample, index, sizes)
     if tok.bos_token_id is not None and ids[0] == tok.bos_token_id:
         assert sample.labels[0] == IGNORE_INDEX, "BOS is trained"
     # decoded trained text == each answer + STOP, in order
@@ -140,18 +161,22 @@ def assert_template_controls(encoder, record, collapsed, index, epoch) -> None:
     assert [t for t in collapsed if t in controls] == [t for t in plain if t in controls]
 
 
-def assert_prompt_prefixes(encoder, record, sample, index) -> None:
-    """Before every kept answer, the generation prompt inference encodes is a prefix of the ids."""
+def assert_prompt_prefixes(encoder, record, sample, index, sizes=None) -> None:
+    """Before every kept answer, the generation prompt inference encodes is a prefix of the ids
+    (the prompt holds the images tagged up to that question)."""
     ids = sample.input_ids.tolist()
     for k in range(len(record.turns) // 2):
+        turns = record.turns[: 2 * k + 1]
+        images = history_images(record, turns)
         history = Conversation(
             id=record.id,
-            turns=record.turns[: 2 * k + 1],
-            images=record.images,
+            turns=turns,
+            images=images,
             system=record.system,
             instruction_pool=record.instruction_pool,
         )
-        prompt = encoder.encode_prompt(history, index).tolist()
+        kept_sizes = None if sizes is None else list(sizes[: len(images)])
+        prompt = encoder.encode_prompt(history, index, image_sizes=kept_sizes).tolist()
         if len(prompt) >= len(ids):
             assert sample.truncated, f"the prompt of answer {k + 1} is not shorter than the sample"
             return

@@ -101,7 +101,29 @@ def hostile() -> list[Conversation]:
         ],
         images=["x.png"],
     )
-    return [*samples, multi]
+    images = Conversation(
+        id="images-anywhere",
+        turns=[
+            Turn("user", "<image> or <image>: which is red?"),
+            Turn("assistant", "The first."),
+            Turn("user", "And this one?\n<image>"),
+            Turn("assistant", "Blue </s> ."),
+            Turn("user", "Compare <image>\n<image>"),
+            Turn("assistant", "They match."),
+        ],
+        images=[f"{k}.png" for k in range(5)],
+    )
+    late = Conversation(
+        id="image-later",
+        turns=[Turn("user", "Hi"), Turn("assistant", "Hello."), Turn("user", "<image>\nThis?"),
+               Turn("assistant", "A cat.")],
+        images=["x.png"],
+    )  # fmt: skip
+    return [*samples, images, late, multi]
+
+
+def named(sample_id: str) -> Conversation:
+    return next(r for r in hostile() if r.id == sample_id)
 
 
 REPORT: dict[tuple[str, str, str], collections.Counter] = collections.defaultdict(
@@ -134,7 +156,9 @@ def test_every_template_placement_on_published_tokenizers(name, template, positi
             assert_exact(enc, record, sample, index=index)
         counts["encoded"] += 1
         counts["escaped control texts"] += sample.num_escaped
-    assert counts["encoded"] >= len(hostile()) - 2, counts
+    refused = sum(v for k, v in counts.items() if k.startswith("refused"))
+    assert counts["encoded"] + refused == len(hostile()), counts
+    assert counts["encoded"] >= len(hostile()) - (4 if template == "plain" else 1), counts
 
 
 def test_zz_report(capsys):
@@ -175,7 +199,7 @@ def test_escape_refuse_allow(name):
 
 def test_plain_text_stop_in_answer_is_refused_unless_allowed():
     tok = load("llama2", "llava_v0")
-    record = hostile()[-2]  # "The header was ###"
+    record = named("stop-text")  # "The header was ###"
     for template in ("llava_v0", "minigpt4"):
         with pytest.raises(BadSampleError, match="'###'") as err:
             ConversationEncoder(tok, template).encode(record)
@@ -277,22 +301,31 @@ def test_plain_is_one_image_and_one_caption():
     assert "second" not in decode(tok, trained)
 
 
-@pytest.mark.parametrize("position", ["before", "after"])
-def test_image_tag_in_a_later_turn_names_turn_and_placement(position):
+@pytest.mark.parametrize("position", ["before", "after", "random", "keep"])
+def test_image_tag_in_a_later_turn_stays_there(position):
+    """Placement applies to the first user turn; an image tagged in a later turn stays in it,
+    is expanded there and trains nothing."""
     tok = load("llama2", "vicuna_v1")
-    record = Conversation(
-        id="late",
-        turns=[Turn("user", "Hi"), Turn("assistant", "Hello"), Turn("user", "<image>\nAnd this?"),
-               Turn("assistant", "A cat")],
-        images=["x.png"],
-    )  # fmt: skip
-    with pytest.raises(BadSampleError) as err:
-        ConversationEncoder(tok, "vicuna_v1", image_position=position).encode(record)
-    message = str(err.value)
-    assert "turn 3" in message and f"image_position {position!r}" in message
-    assert "image_position: keep" in message
-    sample = ConversationEncoder(tok, "vicuna_v1", image_position="keep").encode(record)
-    assert sample.num_images == 1
+    record = named("image-later")  # "Hi" / "Hello." / "<image>\nThis?" / "A cat."
+    enc = ConversationEncoder(tok, "vicuna_v1", image_position=position, num_image_tokens=4)
+    sample = enc.encode(record)
+    assert_exact(enc, record, sample)
+    text = enc.render(record).text
+    assert "USER: Hi ASSISTANT:" in text and "USER: <image>\nThis? ASSISTANT:" in text
+    assert sample.num_images == 1 and sample.image_tokens == [4]
+    image_at = sample.input_ids.tolist().index(enc.image_token_id)
+    stops = [k for k, t in enumerate(sample.labels.tolist()) if t == tok.eos_token_id]
+    assert stops[0] < image_at < stops[1]  # between the first answer and the second
+
+
+def test_tag_and_image_count_mismatch_is_still_refused():
+    tok = load("llama2", "vicuna_v1")
+    record = named("image-later")
+    two = Conversation(id="two", turns=record.turns, images=["a.png", "b.png"])
+    for position in POSITIONS:
+        with pytest.raises(BadSampleError, match=r"1 <image> tag\(s\) in the text but 2") as err:
+            ConversationEncoder(tok, "vicuna_v1", image_position=position).encode(two)
+        assert err.value.reason == "image_tag_mismatch"
 
 
 HOSTILE_STRINGS = [
