@@ -163,8 +163,13 @@ def assert_template_controls(encoder, record, collapsed, index, epoch) -> None:
 
 def assert_prompt_prefixes(encoder, record, sample, index, sizes=None) -> None:
     """Before every kept answer, the generation prompt inference encodes is a prefix of the ids
-    (the prompt holds the images tagged up to that question)."""
-    ids = sample.input_ids.tolist()
+    (the prompt holds the images tagged up to that question).
+
+    OneVision encodes a sample of several images at base resolution and a single image with
+    anyres tiles, so a prompt showing fewer images than the sample may expand them to other
+    counts: there the ids must agree with each image run taken as one token."""
+    full = sample.input_ids.tolist()
+    image_id = encoder.image_token_id
     for k in range(len(record.turns) // 2):
         turns = record.turns[: 2 * k + 1]
         images = history_images(record, turns)
@@ -175,8 +180,17 @@ def assert_prompt_prefixes(encoder, record, sample, index, sizes=None) -> None:
             system=record.system,
             instruction_pool=record.instruction_pool,
         )
+        if len(images) > sample.num_images:
+            assert sample.truncated, f"answer {k + 1}'s images are missing from the sample"
+            return  # truncation dropped this answer with its images
         kept_sizes = None if sizes is None else list(sizes[: len(images)])
         prompt = encoder.encode_prompt(history, index, image_sizes=kept_sizes).tolist()
+        counts = encoder.image_counter(kept_sizes or [(0, 0)] * len(images)) if images else []
+        ids = full
+        if counts != sample.image_tokens[: len(counts)]:
+            assert encoder.num_image_tokens is None and len(images) < sample.num_images
+            prompt = collapse_images(np.asarray(prompt), image_id, counts)
+            ids = collapse_images(sample.input_ids, image_id, sample.image_tokens)
         if len(prompt) >= len(ids):
             assert sample.truncated, f"the prompt of answer {k + 1} is not shorter than the sample"
             return
