@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from lvlm_tune.data.encoder import ConversationEncoder
+from lvlm_tune.data.encoder import ConversationEncoder, EncodedSample
 from lvlm_tune.data.errors import BadSampleError, SkipLedger, SkippedSample, check_bad_fraction
 from lvlm_tune.data.hooks import DataHooks
 from lvlm_tune.data.images import ImageLoader
+from lvlm_tune.data.lengths import modality_lengths
 from lvlm_tune.data.record import Conversation
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.max_bad_fraction = float(max_bad_fraction)
         self.ledger = SkipLedger(len(source))
         self.epoch = 0
+        self._lengths: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.source)
@@ -89,11 +91,15 @@ class SupervisedDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def encode(self, index: int) -> dict[str, Any]:
-        """Encode sample ``index`` or raise ``BadSampleError``."""
+    def encode_sample(self, index: int) -> tuple[Conversation, EncodedSample]:
+        """The record and its encoding (image sizes from headers when counts depend on them)."""
         record = read_record(self.source, index, self.hooks)
         sizes = self.images.sizes(record) if self.encoder.num_image_tokens is None else None
-        sample = self.encoder.encode(record, index, self.epoch, image_sizes=sizes)
+        return record, self.encoder.encode(record, index, self.epoch, image_sizes=sizes)
+
+    def encode(self, index: int) -> dict[str, Any]:
+        """Encode sample ``index`` or raise ``BadSampleError``."""
+        record, sample = self.encode_sample(index)
         image_inputs = self.images.model_inputs(record, sample.num_images)
         item = {
             "id": sample.id,
@@ -136,8 +142,13 @@ class SupervisedDataset(torch.utils.data.Dataset):
             )
 
     def modality_lengths(self) -> np.ndarray:
-        """Estimated token length per sample, negative for text-only samples (for the sampler)."""
-        words = self.source.num_words().astype(np.int64)
-        images = self.source.num_images().astype(np.int64)
-        length = words * 4 // 3 + images * (self.encoder.num_image_tokens or 1) + 1
-        return np.where(images > 0, length, -length)
+        """Token length per sample, negative for text-only samples (for the sampler): true
+        image tokens (from the image sizes where counts depend on them) plus text tokens
+        fitted on a sample of the data (:mod:`lvlm_tune.data.lengths`); computed once."""
+        if self._lengths is None:
+            self._lengths = modality_lengths(
+                self.source, self.encoder, self.images,
+                lambda i: read_record(self.source, i, self.hooks),
+                lambda i: self.encode_sample(i)[1],
+            )  # fmt: skip
+        return self._lengths

@@ -126,7 +126,7 @@ class ConversationEncoder:
                 raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
         if model_max_length < 1:
             raise ValueError("model_max_length must be positive")
-        self.image_counter = as_counter(num_image_tokens)  # raises on a count below 1
+        self.image_counter = as_counter(num_image_tokens)  # raises on a count below 1; memoized
         self.tokenizer = tokenizer
         self.template_name = template
         self.chat_template = template == TOKENIZER_TEMPLATE

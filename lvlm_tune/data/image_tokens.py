@@ -34,12 +34,49 @@ class FixedImageTokens:
 
 
 def as_counter(image_tokens: int | ImageTokenCounter) -> ImageTokenCounter:
-    """A counter from a fixed count (or the counter itself)."""
+    """A counter from a fixed count, or the size-dependent counter memoized (:func:`memoized`)."""
     if isinstance(image_tokens, int):
         return FixedImageTokens(image_tokens)
-    return image_tokens
+    return memoized(image_tokens)
 
 
 def fixed_count(counter: ImageTokenCounter) -> int | None:
     """The count every image gets under ``counter``, or ``None`` when it depends on sizes."""
     return counter.count if isinstance(counter, FixedImageTokens) else None
+
+
+class MemoCounter:
+    """``counter`` with its answers kept per tuple of sizes (at most ``limit`` of them).
+
+    Real data repeats image sizes (a dataset's photos come in a few resolutions), and
+    truncation asks for the counts of several prefixes of the same sample, so most calls are
+    answered from the memo. The memo is not pickled (DataLoader workers start empty).
+    """
+
+    def __init__(self, counter: ImageTokenCounter, limit: int = 1 << 16) -> None:
+        self.counter = counter
+        self.limit = limit
+        self._memo: dict[tuple[ImageSize, ...], list[int]] = {}
+
+    def __call__(self, sizes: Sequence[ImageSize]) -> list[int]:
+        key = tuple((int(h), int(w)) for h, w in sizes)
+        counts = self._memo.get(key)
+        if counts is None:
+            counts = list(self.counter(key))
+            if len(self._memo) >= self.limit:
+                self._memo.clear()
+            self._memo[key] = counts
+        return list(counts)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_memo": {}}
+
+    def __repr__(self) -> str:
+        return f"MemoCounter({self.counter!r})"
+
+
+def memoized(counter: ImageTokenCounter) -> ImageTokenCounter:
+    """A memoizing wrapper for a size-dependent counter; a fixed counter is returned as is."""
+    if isinstance(counter, FixedImageTokens | MemoCounter):
+        return counter
+    return MemoCounter(counter)

@@ -30,6 +30,7 @@ from lvlm_tune.data.dataset import SupervisedDataset
 from lvlm_tune.data.encoder import ConversationEncoder
 from lvlm_tune.data.errors import BadSampleError
 from lvlm_tune.data.images import ImageLoader
+from lvlm_tune.data.lengths import image_token_totals
 from lvlm_tune.data.record import Conversation, Turn
 from lvlm_tune.models.anyres import ProcessorImageCounter
 from lvlm_tune.testing.anyres_processors import next_processor, onevision_processor
@@ -109,6 +110,12 @@ class ListSource:
 
     def get(self, i):
         return self.records[i]
+
+    def num_words(self):
+        return np.array([sum(len(t.content.split()) for t in r.turns) for r in self.records])
+
+    def num_images(self):
+        return np.array([len(r.images) for r in self.records])
 
 
 def write_images(folder: Path) -> list[str]:
@@ -240,3 +247,29 @@ def test_truncation_property(family, tok_name, template, tokenizer_of):
     # the loop really exercised truncation, dropped images and refusals
     assert stats["truncated"] >= 50 and stats["dropped_images"] >= 30, stats
     assert stats["refused"] >= 10 and stats["kept"] >= 150, stats
+
+
+@pytest.mark.parametrize(("family", "tok_name", "template"), [CASES[0], CASES[1]])
+def test_modality_lengths_count_true_image_tokens(family, tok_name, template, tokenizer_of,
+                                                  tmp_path):  # fmt: skip
+    tok = tokenizer_of(tok_name)
+    processor = make_processor(family, tok)
+    names = write_images(tmp_path)
+    rng = random.Random(5)
+    records = [
+        conversation(rng, f"m{i}", rng.choice([1, 2, 5]),
+                     [rng.choice(names) for _ in range(rng.randint(0, 3))])
+        for i in range(80)
+    ]  # fmt: skip
+    enc = ConversationEncoder(tok, template, num_image_tokens=ProcessorImageCounter(processor),
+                              model_max_length=100_000)  # fmt: skip
+    ds = SupervisedDataset(ListSource(records), enc, ImageLoader(processor.image_processor, tmp_path))
+    samples = [ds.encode_sample(i)[1] for i in range(len(records))]
+    totals = image_token_totals(ds.source, enc, ds.images, ds.source.get)
+    assert totals.tolist() == [sum(s.image_tokens) for s in samples]  # exact, from headers
+    lengths = ds.modality_lengths()
+    true = np.array([len(s.input_ids) for s in samples])
+    assert (np.sign(lengths) == np.where(ds.source.num_images() > 0, 1, -1)).all()
+    error = np.abs(np.abs(lengths) - true) / true
+    assert error.mean() < 0.1 and error.max() < 0.3, (error.mean(), error.max())
+    assert ds.modality_lengths() is lengths  # computed once
