@@ -84,6 +84,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.ledger = SkipLedger(len(source))
         self.epoch = 0
         self._lengths: np.ndarray | None = None
+        self._sizes: dict[int, tuple] = {}  # sample -> image sizes, read with the lengths
 
     def __len__(self) -> int:
         return len(self.source)
@@ -94,7 +95,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
     def encode_sample(self, index: int) -> tuple[Conversation, EncodedSample]:
         """The record and its encoding (image sizes from headers when counts depend on them)."""
         record = read_record(self.source, index, self.hooks)
-        sizes = self.images.sizes(record) if self.encoder.num_image_tokens is None else None
+        sizes = None
+        if self.encoder.num_image_tokens is None:  # known once the lengths were computed
+            sizes = self._sizes.get(int(index)) or self.images.sizes(record)
         return record, self.encoder.encode(record, index, self.epoch, image_sizes=sizes)
 
     def encode(self, index: int) -> dict[str, Any]:
@@ -149,6 +152,6 @@ class SupervisedDataset(torch.utils.data.Dataset):
             self._lengths = modality_lengths(
                 self.source, self.encoder, self.images,
                 lambda i: read_record(self.source, i, self.hooks),
-                lambda i: self.encode_sample(i)[1],
+                lambda i: self.encode_sample(i)[1], self._sizes,
             )  # fmt: skip
         return self._lengths

@@ -113,7 +113,8 @@ def expand_and_truncate(
     image and whether the sample was truncated. Raises ``BadSampleError`` when the image tokens
     do not match the record's images or not even the first answer fits.
     """
-    image_at = [k for k, t in enumerate(ids) if t == image_id] if image_id in ids else []
+    input_ids = np.asarray(ids, dtype=np.int64)
+    image_at = np.flatnonzero(input_ids == image_id).tolist()
     if len(image_at) != len(sizes):
         raise BadSampleError.of(
             record, "conversations", f"the text holds {len(image_at)} image "
@@ -138,10 +139,9 @@ def expand_and_truncate(
                 f"model_max_length={model_max_length}", "no_trained_tokens",
             )  # fmt: skip
         keep = fitting[-1]
-        ids, labels = ids[:keep], labels[:keep]
+        ids, labels, input_ids = ids[:keep], labels[:keep], input_ids[:keep]
         image_at = [a for a in image_at if a < keep]
         counts = expanded(keep)[1]
-    input_ids = np.asarray(ids, dtype=np.int64)
     label_arr = np.asarray(labels, dtype=np.int64)
     if image_at and any(c != 1 for c in counts):
         repeats = np.ones(len(ids), dtype=np.int64)

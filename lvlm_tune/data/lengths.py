@@ -26,18 +26,24 @@ from lvlm_tune.data.errors import BadSampleError
 CALIBRATION_SAMPLES = 256
 
 
-def image_token_totals(source: Any, encoder: Any, images: Any, read: Any) -> np.ndarray:
+def image_token_totals(
+    source: Any, encoder: Any, images: Any, read: Any, known: dict | None = None
+) -> np.ndarray:
     """Total image tokens of every sample (``int64``), from header sizes when counts vary
-    (``read(index)``: the record as the run trains it)."""
+    (``read(index)``: the record as the run trains it). ``known``, when given, is filled with
+    the sizes read (sample index -> tuple of ``(height, width)``), so encoding need not read
+    the headers again."""
     num_images = source.num_images().astype(np.int64)
     if encoder.num_image_tokens is not None:
         return num_images * encoder.num_image_tokens
     totals = np.zeros(len(source), dtype=np.int64)
     for index in np.flatnonzero(num_images):
         try:
-            sizes = images.sizes(read(int(index)))
+            sizes = tuple(images.sizes(read(int(index))))
         except BadSampleError:
             continue
+        if known is not None:
+            known[int(index)] = sizes
         if sizes:
             totals[index] = sum(encoder.image_counter(sizes))
     return totals
@@ -71,11 +77,12 @@ def text_token_fit(source: Any, encode: Any, seed: int = 0) -> tuple[float, floa
 
 
 def modality_lengths(
-    source: Any, encoder: Any, images: Any, read: Any, encode: Any
+    source: Any, encoder: Any, images: Any, read: Any, encode: Any, known: dict | None = None
 ) -> np.ndarray:
     """Estimated length of every sample, negative for samples without images (the sampler's
-    input); ``read(index)`` gives the record, ``encode(index)`` the encoded sample."""
-    totals = image_token_totals(source, encoder, images, read)
+    input); ``read(index)`` gives the record, ``encode(index)`` the encoded sample, ``known``
+    collects the image sizes read (see :func:`image_token_totals`)."""
+    totals = image_token_totals(source, encoder, images, read, known)
     a, b = text_token_fit(source, encode, seed=encoder.seed)
     text = np.maximum(np.rint(a * source.num_words().astype(np.float64) + b), 1).astype(np.int64)
     length = np.minimum(text + totals, encoder.model_max_length)

@@ -53,7 +53,10 @@ def place_images(
     if position not in ("before", "after", "keep"):
         raise ValueError(f"image position must be before, after or keep here, got {position!r}")
     out = [
-        Turn(t.role, t.content.replace(IMAGE_TAG, template.image_format) if t.role == "user" else t.content)
+        Turn(
+            t.role,
+            t.content.replace(IMAGE_TAG, template.image_format) if t.role == "user" else t.content,
+        )
         for t in turns
     ]
     if position == "keep" or not turns:

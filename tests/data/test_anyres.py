@@ -211,7 +211,9 @@ def test_truncation_property(family, tok_name, template, tokenizer_of):
         max_len = rng.randint(max(8, len(whole.input_ids) // 3), len(whole.input_ids) + 40)
         enc = ConversationEncoder(tok, template, num_image_tokens=counter, model_max_length=max_len,
                                   image_position=position)  # fmt: skip
-        dataset = SupervisedDataset(ListSource([record]), enc, ImageLoader(processor.image_processor))
+        dataset = SupervisedDataset(
+            ListSource([record]), enc, ImageLoader(processor.image_processor)
+        )
         try:
             item = dataset.encode(0)
         except BadSampleError as err:
@@ -263,7 +265,9 @@ def test_modality_lengths_count_true_image_tokens(family, tok_name, template, to
     ]  # fmt: skip
     enc = ConversationEncoder(tok, template, num_image_tokens=ProcessorImageCounter(processor),
                               model_max_length=100_000)  # fmt: skip
-    ds = SupervisedDataset(ListSource(records), enc, ImageLoader(processor.image_processor, tmp_path))
+    ds = SupervisedDataset(
+        ListSource(records), enc, ImageLoader(processor.image_processor, tmp_path)
+    )
     samples = [ds.encode_sample(i)[1] for i in range(len(records))]
     totals = image_token_totals(ds.source, enc, ds.images, ds.source.get)
     assert totals.tolist() == [sum(s.image_tokens) for s in samples]  # exact, from headers

@@ -172,7 +172,12 @@ def test_placement_moves_first_turn_images_only(name, position):
 @pytest.mark.parametrize("position", ["before", "after"])
 def test_untagged_images_all_go_to_the_first_turn(position):
     template = get_template("vicuna_v1")
-    turns = [Turn("user", "q1"), Turn("assistant", "a1"), Turn("user", "q2"), Turn("assistant", "a2")]
+    turns = [
+        Turn("user", "q1"),
+        Turn("assistant", "a1"),
+        Turn("user", "q2"),
+        Turn("assistant", "a2"),
+    ]
     placed = place_images(turns, 2, position, template)
     expected = "<image>\n<image>\nq1" if position == "before" else "q1\n<image>\n<image>"
     assert placed[0].content == expected and placed[2] == turns[2]
