@@ -42,6 +42,7 @@ VIDEO_INPUT_KEY = "pixel_values_videos"
 VIDEO_CONFIG_FILES = ("video_preprocessor_config.json", "video_processor/preprocessor_config.json")
 # PIL resampling codes -> torch interpolate modes (as torchvision maps them).
 _MODES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+_SIZE_KEYS = ("height", "width", "shortest_edge")
 
 
 def video_file_decoder() -> bool:
@@ -84,7 +85,8 @@ class FrameSettings:
         def get(key: str) -> Any:
             return config[key] if config.get(key) is not None else getattr(image_processor, key)
 
-        size = dict(get("size"))
+        size = get("size")  # a dict, or the processors' SizeDict
+        size = size if isinstance(size, dict) else {k: getattr(size, k, None) for k in _SIZE_KEYS}
         if size.get("height") and size.get("width"):
             height, width = int(size["height"]), int(size["width"])
         elif size.get("shortest_edge"):
@@ -118,7 +120,7 @@ def frames_to_pixels(frames: Sequence[Image.Image], settings: FrameSettings) -> 
     processor computes them on CPU: torch's antialiased resize of the uint8 frame, then
     ``(x - mean / rescale_factor) / (std / rescale_factor)`` in float32."""
     size = [settings.height, settings.width]
-    arrays = [torch.from_numpy(np.asarray(f.convert("RGB"))).permute(2, 0, 1) for f in frames]
+    arrays = [torch.from_numpy(np.array(f.convert("RGB"))).permute(2, 0, 1) for f in frames]
     # Frames of one size are resized as one (frames, C, H, W) batch, as the processor does.
     same = len({tuple(a.shape) for a in arrays}) == 1
     batches = [torch.stack(arrays)] if same else [a[None] for a in arrays]
