@@ -97,7 +97,10 @@ def pixel_parity(root: Path, names: list[str], saved: dict | None) -> tuple[dict
     from transformers import LlavaOnevisionImageProcessorPil, LlavaOnevisionVideoProcessor
 
     report: dict = {}
-    for label, stats in (("clip_mean_std", {}), ("published_0.5", {"image_mean": [0.5] * 3, "image_std": [0.5] * 3})):
+    for label, stats in (
+        ("clip_mean_std", {}),
+        ("published_0.5", {"image_mean": [0.5] * 3, "image_std": [0.5] * 3}),
+    ):
         video_processor = LlavaOnevisionVideoProcessor(**stats)
         image_processor = LlavaOnevisionImageProcessorPil(**stats)
         settings = FrameSettings.of(image_processor, video_processor.to_dict())
@@ -116,7 +119,9 @@ def pixel_parity(root: Path, names: list[str], saved: dict | None) -> tuple[dict
                 )
         if label == "clip_mean_std":
             kept = (mine, video_processor, image_processor, settings)
-    return report, dict(zip(("ours", "video_processor", "image_processor", "settings"), kept))
+    return report, dict(
+        zip(("ours", "video_processor", "image_processor", "settings"), kept, strict=True)
+    )
 
 
 def tiny_model(tokenizer):
@@ -171,7 +176,9 @@ def model_parity(root: Path, name: str, kept: dict) -> dict:
     with torch.no_grad():
         f_ours = model.get_video_features(pixel_values_videos=ours_pixels).pooler_output
         f_hf = model.get_video_features(pixel_values_videos=hf["pixel_values_videos"]).pooler_output
-        l_ours = model(input_ids=torch.as_tensor(ours_ids)[None], pixel_values_videos=ours_pixels).logits
+        l_ours = model(
+            input_ids=torch.as_tensor(ours_ids)[None], pixel_values_videos=ours_pixels
+        ).logits
         l_hf = model(**{k: v for k, v in hf.items() if k != "attention_mask"}).logits
     return {
         "video": name,
@@ -210,7 +217,9 @@ def file_parity(root: Path, name: str) -> dict:
     return {
         "container": "mp4/h264",
         "frames": int(mine.shape[0]),
-        "decoded frames max abs diff (uint8)": int(np.abs(mine.astype(int) - theirs.astype(int)).max()),
+        "decoded frames max abs diff (uint8)": int(
+            np.abs(mine.astype(int) - theirs.astype(int)).max()
+        ),
     }
 
 

@@ -36,14 +36,14 @@ from lvlm_tune.data.image_tokens import ImageSize, ImageTokenCounter, as_counter
 from lvlm_tune.data.labels import IGNORE_INDEX, answer_labels, crossed, expand_and_truncate
 from lvlm_tune.data.prompts import draw_instruction, get_pool, sample_uniform
 from lvlm_tune.data.record import IMAGE_TAG, Conversation, Turn
-from lvlm_tune.data.video import VIDEO_TAG
-from lvlm_tune.data.video_text import expand_videos, place_videos
 from lvlm_tune.data.text_policy import (
     PLAIN_MULTI_TURN,
     SPECIAL_TEXT_POLICIES,
     STOP_TEXT_POLICIES,
     TextPolicy,
 )
+from lvlm_tune.data.video import VIDEO_TAG
+from lvlm_tune.data.video_text import expand_videos, place_videos
 from lvlm_tune.templates.chat_template import (
     CHAT_TEMPLATE_IMAGES,
     TemplateError,
@@ -331,13 +331,9 @@ class ConversationEncoder:
         )
         if self.image_token_id in labels:
             raise self._fail(record, "an image token fell inside an answer")
-        if self.video_token_id is not None:
-            ids, labels, cuts = expand_videos(
-                record, ids, labels, cuts, self.video_token_id, self.video_tokens
-            )
-        elif record.videos:
-            problem = "this model takes no videos (video samples need a LLaVA-OneVision model)"
-            raise BadSampleError.of(record, "video", problem, "bad_field")
+        ids, labels, cuts = expand_videos(
+            record, ids, labels, cuts, self.video_token_id, self.video_tokens
+        )
         sizes = self.image_sizes(record, image_sizes)
         kept, input_ids, label_arr, counts, truncated = expand_and_truncate(
             record, ids, labels, cuts, self.image_token_id, self.image_counter, sizes,

@@ -17,7 +17,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from lvlm_tune.data.errors import BadSampleError
@@ -78,7 +78,7 @@ def with_videos(read: Callable[[dict, Any], Conversation]) -> Callable[[dict, An
             raw = _image_tags_as_video(raw, len(videos), key, ctx)
         record = read(raw, ctx)
         tags = 0
-        for k, (message, text) in enumerate(zip(raw["conversations"], _texts(raw))):
+        for k, (message, text) in enumerate(zip(raw["conversations"], _texts(raw), strict=True)):
             count = text.count(VIDEO_TAG)
             if count and message.get("from") not in USER_ROLES:
                 problem = f"{VIDEO_TAG} tag in a {message.get('from')} message; videos may only appear in user turns"
@@ -93,7 +93,9 @@ def with_videos(read: Callable[[dict, Any], Conversation]) -> Callable[[dict, An
     return read_with_videos
 
 
-def place_videos(record: Conversation, turns: list[Turn], position: str, template: Any) -> list[Turn]:
+def place_videos(
+    record: Conversation, turns: list[Turn], position: str, template: Any
+) -> list[Turn]:
     """Write the record's ``<video>`` tags into ``turns`` (images already placed) for
     ``position`` (``before`` / ``after`` / ``keep``; see the module doc)."""
     num_videos = len(record.videos)
@@ -111,6 +113,8 @@ def place_videos(record: Conversation, turns: list[Turn], position: str, templat
     first = turns[0].content
     later = tags - first.count(VIDEO_TAG)
     placed = num_videos - later  # tags of the first turn, or every video without tags
+    if placed <= 0:
+        return turns
     question = first.replace(VIDEO_TAG, "").strip()
     videos = template.image_join.join([VIDEO_TAG] * placed)
     if not question:
@@ -124,15 +128,21 @@ def place_videos(record: Conversation, turns: list[Turn], position: str, templat
 
 def expand_videos(
     record: Conversation,
-    ids: Sequence[int],
-    labels: Sequence[int],
-    cuts: Sequence[int],
-    video_id: int,
-    count: int,
+    ids: list[int],
+    labels: list[int],
+    cuts: list[int],
+    video_id: int | None,
+    count: int | None,
 ) -> tuple[list[int], list[int], list[int]]:
     """``ids``/``labels`` with each video token repeated ``count`` times and the truncation
     points ``cuts`` moved with them; raises ``BadSampleError`` when the video tokens do not
-    match the record's videos or one would train."""
+    match the record's videos or one would train, or (``video_id`` ``None``: the model takes
+    no videos) when the record has videos."""
+    if video_id is None or count is None:
+        if record.videos:
+            problem = "this model takes no videos (video samples need a LLaVA-OneVision model)"
+            raise BadSampleError.of(record, "video", problem, "bad_field")
+        return ids, labels, cuts
     at = [k for k, t in enumerate(ids) if t == video_id]
     if len(at) != len(record.videos):
         problem = (
@@ -145,10 +155,10 @@ def expand_videos(
             record, "conversations", "a video token fell inside an answer", "tokenization"
         )
     if not at or count == 1:
-        return list(ids), list(labels), list(cuts)
+        return ids, labels, cuts
     out_ids: list[int] = []
     out_labels: list[int] = []
-    for token, label in zip(ids, labels):
+    for token, label in zip(ids, labels, strict=True):
         repeat = count if token == video_id else 1
         out_ids.extend([token] * repeat)
         out_labels.extend([label] * repeat)
