@@ -26,6 +26,7 @@ from lvlm_tune.data.hooks import DataHooks
 from lvlm_tune.data.images import ImageLoader
 from lvlm_tune.data.lengths import modality_lengths
 from lvlm_tune.data.record import Conversation
+from lvlm_tune.data.video import VideoLoader
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
             (:meth:`check_bad_fraction` raises beyond it; 1 allows any number).
         hooks: an extension's record transform and extra model inputs per sample
             (:class:`~lvlm_tune.data.hooks.DataHooks`; default: none).
+        videos: the video loader (OneVision; :mod:`lvlm_tune.data.video`); items then carry
+            ``pixel_values_videos`` for the videos a sample keeps. Default: none.
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         on_bad_sample: str = "error",
         max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
         hooks: DataHooks | None = None,
+        videos: VideoLoader | None = None,
     ) -> None:
         if on_bad_sample not in BAD_SAMPLE_POLICIES:
             raise ValueError(
@@ -80,6 +84,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.images = images
         self.on_bad_sample = on_bad_sample
         self.hooks = hooks or DataHooks()
+        self.videos = videos
         self.max_bad_fraction = float(max_bad_fraction)
         self.ledger = SkipLedger(len(source))
         self.epoch = 0
@@ -111,6 +116,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
             "pixel_values": image_inputs.pop("pixel_values", None),
             **image_inputs,  # anyres: image_sizes (and OneVision's batch_num_images)
         }
+        if sample.num_videos:
+            if self.videos is None:
+                raise ValueError("a video sample needs a VideoLoader (SupervisedDataset videos=)")
+            item.update(self.videos.model_inputs(record, sample.num_videos))
         if self.hooks.sample_extras is not None:
             item.update(self.hooks.sample_extras(record, sample, self.images))
         return item

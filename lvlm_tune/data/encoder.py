@@ -46,6 +46,8 @@ from lvlm_tune.data.text_policy import (
     STOP_TEXT_POLICIES,
     TextPolicy,
 )
+from lvlm_tune.data.video import VIDEO_TAG
+from lvlm_tune.data.video_text import expand_videos, place_videos
 from lvlm_tune.templates.chat_template import (
     CHAT_TEMPLATE_IMAGES,
     TemplateError,
@@ -69,6 +71,7 @@ class EncodedSample:
     num_escaped: int = 0  # control-token texts in the data tokenized as ordinary text
     tag_counts: dict[str, int] = field(default_factory=dict)  # answer tag -> runs kept
     image_tokens: list[int] = field(default_factory=list)  # token count of each kept image
+    num_videos: int = 0  # videos kept (their tokens: ConversationEncoder.video_tokens each)
 
 
 class ConversationEncoder:
@@ -96,6 +99,9 @@ class ConversationEncoder:
             ``allow``.
         plain_multi_turn: a conversation with several answers under the ``plain`` template:
             ``refuse`` or ``first`` (train the first question/answer pair only).
+        video_tokens: tokens each video becomes (OneVision:
+            :func:`lvlm_tune.models.anyres.video_tokens`); ``None``: the model takes no videos.
+        video_token: the video placeholder string, a single token of ``tokenizer``.
     """
 
     def __init__(
@@ -114,6 +120,8 @@ class ConversationEncoder:
         special_text: str = "escape",
         stop_text_in_answer: str = "refuse",
         plain_multi_turn: str = "refuse",
+        video_tokens: int | None = None,
+        video_token: str = VIDEO_TAG,
     ) -> None:
         choices = {
             "image_position": (image_position, IMAGE_POSITIONS),
@@ -150,7 +158,12 @@ class ConversationEncoder:
         }
         # tag -> id of its first token: one per run of the tag's tokens in an encoded sample
         self.tag_ids = {t.tag: kept[t.tokens[0]] for t in self.answer_tags if t.tokens}
-        self.exact = exact_tokenizer(tokenizer, keep=(image_token, *kept))
+        self.video_tokens = video_tokens
+        self.video_token_id = None if video_tokens is None else single_token_id(
+            tokenizer, video_token, "videos"
+        )  # fmt: skip
+        media = (image_token, video_token) if video_tokens is not None else (image_token,)
+        self.exact = exact_tokenizer(tokenizer, keep=(*media, *kept))
         self.bos = tokenizer.bos_token or ""
         self.eos = tokenizer.eos_token or ""
         if "{eos}" in self.template.stop and not self.eos:
@@ -186,7 +199,8 @@ class ConversationEncoder:
         if position == "random":
             before = sample_uniform(self.seed, index, epoch, "image_position") < 0.5
             position = "before" if before else "after"
-        return place_images(kept, num_images, position, self.template), num_images
+        turns = place_images(kept, num_images, position, self.template)
+        return place_videos(record, turns, position, self.template), num_images
 
     def _render_turns(
         self, record: Conversation, turns: list[Turn], system: str | None, prompt: bool
@@ -234,7 +248,11 @@ class ConversationEncoder:
         ids, _ = self._tokenize(rendered, escape)
         sizes = checked_sizes(record, image_sizes, self.num_image_tokens is None)[:num_images]
         counts = iter(self.image_counter(sizes) if sizes else [])
-        repeats = [next(counts) if t == self.image_token_id else 1 for t in ids]
+        repeats = [
+            next(counts) if t == self.image_token_id
+            else self.video_tokens if t == self.video_token_id else 1
+            for t in ids
+        ]  # fmt: skip
         return np.repeat(np.asarray(ids, dtype=np.int64), repeats)
 
     # ---- encoding ----------------------------------------------------------------------
@@ -277,6 +295,9 @@ class ConversationEncoder:
         )
         if self.image_token_id in labels:
             raise self._fail(record, "an image token fell inside an answer")
+        ids, labels, cuts = expand_videos(
+            record, ids, labels, cuts, self.video_token_id, self.video_tokens
+        )
         sizes = checked_sizes(record, image_sizes, self.num_image_tokens is None)[:num_images]
         kept, input_ids, label_arr, counts, truncated = expand_and_truncate(
             record, ids, labels, cuts, self.image_token_id, self.image_counter, sizes,
@@ -292,6 +313,7 @@ class ConversationEncoder:
             num_escaped=len(escape),
             tag_counts={tag: kept.count(token) for tag, token in self.tag_ids.items()},
             image_tokens=counts,
+            num_videos=kept.count(self.video_token_id) // (self.video_tokens or 1),
         )
 
     def _fail(self, record: Conversation, problem: str) -> BadSampleError:

@@ -32,6 +32,8 @@ REASONS: tuple[str, ...] = (
     "template",
     "image_outside_folder",
     "image_too_large",
+    "missing_video",
+    "bad_video",
 )
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 
 from lvlm_tune.data.errors import BadSampleError
 from lvlm_tune.data.record import IMAGE_TAG, Conversation, ImageRef, Turn
+from lvlm_tune.data.video_text import with_videos
 
 FORMATS: tuple[str, ...] = ("llava", "openai", "caption")
 # The key whose presence in a sample identifies each format, in detection order.
@@ -248,7 +249,7 @@ def _caption(raw: dict, ctx: _Ctx) -> Conversation:
 
 
 _NORMALIZERS: dict[str, Callable[[dict, _Ctx], Conversation]] = {
-    "llava": _llava,
+    "llava": with_videos(_llava),  # a sample's video / videos (lvlm_tune.data.video_text)
     "openai": _openai,
     "caption": _caption,
 }

@@ -27,6 +27,8 @@ class Conversation:
         id: sample id from the data, or the row index as a string when the data has none.
         turns: alternating user/assistant turns, starting with user, ending with assistant.
         images: image references in the order their ``<image>`` tags appear.
+        videos: video references (a folder of frames or a video file, relative to the video
+            folder) in the order their ``<video>`` tags appear (:mod:`lvlm_tune.data.video`).
         system: system prompt from the data; ``None`` means "use the template's default".
         instruction_pool: name of a built-in instruction pool; when set, the first user turn's
             text is drawn from that pool (caption data).
@@ -43,6 +45,7 @@ class Conversation:
     source: str = "<memory>"
     index: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    videos: list[str] = field(default_factory=list)
 
     @property
     def has_images(self) -> bool:

@@ -52,3 +52,15 @@ class ProcessorImageCounter:
 def processor_image_counter(processor: Any) -> ProcessorImageCounter:
     """The image-token counter of an anyres processor (see :class:`ProcessorImageCounter`)."""
     return ProcessorImageCounter(processor)
+
+
+def video_tokens(processor: Any, num_frames: int) -> int:
+    """Tokens one video of ``num_frames`` frames becomes under a ``LlavaOnevisionProcessor``
+    (pooled patches per frame, plus one newline), from the processor's own count."""
+    size = processor.image_processor.size
+    height, width = (
+        size.get("height") or size["shortest_edge"],
+        size.get("width") or size["shortest_edge"],
+    )
+    counts = processor._get_num_multimodal_tokens(video_sizes=[(num_frames, height, width)])
+    return int(counts["num_video_tokens"][0])
