@@ -20,7 +20,7 @@ import torch
 from transformers import AutoConfig, AutoProcessor, LlavaConfig, PretrainedConfig
 
 from lvlm_tune.data.image_tokens import ImageTokenCounter
-from lvlm_tune.models.anyres import processor_image_counter
+from lvlm_tune.models.anyres import processor_image_counter, video_tokens
 from lvlm_tune.models.anyres_processors import load_anyres_processor
 from lvlm_tune.models.llava import build_llava, load_llava, num_image_tokens
 from lvlm_tune.models.llava_next import (
@@ -134,6 +134,8 @@ class ModelFamily:
         processor_from_parts: given the vision side, the LLM and the ``build_options``, the
             processor ``build`` would give, from config and tokenizer files only (families
             whose image tokens come from the processor: ``inspect`` counts with it).
+        video_tokens: given the processor and a frame count, the tokens one video becomes
+            (families that take videos, OneVision); ``None``: the family takes no videos.
         load_processor: reads a saved folder's processor (default ``AutoProcessor``; the
             OneVision processor is read without its torchvision-only video processor).
         build_options: the ``ModelArguments`` fields (beyond the two parts, dtype, attention
@@ -162,6 +164,7 @@ class ModelFamily:
     image_features: Callable[..., torch.Tensor] = _llava_image_features
     num_image_tokens: Callable[[Any], int] = num_image_tokens
     sized_image_tokens: Callable[[Any], ImageTokenCounter] | None = None
+    video_tokens: Callable[[Any, int], int] | None = None
     parts_config: Callable[..., PretrainedConfig] = _llava_parts_config
     processor_from_parts: Callable[..., Any] | None = None
     load_processor: Callable[[Any], Any] = AutoProcessor.from_pretrained
@@ -244,6 +247,7 @@ LLAVA_NEXT = ModelFamily(
 LLAVA_ONEVISION = ModelFamily(
     name="llava_onevision",
     build=build_llava_onevision,
+    video_tokens=video_tokens,
     load=load_llava_onevision,
     processor_from_parts=functools.partial(processor_from_parts, "llava_onevision"),
     build_options=(*_ANYRES_OPTIONS, "vision_aspect_ratio"),

@@ -120,14 +120,17 @@ class EncodingOptions:
         tokenizer: Any,
         num_image_tokens: int | ImageTokenCounter,
         hooks: DataHooks | None = None,
+        video_tokens: int | None = None,
     ) -> ConversationEncoder:
         """The conversation encoder for a prepared ``tokenizer`` and the model's image tokens;
-        ``hooks`` (default: :meth:`data_hooks` without a model) gives the answer tags."""
+        ``hooks`` (default: :meth:`data_hooks` without a model) gives the answer tags;
+        ``video_tokens``: the tokens one video becomes (models that take videos)."""
         hooks = self.data_hooks() if hooks is None else hooks
         kwargs = {key: getattr(self, key) for key in _ENCODER_KEYS}
         return ConversationEncoder(
-            tokenizer, **kwargs, num_image_tokens=num_image_tokens, answer_tags=hooks.answer_tags
-        )
+            tokenizer, **kwargs, num_image_tokens=num_image_tokens,
+            answer_tags=hooks.answer_tags, video_tokens=video_tokens,
+        )  # fmt: skip
 
 
 def load_tokenizer(path: str, special_tokens: Sequence[str] = ()) -> Any:

@@ -10,6 +10,7 @@ stages, wrapping the model, data hooks and the trainer class.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from lvlm_tune.data.hooks import DataHooks
 from lvlm_tune.data.image_tokens import ImageTokenCounter
 from lvlm_tune.data.images import ImageLoader
 from lvlm_tune.data.sources import open_source
+from lvlm_tune.data.video import FrameSettings, VideoLoader, read_video_config
 from lvlm_tune.errors import UserError
 from lvlm_tune.models.llava import enable_gradient_checkpointing
 from lvlm_tune.models.llava_original import original_image_aspect_ratio
@@ -142,18 +144,22 @@ def build_dataset(
     seed: int,
     *,
     hooks: DataHooks | None = None,
+    videos: tuple[int, VideoLoader] | None = None,
 ) -> SupervisedDataset:
     """Source -> encoder (:class:`~lvlm_tune.training.encoding.EncodingOptions` of the recipe,
     the model's image tokens) -> dataset with images.
 
     ``hooks``: the extensions' data hooks (:func:`lvlm_tune.training.extensions.data_hooks`),
     e.g. MiniGPT-5's image-generating answers and their target images; default: none.
+    ``videos``: the tokens per video and the video loader of a model that takes videos
+    (:func:`video_inputs`); default: video samples are refused.
     """
     hooks = hooks or DataHooks()
     if not data_args.data_path:
         raise UserError("data_path: a training recipe needs data; set data_path")
     options = EncodingOptions.from_recipe(data_args, seed=seed)
-    encoder = options.encoder(processor.tokenizer, num_image_tokens, hooks)
+    video_tokens, video_loader = videos or (None, None)
+    encoder = options.encoder(processor.tokenizer, num_image_tokens, hooks, video_tokens)
     images = ImageLoader(
         processor.image_processor,
         data_args.image_folder,
@@ -164,8 +170,27 @@ def build_dataset(
     source = open_source(data_args.data_path, fmt=data_args.data_format)
     return SupervisedDataset(
         source, encoder, images, on_bad_sample=data_args.on_bad_sample,
-        max_bad_fraction=data_args.max_bad_fraction, hooks=hooks,
+        max_bad_fraction=data_args.max_bad_fraction, hooks=hooks, videos=video_loader,
     )  # fmt: skip
+
+
+def video_inputs(
+    family: ModelFamily, processor: Any, model_args: ModelArguments, data_args: DataArguments
+) -> tuple[int, VideoLoader] | None:
+    """The tokens per video and the video loader of a family that takes videos (OneVision),
+    with the frame processing of the checkpoint's saved video processor (else the image
+    processor's settings, as a composed OneVision saves them); ``None`` for other families."""
+    if family.video_tokens is None:
+        return None
+    path = model_args.model_name_or_path
+    config = read_video_config(path) if path and os.path.isdir(path) else None
+    settings = FrameSettings.of(processor.image_processor, config)
+    loader = VideoLoader(
+        settings, data_args.video_folder or data_args.image_folder, data_args.video_num_frames,
+        max_image_pixels=data_args.max_image_pixels,
+        allow_outside_folder=data_args.allow_outside_image_folder,
+    )  # fmt: skip
+    return family.video_tokens(processor, data_args.video_num_frames), loader
 
 
 def resume_arg(value: Any) -> bool | str | None:
@@ -198,7 +223,10 @@ def run(
     model, processor, family = build_model(model_args, data_args, train_args)
     image_tokens = family.image_tokens(model, processor)
     hooks = data_hooks(model_args.extensions, model)
-    dataset = build_dataset(data_args, processor, image_tokens, train_args.seed, hooks=hooks)
+    videos = video_inputs(family, processor, model_args, data_args)
+    dataset = build_dataset(
+        data_args, processor, image_tokens, train_args.seed, hooks=hooks, videos=videos
+    )
     card = RunCard.from_args(
         model_args, data_args, train_args, options=options,
         num_image_tokens=image_tokens if isinstance(image_tokens, int) else None,

@@ -212,6 +212,6 @@ def check_paths(model_args: ModelArguments, data_args: DataArguments) -> None:
     if model_args.pretrained_projector:
         require_path(model_args.pretrained_projector, "pretrained_projector", hub_id_ok=False)
     check_extension_paths(model_args)
-    for key in ("data_path", "image_folder"):
+    for key in ("data_path", "image_folder", "video_folder"):
         if getattr(data_args, key):
             require_path(getattr(data_args, key), key, hub_id_ok=False)
