@@ -46,13 +46,15 @@ def next_processor(tokenizer: Any, image_token: str = "<image>") -> Any:
 
 def onevision_processor(tokenizer: Any, image_token: str = "<image>") -> Any:
     """A ``LlavaOnevisionProcessor`` with 32-pixel tiles for a patch-8 SigLIP tower (images
-    only: see :func:`image_only_onevision_class`)."""
+    only: :class:`~lvlm_tune.models.anyres_processors.OnevisionImageProcessor`)."""
     from transformers import LlavaOnevisionImageProcessorPil
+
+    from lvlm_tune.models.anyres_processors import OnevisionImageProcessor
 
     images = LlavaOnevisionImageProcessorPil(
         size={"height": TILE, "width": TILE}, image_grid_pinpoints=ONEVISION_PINPOINTS
     )
-    return image_only_onevision_class()(
+    return OnevisionImageProcessor(
         image_processor=images,
         tokenizer=tokenizer,
         num_image_tokens=(TILE // PATCH) ** 2,
@@ -60,25 +62,6 @@ def onevision_processor(tokenizer: Any, image_token: str = "<image>") -> Any:
         vision_aspect_ratio="anyres_max_9",
         image_token=image_token,
     )
-
-
-def image_only_onevision_class() -> type:
-    """``LlavaOnevisionProcessor`` without its video processor.
-
-    Without torchvision transformers cannot build the OneVision video processor, nor check
-    any object passed as one (the check looks the class up in a mapping that needs
-    torchvision), so the processor cannot be constructed at all. This subclass only drops the
-    ``video_processor`` argument from ``__init__`` (the processor's sub-processors are read
-    from that signature); every method that expands image tokens or processes images is
-    ``LlavaOnevisionProcessor``'s own.
-    """
-    from transformers import LlavaOnevisionProcessor
-
-    class ImageOnlyOnevisionProcessor(LlavaOnevisionProcessor):
-        def __init__(self, image_processor: Any = None, tokenizer: Any = None, **kwargs: Any):
-            super().__init__(image_processor, tokenizer, **kwargs)
-
-    return ImageOnlyOnevisionProcessor
 
 
 ANYRES_PROCESSORS = {"llava_next": next_processor, "llava_onevision": onevision_processor}
