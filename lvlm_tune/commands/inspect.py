@@ -8,6 +8,11 @@ first ``--limit`` samples. ``--json`` prints one object per sample per line:
 (further ``--key=value`` pairs override its keys, as for train), loads the tokenizer the model
 is built with, and encodes exactly as training does.
 
+For the anyres families (LLaVA-NeXT, OneVision) the tokens of each image come from its size:
+``inspect RECIPE`` counts them as the model's processor does, from the sizes in the images'
+headers (after ``image_aspect_ratio: pad``, as training pads); without a recipe every image
+becomes ``--num-image-tokens`` tokens.
+
 Every image a sample trains with (input images and MiniGPT-5 target images that survive
 truncation) is opened and decoded under training's checks (``image_folder``,
 ``max_image_pixels``, ``allow_outside_image_folder``), so a missing, empty, truncated, corrupt,
@@ -35,6 +40,7 @@ from lvlm_tune.data.errors import (
     check_bad_fraction,
 )
 from lvlm_tune.data.hooks import DataHooks
+from lvlm_tune.data.image_tokens import ImageTokenCounter
 from lvlm_tune.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageLoader
 from lvlm_tune.errors import UserError, command, require_path
 from lvlm_tune.templates import template_names
@@ -118,7 +124,7 @@ class Settings:
     hooks: DataHooks
     special_tokens: tuple[str, ...]
     tokenizer: str
-    num_image_tokens: int
+    num_image_tokens: int | ImageTokenCounter  # a counter from the sizes for anyres families
     data: str
     data_format: str = "auto"
     image_folder: str | None = None
@@ -126,6 +132,7 @@ class Settings:
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     allow_outside_image_folder: bool = False
+    image_aspect_ratio: str = "none"
 
 
 def _given(args: argparse.Namespace, name: str, default: Any) -> Any:
@@ -176,6 +183,7 @@ def settings_from_recipe(args: argparse.Namespace, overrides: list[str]) -> Sett
     ``overrides`` and the given inspect options applied; the tokenizer the model is built with
     (unless ``--tokenizer``) and its image tokens from the model's configs (the model-family
     registry) unless ``--num-image-tokens``."""
+    from lvlm_tune.models.llava_original import original_image_aspect_ratio
     from lvlm_tune.training.encoding import recipe_image_tokens, tokenizer_path
     from lvlm_tune.training.recipe import parse_recipe
 
@@ -204,6 +212,8 @@ def settings_from_recipe(args: argparse.Namespace, overrides: list[str]) -> Sett
         max_bad_fraction=data_args.max_bad_fraction,
         max_image_pixels=data_args.max_image_pixels,
         allow_outside_image_folder=data_args.allow_outside_image_folder,
+        image_aspect_ratio=data_args.image_aspect_ratio
+        or original_image_aspect_ratio(model_args.model_name_or_path) or "none",
     )  # fmt: skip
 
 
@@ -225,7 +235,8 @@ def open_inputs(settings: Settings) -> tuple[ConversationEncoder, Any, ImageLoad
     encoder = settings.options.encoder(tokenizer, settings.num_image_tokens, settings.hooks)
     source = open_source(settings.data, fmt=settings.data_format)
     images = ImageLoader(
-        None, settings.image_folder, max_image_pixels=settings.max_image_pixels,
+        None, settings.image_folder, settings.image_aspect_ratio,
+        max_image_pixels=settings.max_image_pixels,
         allow_outside_folder=settings.allow_outside_image_folder,
     )  # fmt: skip
     return encoder, source, images
@@ -238,7 +249,8 @@ def encode_sample(
     hooks), opening every image it trains with; raises ``BadSampleError`` when training would
     refuse it."""
     record = read_record(source, index, hooks)
-    sample = encoder.encode(record, index)
+    sizes = images.sizes(record) if encoder.num_image_tokens is None else None
+    sample = encoder.encode(record, index, image_sizes=sizes)
     images.load(record, sample.num_images)  # decoded as training decodes them
     if hooks.sample_extras is not None:  # e.g. MiniGPT-5's target images, decoded too
         hooks.sample_extras(record, sample, images)
