@@ -5,7 +5,8 @@ kinds, image-token counts and checks); ``minigpt4`` builds MiniGPT-4 on BLIP-2; 
 maps projector types onto the HF projector class; ``parts`` finds parts inside (PEFT-wrapped)
 models and saves / loads the projector; ``tokens`` prepares a tokenizer; ``layout`` tells an
 original-layout LLaVA folder from an HF one, and ``llava_original`` (with ``_config`` and
-``_weights``) converts one.
+``_weights``) converts one. ``llava_next`` builds and loads the anyres families (LLaVA-NeXT,
+LLaVA-OneVision), ``anyres_processors`` their processors and ``anyres`` their image counts.
 
 The names below are imported on first use (PEP 562), so importing one light submodule (e.g.
 ``lvlm_tune.models.tokens`` for ``lvlm-tune inspect``) does not load the model code, PEFT or
@@ -24,6 +25,13 @@ _EXPORTS = {
     "enable_gradient_checkpointing": "lvlm_tune.models.llava",
     "load_llava": "lvlm_tune.models.llava",
     "num_image_tokens": "lvlm_tune.models.vision_towers",
+    "build_anyres": "lvlm_tune.models.llava_next",
+    "load_anyres": "lvlm_tune.models.llava_next",
+    "build_llava_next": "lvlm_tune.models.llava_next",
+    "load_llava_next": "lvlm_tune.models.llava_next",
+    "build_llava_onevision": "lvlm_tune.models.llava_next",
+    "load_llava_onevision": "lvlm_tune.models.llava_next",
+    "load_anyres_processor": "lvlm_tune.models.anyres_processors",
     "PROJECTOR_FILE": "lvlm_tune.models.parts",
     "load_projector": "lvlm_tune.models.parts",
     "save_projector": "lvlm_tune.models.parts",

@@ -4,7 +4,9 @@ Part names come from the :mod:`lvlm_tune.models.registry` entry and are relative
 unwrapped HF model. PEFT renames parameters (``base_model.model.`` prefix, ``lora_A``/``lora_B``,
 ``modules_to_save.<adapter>`` copies, ``base_layer``); :func:`canonical_name` maps a wrapped name
 back so the same part names work before and after wrapping. The stage-1 projector is stored as
-``projector.safetensors`` with keys relative to the projector module, so a stage-2 run (any
+``projector.safetensors`` with keys relative to the projector module (prefixed by the module
+name when a family has several parts there; a bare parameter part, NeXT's ``image_newline``,
+is keyed by its own name), so a stage-2 run (any
 stage, wrapped or not) loads it with :func:`load_projector` and nothing else to copy by hand.
 Both functions gather ZeRO-3 partitioned parameters when they meet them.
 """
@@ -52,6 +54,15 @@ def is_under(name: str, prefixes: Sequence[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
+def is_parameter(model: nn.Module, name: str) -> bool:
+    """Whether a part name is a bare parameter (``model.image_newline``), not a module."""
+    try:
+        unwrap_model(model).get_parameter(name)
+    except AttributeError:
+        return False
+    return True
+
+
 def _projector_copies(model: nn.Module, module_name: str) -> list[nn.Module]:
     """The modules holding a projector's weights; the active (trained) one first.
 
@@ -92,6 +103,11 @@ def projector_state_dict(
     family = get_model_family(family)
     state: dict[str, torch.Tensor] = {}
     for module_name in family.projector_modules:
+        if is_parameter(model, module_name):  # keyed by its own name
+            param = unwrap_model(model).get_parameter(module_name)
+            with _gathered([param], modifier_rank=None):
+                state[module_name] = param.detach().cpu().clone()
+            continue
         module = _projector_copies(model, module_name)[0]
         with _gathered(list(module.parameters()), modifier_rank=None):
             for name, tensor in module.state_dict().items():
@@ -151,6 +167,9 @@ def load_projector(
     else:
         state = load_file(str(source))
     for module_name in family.projector_modules:
+        if is_parameter(model, module_name):
+            _load_parameter(model, module_name, state, source)
+            continue
         prefix = _key(family, module_name, "")
         sub = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
         for module in _projector_copies(model, module_name):
@@ -162,3 +181,19 @@ def load_projector(
                         f"{source} does not fit the model's {module_name}: {error}"
                     ) from None
     return source
+
+
+def _load_parameter(
+    model: nn.Module, name: str, state: dict[str, torch.Tensor], source: Path
+) -> None:
+    """Copy ``state[name]`` into the model's bare parameter ``name`` (ZeRO-3: gathered)."""
+    param = unwrap_model(model).get_parameter(name)
+    if name not in state:
+        raise ValueError(f"{source} does not fit the model: it holds no {name}")
+    with _gathered([param], modifier_rank=0), torch.no_grad():
+        if tuple(state[name].shape) != tuple(param.shape):
+            raise ValueError(
+                f"{source} does not fit the model's {name}: shape "
+                f"{tuple(state[name].shape)} vs {tuple(param.shape)}"
+            )
+        param.copy_(state[name].to(device=param.device, dtype=param.dtype))

@@ -10,16 +10,26 @@ MiniGPT-5) is adding one entry to ``MODEL_FAMILIES``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, LlavaConfig, PretrainedConfig
+from transformers import AutoConfig, AutoProcessor, LlavaConfig, PretrainedConfig
 
 from lvlm_tune.data.image_tokens import ImageTokenCounter
+from lvlm_tune.models.anyres import processor_image_counter
+from lvlm_tune.models.anyres_processors import load_anyres_processor
 from lvlm_tune.models.llava import build_llava, load_llava, num_image_tokens
+from lvlm_tune.models.llava_next import (
+    build_llava_next,
+    build_llava_onevision,
+    load_llava_next,
+    load_llava_onevision,
+    processor_from_parts,
+)
 from lvlm_tune.models.minigpt4 import build_minigpt4, load_minigpt4, read_original_projection
 from lvlm_tune.models.projectors import fixed_projector_parameters
 
@@ -28,10 +38,36 @@ def _no_fixed_parameters(config: PretrainedConfig) -> tuple[str, ...]:
     return ()
 
 
-def _llava_image_features(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
+def _llava_image_features(model: Any, pixel_values: torch.Tensor, **_: Any) -> torch.Tensor:
     """Vision tower + projector on ``pixel_values``; one tensor of all image features."""
     out = model.model.get_image_features(pixel_values=pixel_values)
     return torch.cat([f.reshape(-1) for f in out.pooler_output])
+
+
+def _anyres_image_features(
+    model: Any, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None, **_: Any
+) -> torch.Tensor:
+    """Vision tower + projector + newline rows of a NeXT/OneVision model on ``pixel_values``
+    (images, tiles, C, H, W) of images of ``image_sizes`` (height, width); flattened.
+
+    Raises ``ValueError`` without ``image_sizes`` (the tiles cannot be placed without them).
+    """
+    if image_sizes is None:
+        raise ValueError("anyres image features need the images' image_sizes")
+    sizes = image_sizes.to(device=pixel_values.device)
+    out = model.model.get_image_features(pixel_values=pixel_values, image_sizes=sizes)
+    return torch.cat([f.reshape(-1) for f in out.pooler_output])
+
+
+def _anyres_base_tokens(model_or_config: Any) -> int:
+    """Tokens of one image at base resolution (one tile, no newline): what a NeXT/OneVision
+    image is where a single fixed count is asked for; real counts come from the processor."""
+    config = getattr(model_or_config, "config", model_or_config)
+    vision = config.vision_config
+    count = (vision.image_size // vision.patch_size) ** 2
+    if config.vision_feature_select_strategy == "full" and vision.model_type.startswith("clip"):
+        count += 1
+    return count
 
 
 def _num_query_tokens(config: Any) -> int:
@@ -49,6 +85,13 @@ def _llava_parts_config(
         vision_config=vision.to_dict(),
         vision_feature_select_strategy=vision_feature_select_strategy,
     )
+
+
+def _anyres_parts_config(
+    vision_tower: str, vision_feature_select_strategy: str = "default", **_: Any
+) -> PretrainedConfig:
+    """The vision side of a composed NeXT/OneVision model (its base-resolution tokens)."""
+    return _llava_parts_config(vision_tower, vision_feature_select_strategy)
 
 
 def _blip2_parts_config(vision_tower: str, **_: Any) -> PretrainedConfig:
@@ -77,8 +120,9 @@ class ModelFamily:
         fixed_projector_parameters: given the model config, projector parameter names
             (relative to the projector module) that never train.
         image_features: runs the vision path (vision tower + projector) of an unwrapped
-            model on ``pixel_values``; the trainer calls it on a blank image for text-only
-            batches so every rank runs the same modules.
+            model on ``pixel_values`` (and, for anyres families, ``image_sizes=``); the
+            trainer calls it on a blank image for text-only batches so every rank runs the
+            same modules.
         num_image_tokens: given a model (or its config), the image tokens one image becomes
             (families with a fixed count).
         sized_image_tokens: given the processor, the counter of the families whose image
@@ -87,6 +131,11 @@ class ModelFamily:
         parts_config: given the vision side and the ``build_options``, a config of the model
             ``build`` would compose, read from config files only, that ``num_image_tokens``
             takes (``lvlm-tune inspect`` counts image tokens without building the model).
+        processor_from_parts: given the vision side, the LLM and the ``build_options``, the
+            processor ``build`` would give, from config and tokenizer files only (families
+            whose image tokens come from the processor: ``inspect`` counts with it).
+        load_processor: reads a saved folder's processor (default ``AutoProcessor``; the
+            OneVision processor is read without its torchvision-only video processor).
         build_options: the ``ModelArguments`` fields (beyond the two parts, dtype, attention
             and tokens) that ``build`` takes, recorded in the run card and passed again
             when an adapter's base is rebuilt.
@@ -110,10 +159,12 @@ class ModelFamily:
     language_modules: tuple[str, ...]
     lora_modules: tuple[str, ...]
     fixed_projector_parameters: Callable[[PretrainedConfig], tuple[str, ...]] = _no_fixed_parameters
-    image_features: Callable[[Any, torch.Tensor], torch.Tensor] = _llava_image_features
+    image_features: Callable[..., torch.Tensor] = _llava_image_features
     num_image_tokens: Callable[[Any], int] = num_image_tokens
     sized_image_tokens: Callable[[Any], ImageTokenCounter] | None = None
     parts_config: Callable[..., PretrainedConfig] = _llava_parts_config
+    processor_from_parts: Callable[..., Any] | None = None
+    load_processor: Callable[[Any], Any] = AutoProcessor.from_pretrained
     build_options: tuple[str, ...] = ()
     load_options: tuple[str, ...] = ()
     forward_needs_pixels: bool = False
@@ -164,7 +215,44 @@ MINIGPT4 = ModelFamily(
     read_original_projector=read_original_projection,
 )
 
-MODEL_FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (LLAVA, MINIGPT4)}
+# LLaVA-NeXT and OneVision: the newline embedding ``model.image_newline`` (a bare parameter,
+# new in a composed model, read with the projector's output) belongs to the projector side: it
+# trains with the projector and is saved in ``projector.safetensors``. Under LoRA it stays
+# frozen (PEFT's ``modules_to_save`` takes modules only), see training/freezing.py.
+_ANYRES_OPTIONS = ("vision_feature_layer", "vision_feature_select_strategy", "image_grid_pinpoints")
+_ANYRES_PARTS: dict[str, Any] = {
+    "projector_modules": ("model.multi_modal_projector", "model.image_newline"),
+    "vision_modules": ("model.vision_tower",),
+    "language_modules": ("model.language_model", "lm_head"),
+    "lora_modules": ("model.language_model",),
+    "image_features": _anyres_image_features,
+    "num_image_tokens": _anyres_base_tokens,
+    "sized_image_tokens": processor_image_counter,
+    "parts_config": _anyres_parts_config,
+    "load_processor": load_anyres_processor,
+}
+
+LLAVA_NEXT = ModelFamily(
+    name="llava_next",
+    build=build_llava_next,
+    load=load_llava_next,
+    processor_from_parts=functools.partial(processor_from_parts, "llava_next"),
+    build_options=_ANYRES_OPTIONS,
+    **_ANYRES_PARTS,
+)
+
+LLAVA_ONEVISION = ModelFamily(
+    name="llava_onevision",
+    build=build_llava_onevision,
+    load=load_llava_onevision,
+    processor_from_parts=functools.partial(processor_from_parts, "llava_onevision"),
+    build_options=(*_ANYRES_OPTIONS, "vision_aspect_ratio"),
+    **_ANYRES_PARTS,
+)
+
+MODEL_FAMILIES: dict[str, ModelFamily] = {
+    family.name: family for family in (LLAVA, MINIGPT4, LLAVA_NEXT, LLAVA_ONEVISION)
+}
 
 
 def family_names() -> list[str]:

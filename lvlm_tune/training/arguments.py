@@ -24,6 +24,7 @@ from lvlm_tune.data.prompts import INSTRUCTION_POOLS
 from lvlm_tune.data.sources import SOURCE_FORMATS
 from lvlm_tune.data.text_policy import PLAIN_MULTI_TURN, SPECIAL_TEXT_POLICIES, STOP_TEXT_POLICIES
 from lvlm_tune.errors import UserError
+from lvlm_tune.models.anyres_processors import check_anyres_options
 from lvlm_tune.models.registry import family_names
 from lvlm_tune.templates.registry import template_names
 from lvlm_tune.templates.render import IMAGE_POSITIONS
@@ -78,7 +79,10 @@ class ModelArguments(LvlmModelConfig):
     ``lora_*``, ``use_dora``, ``use_rslora``) are ``trl.ModelConfig``'s (:class:`LvlmModelConfig`).
     """
 
-    family: str = _help("model family: llava | minigpt4", default="llava")
+    family: str = _help(
+        "model family: llava | minigpt4 | llava_next (anyres tiles) | llava_onevision",
+        default="llava",
+    )
     vision_tower: str | None = _help(
         "vision side of a new model (folder or hub id): a CLIP/SigLIP encoder for llava, a "
         "BLIP-2 checkpoint (its ViT + Q-Former + query tokens) for minigpt4",
@@ -90,7 +94,20 @@ class ModelArguments(LvlmModelConfig):
     )
     projector_type: str = _help("linear (LLaVA-1) | mlp2x_gelu (LLaVA-1.5)", default="mlp2x_gelu")
     vision_feature_layer: int = _help("vision layer fed to the projector", default=-2)
-    vision_feature_select_strategy: str = _help("default (drop CLS) | full", default="default")
+    vision_feature_select_strategy: str = _help(
+        "default (drop CLS) | full (keep every token; SigLIP, which has no CLS)", default="default"
+    )
+    image_grid_pinpoints: str | None = _help(
+        "llava_next/llava_onevision: the tile grids an image may be cut into, ROWSxCOLUMNS in "
+        "tiles, comma-separated (1x2,2x1,2x2); unset: the published grids (NeXT: "
+        "1x2,2x1,2x2,3x1,1x3; OneVision: every grid from 1x1 to 6x6)",
+        default=None,
+    )
+    vision_aspect_ratio: str = _help(
+        "llava_onevision: anyres_max_N, the most tiles' worth of features one image keeps "
+        "(larger grids are downscaled to it)",
+        default="anyres_max_9",
+    )
     num_query_tokens: int = _help(
         "minigpt4: Q-Former queries, i.e. image tokens per image (the BLIP-2 checkpoint's)",
         default=32,
@@ -130,6 +147,10 @@ class ModelArguments(LvlmModelConfig):
             _check_range(self, key, low=1)
         _check_range(self, "lora_alpha", low=0, open_low=True)
         _check_range(self, "lora_dropout", low=0, high=1)
+        try:
+            check_anyres_options(self.image_grid_pinpoints, self.vision_aspect_ratio)
+        except ValueError as error:
+            raise UserError(str(error)) from None
 
 
 @dataclass
@@ -230,6 +251,11 @@ class LvlmTrainingArguments(TrainingArguments):
     projector_lr: float | None = _help(
         "learning rate of the projector (default: learning_rate)", default=None
     )
+    vision_tower_lr: float | None = _help(
+        "learning rate of the vision tower when unfreeze_vision_tower trains it (default: "
+        "learning_rate; LLaVA-NeXT and OneVision train it at 1/5 of the LLM's: 2e-6 vs 1e-5)",
+        default=None,
+    )
     group_by_modality_length: bool = _help(
         "batches hold only image or only text samples, of similar length", default=False
     )
@@ -252,7 +278,10 @@ class LvlmTrainingArguments(TrainingArguments):
             "gradient_accumulation_steps",
         ):  # fmt: skip
             _check_range(self, key, low=1)
-        for key in ("learning_rate", "projector_lr", "weight_decay", "dataloader_num_workers"):
+        for key in (
+            "learning_rate", "projector_lr", "vision_tower_lr", "weight_decay",
+            "dataloader_num_workers",
+        ):  # fmt: skip
             _check_range(self, key, low=0)
         if self.max_steps == 0 or self.max_steps < -1:
             # transformers reads max_steps <= 0 as "train num_train_epochs", so 0 would train

@@ -5,7 +5,9 @@ and the whole LLM (embeddings and ``lm_head`` included); the vision tower stays 
 ``finetune_lora`` wraps the model with PEFT LoRA on the linear layers of the LLM only (never the
 vision tower or projector, even when their layers share names such as ``q_proj``) and trains the
 projector fully through PEFT ``modules_to_save``, so the adapter folder carries it and
-``merge_and_unload`` folds it in. ``unfreeze_vision_tower`` additionally trains the vision tower
+``merge_and_unload`` folds it in; a projector-side bare parameter (the anyres families'
+``image_newline``) cannot be a PEFT module to save, so under LoRA it stays frozen at the
+base's value (the checkpoint's, or a ``pretrained_projector``'s). ``unfreeze_vision_tower`` additionally trains the vision tower
 in any stage. Parts are found through the model-family registry; parameters a family fixes
 (the identity ``linear_2`` of a ``linear`` projector) never train. An extension may add stages
 of its own (MiniGPT-5's ``vokens``, ``vokens_lora``); it freezes for them itself, with the
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from lvlm_tune.models.parts import canonical_name, is_under, unwrap_model
+from lvlm_tune.models.parts import canonical_name, is_parameter, is_under, unwrap_model
 from lvlm_tune.models.registry import ModelFamily, get_model_family
 
 STAGES = ("pretrain", "finetune", "finetune_lora")  # the core's; extensions add their own
@@ -132,7 +134,10 @@ def apply_stage(
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
             target_modules=lora_target_regex(model, family, lora.target_modules),
-            modules_to_save=[*family.projector_modules, *vision],
+            # modules only: a bare parameter part (NeXT's image_newline) stays frozen
+            modules_to_save=[
+                n for n in (*family.projector_modules, *vision) if not is_parameter(model, n)
+            ],
             use_dora=lora.use_dora,
             use_rslora=lora.use_rslora,
             bias="none",

@@ -47,6 +47,7 @@ from lvlm_tune.training.recipe import (
 from lvlm_tune.training.run_card import RunCard, run_options
 from lvlm_tune.training.run_folder import claim_output_dir
 from lvlm_tune.training.trainer import LvlmTrainer
+from lvlm_tune.training.vision_path import blank_image_sizes
 
 logger = logging.getLogger("lvlm_tune.train")
 
@@ -202,6 +203,7 @@ def run(
         model_args, data_args, train_args, options=options,
         num_image_tokens=image_tokens if isinstance(image_tokens, int) else None,
     )  # fmt: skip
+    blank = dataset.images.blank()
     trainer = trainer_class(model_args.extensions, LvlmTrainer)(
         model=model,
         args=train_args,
@@ -211,7 +213,8 @@ def run(
         family=family,
         run_card=card,
         stage=model_args.stage,
-        blank_pixel_values=dataset.images.blank(),
+        blank_pixel_values=blank,
+        blank_image_sizes=blank_image_sizes(blank, processor),
         callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=resume_arg(train_args.resume_from_checkpoint))

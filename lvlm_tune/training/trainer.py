@@ -3,14 +3,13 @@
 What it adds, and nothing else:
 
 * frozen vision modules stay in eval mode (no dropout) while the rest trains;
-* optimizer groups (:mod:`lvlm_tune.training.optimizer`): ``projector_lr``, no weight decay
-  on biases and norms, ``DeepSpeedCPUAdam`` under ZeRO-Offload; a DeepSpeed config with its
-  own optimizer or scheduler is refused (it would drop the projector group);
+* optimizer groups (:mod:`lvlm_tune.training.optimizer`): ``projector_lr``,
+  ``vision_tower_lr``, no weight decay on biases and norms, ``DeepSpeedCPUAdam`` under
+  ZeRO-Offload; a DeepSpeed config with its own optimizer or scheduler is refused;
 * the modality-and-length grouped sampler (``group_by_modality_length``);
-* text-only batches still run the vision path on a blank image (times zero), right after the
-  token embeddings as image batches do (or, for families whose forward always runs it, such
-  as MiniGPT-4's BLIP-2, as the batch's image with no image token to fill), so every rank runs
-  the same modules in the same order in every step (ZeRO-2/3 collectives match);
+* text-only batches still run the vision path on a blank image (times zero; anyres: with its
+  ``image_sizes``): :mod:`lvlm_tune.training.vision_path`, so every rank runs the same
+  modules in the same order in every step (ZeRO-2/3 collectives match);
 * every save (intermediate checkpoints too) also writes the run card, the processor, and for
   stage 1 a projector-only file; under ZeRO-3 all ranks gather and rank 0 writes;
 * checkpoints are staged and published with one rename; ``resume_from_checkpoint: true`` (or
@@ -20,9 +19,8 @@ What it adds, and nothing else:
   zero; the bad samples of all ranks are counted, checked against ``max_bad_fraction`` and
   carried by checkpoints (:mod:`lvlm_tune.training.bad_samples`).
 
-Extensions subclass it (their ``trainer_class`` hook, :mod:`lvlm_tune.training.extensions`)
-and override :meth:`LvlmTrainer.save_weights` and ``_load_from_checkpoint`` for models that
-are not a ``PreTrainedModel``.
+Extensions subclass it (``trainer_class``, :mod:`lvlm_tune.training.extensions`) and override
+:meth:`LvlmTrainer.save_weights` and ``_load_from_checkpoint`` for non-``PreTrainedModel``s.
 """
 
 from __future__ import annotations
@@ -63,10 +61,10 @@ class LvlmTrainer(Trainer):
 
     Args:
         family: the model family entry (where the projector and vision path are).
-        run_card: what to record with every save (``None``: nothing, for a trainer that
-            never saves).
-        stage: the run's stage; saves of a ``pretrain`` run also write the projector alone.
+        run_card: what to record with every save (``None``: nothing; it never saves).
+        stage: the run's stage (``pretrain``: saves also write the projector alone).
         blank_pixel_values: a blank image batch (1, C, H, W) for text-only batches.
+        blank_image_sizes: its ``image_sizes`` for anyres families (NeXT, OneVision).
         **kwargs: passed to ``transformers.Trainer``.
     """
 
@@ -77,6 +75,7 @@ class LvlmTrainer(Trainer):
         run_card: RunCard | None,
         stage: str | None = None,
         blank_pixel_values: torch.Tensor | None = None,
+        blank_image_sizes: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -85,6 +84,7 @@ class LvlmTrainer(Trainer):
         self.run_card = run_card
         self.stage = stage
         self.blank_pixel_values = blank_pixel_values
+        self.blank_image_sizes = blank_image_sizes
         self._staging = False
         self._all_bad = False
         skips = getattr(self.train_dataset, "on_bad_sample", None) == "skip"
@@ -97,7 +97,7 @@ class LvlmTrainer(Trainer):
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
             opt_model = self.model if model is None else model
-            groups = parameter_groups(opt_model, self.args, self.family.projector_modules)
+            groups = parameter_groups(opt_model, self.args, self.family)
             optimizer_cls, optimizer_kwargs = optimizer_cls_and_kwargs(self.args, opt_model)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
@@ -185,8 +185,8 @@ class LvlmTrainer(Trainer):
         return loss, outputs
 
     def _blank_features(self, model: Any, like: torch.Tensor) -> torch.Tensor:
-        base = self.accelerator.unwrap_model(model)
-        return blank_features(self.family, base, self.blank_pixel_values, like)
+        base, sizes = self.accelerator.unwrap_model(model), self.blank_image_sizes
+        return blank_features(self.family, base, self.blank_pixel_values, like, sizes)
 
     # ---- saving ------------------------------------------------------------------------
 

@@ -15,18 +15,37 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from PIL import Image
 
 from lvlm_tune.models.parts import unwrap_model
 from lvlm_tune.models.registry import ModelFamily
 
 
+def blank_image_sizes(pixel_values: torch.Tensor | None, processor: Any) -> torch.Tensor | None:
+    """``image_sizes`` of the blank image (``ImageLoader.blank``: 8 x 8 pixels) for processors
+    that tile images by size (anyres: 5-D ``pixel_values``); ``None`` for the others."""
+    if pixel_values is None or pixel_values.dim() != 5:
+        return None
+    image_processor = getattr(processor, "image_processor", processor)
+    out = image_processor(images=[Image.new("RGB", (8, 8))], return_tensors="pt")
+    return out["image_sizes"]
+
+
 def blank_features(
-    family: ModelFamily, model: Any, blank: torch.Tensor, like: torch.Tensor
+    family: ModelFamily,
+    model: Any,
+    blank: torch.Tensor,
+    like: torch.Tensor,
+    image_sizes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The family's image features of ``blank`` (pixels), on ``like``'s device."""
+    """The family's image features of ``blank`` (pixels; anyres: of ``image_sizes``), on
+    ``like``'s device."""
     base = unwrap_model(model)
     dtype = next(base.parameters()).dtype
-    return family.image_features(base, blank.to(device=like.device, dtype=dtype))
+    pixels = blank.to(device=like.device, dtype=dtype)
+    if image_sizes is None:
+        return family.image_features(base, pixels)
+    return family.image_features(base, pixels, image_sizes=image_sizes)
 
 
 @contextlib.contextmanager
