@@ -5,8 +5,9 @@ Steps (each timed, outputs under ``--out``, default ``runs/demo_onevision/``):
 1. data (:mod:`lvlm_tune.demo.pairs`): pairs of shapes images, described for stage 1, asked
    about for stage 2 (which image shows a colour, how many shapes the two hold together,
    whether they show the same shape), a held-out split and its blank-images twin;
-2. base models: the LLaVA demo's tiny CLIP tower (:mod:`lvlm_tune.demo.pretrain`) and a tiny
-   LLaMA pre-trained on the training conversations with captions where the images go
+2. base models: a tiny SigLIP tower pre-trained as the LLaVA demo's CLIP is
+   (:mod:`lvlm_tune.demo.pretrain`; it exposes its last hidden state, OneVision's feature
+   layer) and a tiny LLaMA pre-trained on the training conversations with captions where the images go
    (:mod:`lvlm_tune.demo.pretrain_onevision`);
 3. stage 1 (projector only) and stage 2 (LoRA + projector) of ``family: llava_onevision``,
    composed from those parts by the same recipe machinery as real runs
@@ -49,8 +50,8 @@ STAGES = (("stage1", "llava_onevision_stage1.yaml"), ("stage2", "llava_onevision
 
 
 def base_models(base: Path, data: dict[str, Path], quick: bool) -> dict[str, Any]:
-    """The CLIP tower (``base/vision``) and the caption-pre-trained LLM (``base/llm``)."""
-    vision = pretrain.VisionTowerConfig()
+    """The SigLIP tower (``base/vision``) and the caption-pre-trained LLM (``base/llm``)."""
+    vision = pretrain.VisionTowerConfig(kind="siglip", feature_layer=-1, num_layers=2)
     llm = pretrain.LanguageModelConfig(max_length=MAX_LENGTH)
     if quick:
         vision.steps = llm.steps = 5
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    # every core, unless OMP_NUM_THREADS says otherwise (on shared cores one thread is faster)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
     out = Path(args.out)
     times: dict[str, float] = {}
     summary: dict[str, Any] = {"times_s": times}
