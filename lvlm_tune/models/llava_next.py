@@ -172,9 +172,11 @@ def processor_from_parts(
     vision_aspect_ratio: str = "anyres_max_9",
     chat_template: str | None = None,
     extra_special_tokens: Sequence[str] = (),
+    **_: Any,
 ) -> Any:
     """The processor :func:`build_anyres` gives its model, from the parts' config and tokenizer
-    files only (no weights: ``lvlm-tune inspect`` counts image tokens with it).
+    files only (no weights: ``lvlm-tune inspect`` counts image tokens with it). Other build
+    options (``vision_feature_layer``) do not change it and are ignored.
 
     The tokenizer is prepared as building prepares it (``<image>``, a pad token, OneVision's
     ``<video>``, ``extra_special_tokens``).

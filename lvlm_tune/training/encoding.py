@@ -159,12 +159,15 @@ def tokenizer_path(model_args: Any) -> tuple[str, str] | None:
     return None
 
 
-def recipe_image_tokens(model_args: Any) -> int | None:
+def recipe_image_tokens(model_args: Any) -> int | ImageTokenCounter | None:
     """Image tokens per image of a recipe's model, from its configs alone (no weights).
 
     The family comes from the model-family registry: a checkpoint's config (an original-layout
     LLaVA folder's as converted), else the config the family composes from the vision side.
-    ``None`` (with a note on stderr) when the configs cannot be read locally.
+    For the families whose counts depend on the image sizes (NeXT, OneVision) it is the
+    counter of the checkpoint's processor, or of the processor the family composes from the
+    parts' config and tokenizer files. ``None`` (with a note on stderr) when the files cannot
+    be read locally.
     """
     from transformers import AutoConfig
 
@@ -174,7 +177,16 @@ def recipe_image_tokens(model_args: Any) -> int | None:
     family = get_model_family(model_args.family)
     options = {key: getattr(model_args, key) for key in family.build_options}
     path, vision = model_args.model_name_or_path, model_args.vision_tower
+    llm = model_args.llm_name_or_path
     try:
+        if family.sized_image_tokens is not None and family.processor_from_parts is not None:
+            if path:
+                return family.sized_image_tokens(family.load_processor(path))
+            if vision and llm:
+                return family.sized_image_tokens(
+                    family.processor_from_parts(vision, llm, **options)
+                )
+            return None
         if path:
             if is_original_llava(path):  # AutoConfig does not know its model type
                 return family.num_image_tokens(original_llava_config(path, vision))
