@@ -48,7 +48,6 @@ from lvlm_tune.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageLoader
 from lvlm_tune.errors import command
 from lvlm_tune.templates import template_names
 from lvlm_tune.templates.render import IMAGE_POSITIONS
-from lvlm_tune.training.encoding import load_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,7 +116,7 @@ def open_inputs(settings: Settings) -> tuple[ConversationEncoder, Any, ImageLoad
     """The encoder (tokenizer prepared as training prepares it), data source and image loader."""
     from lvlm_tune.data.sources import open_source
 
-    tokenizer = load_tokenizer(settings.tokenizer, settings.special_tokens)
+    tokenizer = settings.load_tokenizer()
     encoder = settings.options.encoder(tokenizer, settings.num_image_tokens, settings.hooks)
     source = open_source(settings.data, fmt=settings.data_format)
     images = ImageLoader(

@@ -1,10 +1,10 @@
 """The settings ``lvlm-tune inspect`` encodes with: from its options alone, or from a recipe
 read as ``lvlm-tune train`` reads it.
 
-With a recipe, the image tokens are the model's: a fixed count from its configs, or for the
-anyres families (LLaVA-NeXT, OneVision) a counter from each image's size built on the
-processor the model would be built with (:func:`recipe_image_counter`, config and tokenizer
-files only, no weights). Without a recipe every image becomes ``--num-image-tokens`` tokens.
+With a recipe, the image tokens are the model's (``recipe_image_tokens``, from config and
+tokenizer files, no weights): a fixed count, or for the anyres families (LLaVA-NeXT, OneVision)
+a counter from each image's size on the processor the model is built with. Without a recipe
+every image becomes ``--num-image-tokens`` tokens.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from lvlm_tune.data.image_tokens import ImageTokenCounter
 from lvlm_tune.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from lvlm_tune.errors import UserError, require_path
 from lvlm_tune.templates import template_names
-from lvlm_tune.training.encoding import EncodingOptions
+from lvlm_tune.training.encoding import EncodingOptions, load_tokenizer
 
 # inspect option -> the recipe key it sets (given with a recipe, it overrides the recipe's)
 RECIPE_KEYS = {
@@ -55,6 +55,13 @@ class Settings:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     allow_outside_image_folder: bool = False
     image_aspect_ratio: str = "none"
+    prepared_tokenizer: Any = None  # the model's own, when building prepares it further
+
+    def load_tokenizer(self) -> Any:
+        """The tokenizer, prepared as training prepares it."""
+        if self.prepared_tokenizer is not None:
+            return self.prepared_tokenizer
+        return load_tokenizer(self.tokenizer, self.special_tokens)
 
 
 def _given(args: argparse.Namespace, name: str, default: Any) -> Any:
@@ -124,13 +131,11 @@ def settings_from_recipe(args: argparse.Namespace, overrides: list[str]) -> Sett
         raise UserError(f"{args.recipe}: names no model or LLM to take the tokenizer from")
     key = found[0] if args.tokenizer else f"{args.recipe}: {found[0]}"
     require_path(found[1], key)
-    image_tokens = (
-        args.num_image_tokens or recipe_image_counter(model_args)
-        or recipe_image_tokens(model_args) or 1
-    )  # fmt: skip
+    image_tokens = args.num_image_tokens or recipe_image_tokens(model_args) or 1
     options = EncodingOptions.from_recipe(
         data_args, seed=train_args.seed, extensions=model_args.extensions
     )
+    prepared = None if args.tokenizer else composed_tokenizer(model_args, options.special_tokens())
     return Settings(
         options, options.data_hooks(), options.special_tokens(), found[1], image_tokens,
         data_args.data_path, data_format=data_args.data_format, image_folder=data_args.image_folder, on_bad_sample=data_args.on_bad_sample,
@@ -139,26 +144,22 @@ def settings_from_recipe(args: argparse.Namespace, overrides: list[str]) -> Sett
         allow_outside_image_folder=data_args.allow_outside_image_folder,
         image_aspect_ratio=data_args.image_aspect_ratio
         or original_image_aspect_ratio(model_args.model_name_or_path) or "none",
+        prepared_tokenizer=prepared,
     )  # fmt: skip
 
 
-def recipe_image_counter(model_args: Any) -> ImageTokenCounter | None:
-    """The per-image token counter of a recipe's anyres model (``None`` for families with a
-    fixed count): the family's counter on the processor the model is built or loaded with,
-    read from config, processor and tokenizer files (no weights)."""
+def composed_tokenizer(model_args: Any, special_tokens: tuple[str, ...]) -> Any:
+    """The tokenizer of the processor a family composes from parts (NeXT, OneVision: OneVision
+    adds ``<video>`` before the run's tokens), from config and tokenizer files; ``None`` for
+    families whose tokenizer is the LLM's, prepared by ``load_tokenizer``."""
     from lvlm_tune.models.registry import get_model_family
 
     family = get_model_family(model_args.family)
-    if family.sized_image_tokens is None:
+    if model_args.model_name_or_path or family.processor_from_parts is None:
         return None
-    if model_args.model_name_or_path:
-        processor = family.load_processor(model_args.model_name_or_path)
-    else:
-        if family.processor_from_parts is None or not model_args.vision_tower:
-            return None
-        options = {key: getattr(model_args, key) for key in family.build_options}
-        options.pop("vision_feature_layer", None)  # the processor does not read it
-        processor = family.processor_from_parts(
-            model_args.vision_tower, model_args.llm_name_or_path, **options
-        )
-    return family.sized_image_tokens(processor)
+    options = {key: getattr(model_args, key) for key in family.build_options}
+    processor = family.processor_from_parts(
+        model_args.vision_tower, model_args.llm_name_or_path, **options,
+        extra_special_tokens=special_tokens,
+    )  # fmt: skip
+    return processor.tokenizer
