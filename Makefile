@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # CPU build of torch, pinned so pip never pulls a multi-GB CUDA build on dev/CI machines.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv test test-fast lint format demo demo-minigpt4 demo-minigpt5 clean
+.PHONY: venv test test-fast lint format demo demo-minigpt4 demo-minigpt5 demo-onevision clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +37,9 @@ demo-minigpt4: $(STAMP)
 
 demo-minigpt5: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m lvlm_tune.demo.minigpt5 --out runs/demo_minigpt5
+
+demo-onevision: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m lvlm_tune.demo.onevision --out runs/demo_onevision
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

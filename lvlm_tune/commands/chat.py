@@ -1,8 +1,10 @@
 """``lvlm-tune chat``: talk to a merged folder or an adapter checkpoint.
 
-One-shot with ``--prompt``; otherwise a REPL where ``/image PATH`` attaches an image to the next
-turn, ``/reset`` clears the conversation and ``/exit`` (or end of input) quits. A mistake in the
-REPL (a missing or unreadable image) is printed and the conversation goes on unchanged.
+One-shot with ``--prompt`` (``--image`` takes one or several images); otherwise a REPL where
+``/image PATH`` attaches an image to the next turn (repeat it to attach several; any turn may
+attach images), ``/reset`` clears the conversation and ``/exit`` (or end of input) quits. A
+mistake in the REPL (a missing or unreadable image) is printed and the conversation goes on
+unchanged.
 Prompts are the training rendering (the run card's template, image settings and system prompt)
 of the whole conversation so far; tokens are printed as they come (``TextStreamer``) and the
 answer ends at the template's STOP. The conversation is :class:`lvlm_tune.inference.chat.
@@ -25,7 +27,11 @@ from lvlm_tune.inference.load import load_run
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lvlm-tune chat", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="merged folder, run folder or checkpoint-N")
-    p.add_argument("--image", help="image for the (first) question")
+    p.add_argument(
+        "--image", nargs="+", action="extend", metavar="PATH",
+        help="image(s) for the (first) question; several are placed as training placed them, "
+        "or where the question's <image> tags are",
+    )  # fmt: skip
     p.add_argument("--prompt", help="ask once and exit (otherwise: interactive)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -47,8 +53,11 @@ def repl(session: ChatSession, args: argparse.Namespace, lines: Any = None) -> N
     and the session goes on; with ``LVLM_TUNE_DEBUG=1`` it ends with the traceback instead.
     """
     lines = lines if lines is not None else sys.stdin
-    pending = args.image
-    print("lvlm-tune chat: /image PATH attaches an image, /reset, /exit", flush=True)
+    pending = list(args.image or ())
+    print(
+        "lvlm-tune chat: /image PATH attaches an image (repeat for several), /reset, /exit",
+        flush=True,
+    )
     for line in lines:
         line = line.strip()
         if not line:
@@ -61,7 +70,7 @@ def repl(session: ChatSession, args: argparse.Namespace, lines: Any = None) -> N
         if line == "/image" or line.startswith("/image "):
             path = line.removeprefix("/image").strip()
             try:
-                pending = session.check_image(path)
+                pending.append(session.check_image(path))
             except UserError as error:
                 _report_or_raise(error)
             continue
@@ -71,7 +80,7 @@ def repl(session: ChatSession, args: argparse.Namespace, lines: Any = None) -> N
         except Exception as error:
             print(flush=True)
             _report_or_raise(error)
-        pending = None  # an image that failed is not carried to the next question
+        pending = []  # images of a failed question are not carried to the next one
 
 
 def _report_or_raise(error: Exception) -> None:
@@ -84,8 +93,8 @@ def _report_or_raise(error: Exception) -> None:
 @command("lvlm-tune chat", also=(ValueError,))
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.image is not None:
-        ChatSession.check_image(args.image)  # before the model loads
+    for path in args.image or ():
+        ChatSession.check_image(path)  # before the model loads
     device = "cuda" if torch.cuda.is_available() else "cpu"
     session = ChatSession(
         load_run(args.model, base=args.base, device=device), args.template,

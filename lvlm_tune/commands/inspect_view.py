@@ -36,7 +36,15 @@ def render_sample(tokenizer: Any, sample: EncodedSample, image_id: int, color: b
 
 
 def stats_report(samples: list[EncodedSample], ledger: SkipLedger) -> str:
-    """Counts, trained share, length percentiles, truncations, escaped control text, skips."""
+    """Counts, trained share, length percentiles, truncations, image tokens, escaped control
+    text, skips."""
+    per_image = [n for s in samples for n in s.image_tokens]
+    images = (
+        f"images kept: {len(per_image)}, tokens per image min/max: "
+        f"{min(per_image)}/{max(per_image)}"
+        if per_image
+        else "images kept: 0"
+    )
     lengths = np.array([len(s.input_ids) for s in samples]) if samples else np.zeros(1)
     trained = sum(s.num_trained for s in samples)
     total = max(int(lengths.sum()), 1)
@@ -47,6 +55,7 @@ def stats_report(samples: list[EncodedSample], ledger: SkipLedger) -> str:
             f"trained tokens: {trained} of {total} ({trained / total:.1%})",
             f"length p50/p90/p99/max: {p50:.0f}/{p90:.0f}/{p99:.0f}/{lengths.max()}",
             f"truncated: {sum(s.truncated for s in samples)}",
+            images,
             f"control-token text tokenized as text: {sum(s.num_escaped for s in samples)} "
             f"occurrence(s) in {sum(1 for s in samples if s.num_escaped)} sample(s)",
             ledger.summary(),

@@ -1,9 +1,11 @@
 """``lvlm-tune merge``: turn a run (or one of its checkpoints) into one standard HF folder.
 
 LoRA/DoRA adapters are folded into the LLM (PEFT ``merge_and_unload``), the projector trained
-through ``modules_to_save`` replaces the base one, and the result is written as a plain
-``LlavaForConditionalGeneration`` folder: sharded safetensors, ``config.json``, the processor and
-tokenizer with the training chat template, the run card and a README model card. Full-model runs
+through ``modules_to_save`` replaces the base one, and the result is written as the family's
+plain transformers folder (``LlavaForConditionalGeneration``,
+``LlavaNextForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration``, MiniGPT-4's
+BLIP-2): sharded safetensors, ``config.json``, the processor and tokenizer with the training
+chat template, the run card and a README model card. Full-model runs
 (stage 1, full fine-tune) are re-exported the same way. The work is
 :func:`lvlm_tune.inference.export.merge`.
 """

@@ -4,7 +4,9 @@ LLaVA starts from a vision encoder that already sees and an LLM that already spe
 makes both offline. :func:`pretrain_vision_tower` trains a small ``CLIPVisionModel`` with the
 linear probes of :mod:`lvlm_tune.demo.probes` on the patch tokens of its PENULTIMATE hidden
 state (what LLaVA feeds the projector with ``vision_feature_layer=-2``, CLS dropped) and saves
-it with its ``CLIPImageProcessorPil`` config. :func:`pretrain_language_model` trains a
+it with its ``CLIPImageProcessorPil`` config; ``kind="siglip"`` (the OneVision demo) trains a
+``SiglipVisionModel`` the same way, on the tokens of the hidden state
+``VisionTowerConfig.feature_layer`` names (SigLIP has no CLS token). :func:`pretrain_language_model` trains a
 SentencePiece tokenizer and a small ``LlamaForCausalLM`` on the demo's text corpus (captions
 and question / answer turns in chat styles, each line ending with EOS), so it knows the words
 and the short-answer format but not, of course, which colour an unseen image shows; its two
@@ -31,8 +33,11 @@ from transformers import (
     CLIPVisionModel,
     LlamaConfig,
     LlamaForCausalLM,
+    SiglipVisionConfig,
+    SiglipVisionModel,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from lvlm_tune.demo.probes import GROUP_SIZES, fit, probe, probe_report, scene_batch
 from lvlm_tune.models.tokenizer_saving import save_processor
@@ -41,8 +46,10 @@ from lvlm_tune.testing.tokenizers import train_sentencepiece
 
 @dataclass
 class VisionTowerConfig:
-    """Size and pre-training schedule of the demo's CLIP vision tower."""
+    """Size and pre-training schedule of the demo's vision tower (CLIP, or SigLIP)."""
 
+    kind: str = "clip"  # "siglip": the OneVision demo's tower
+    feature_layer: int = -2  # the hidden state the probes (and later the projector) read
     image_size: int = 32  # pixels; 32 / patch 8 -> 16 patch tokens per image
     patch_size: int = 8
     hidden_size: int = 64
@@ -73,15 +80,36 @@ class LanguageModelConfig:
     seed: int = 0
 
 
-def _penultimate_patches(model: CLIPVisionModel, pixels: torch.Tensor) -> torch.Tensor:
-    """Patch tokens (CLS dropped) of the penultimate hidden state, as LLaVA's default reads them."""
-    return model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+def _patches(model: Any, pixels: torch.Tensor, layer: int) -> torch.Tensor:
+    """Patch tokens of hidden state ``layer`` (CLIP's CLS dropped), as the projector reads them."""
+    hidden = model(pixel_values=pixels, output_hidden_states=True).hidden_states[layer]
+    return hidden[:, 1:] if isinstance(model, CLIPVisionModel) else hidden
+
+
+def _tower(config: VisionTowerConfig) -> tuple[Any, type, Any]:
+    """The model config, model class and PIL image processor of a ``config.kind`` tower."""
+    size = config.image_size
+    sizes = {
+        "image_size": size, "patch_size": config.patch_size, "hidden_size": config.hidden_size,
+        "intermediate_size": 4 * config.hidden_size, "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+    }  # fmt: skip
+    if config.kind == "clip":
+        processor = CLIPImageProcessorPil(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        )
+        model_config = CLIPVisionConfig(**sizes, projection_dim=config.hidden_size)
+        return model_config, CLIPVisionModel, processor
+    if config.kind == "siglip":
+        processor = SiglipImageProcessorPil(size={"height": size, "width": size})
+        return SiglipVisionConfig(**sizes), SiglipVisionModel, processor
+    raise ValueError(f"vision tower kind must be clip or siglip, got {config.kind!r}")
 
 
 def pretrain_vision_tower(
     out_dir: str | os.PathLike, config: VisionTowerConfig | None = None
 ) -> dict[str, float]:
-    """Build, pre-train and save the demo's CLIP vision tower (+ its PIL image processor).
+    """Build, pre-train and save the demo's vision tower (+ its PIL image processor).
 
     Args:
         out_dir: folder for ``config.json``, ``model.safetensors``, ``preprocessor_config.json``.
@@ -96,18 +124,7 @@ def pretrain_vision_tower(
     config = config or VisionTowerConfig()
     start = time.perf_counter()
     size = config.image_size
-    processor = CLIPImageProcessorPil(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-    )
-    model_config = CLIPVisionConfig(
-        image_size=size,
-        patch_size=config.patch_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=4 * config.hidden_size,
-        projection_dim=config.hidden_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-    )
+    model_config, model_class, processor = _tower(config)
     rng = random.Random(config.seed)
     grid = size // config.patch_size
     pixels, targets = scene_batch(processor, rng, config.num_images, size, grid)
@@ -115,12 +132,12 @@ def pretrain_vision_tower(
 
     def batch_loss() -> torch.Tensor:
         rows = torch.randint(0, len(pixels), (config.batch_size,))
-        features = _penultimate_patches(model, pixels[rows])
+        features = _patches(model, pixels[rows], config.feature_layer)
         return probe(heads, features, targets[rows], config.rms_weight)[0]
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        model = CLIPVisionModel(model_config).train()
+        model = model_class(model_config).train()
         heads = nn.Linear(config.hidden_size, sum(GROUP_SIZES))
         final_loss = fit(
             [*model.parameters(), *heads.parameters()], config.steps, config.learning_rate,
@@ -128,7 +145,7 @@ def pretrain_vision_tower(
         )  # fmt: skip
     model.eval()
     with torch.no_grad():
-        features = _penultimate_patches(model, test_pixels)
+        features = _patches(model, test_pixels, config.feature_layer)
         hits = probe(heads, features, test_targets, 0.0)[1] == test_targets
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)

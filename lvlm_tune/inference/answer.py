@@ -1,9 +1,13 @@
 """Answer questions with a trained model, rendering prompts with the training renderer.
 
 The prompt is the training rendering cut where the answer starts (``ConversationEncoder``
-with ``prompt=True``), so the model sees at inference exactly the prefix it learned on.
-Generation is greedy by default, batched with left padding, and stops at the template's STOP
-(the EOS token, or a STOP string such as ``###``, which is cut from the answer).
+with ``prompt=True``), so the model sees at inference exactly the prefix it learned on: each
+image expands to the tokens training gave it (a fixed count, or for the anyres families the
+count for that image's size, read from its header). Generation is greedy by default, batched
+with left padding (rows may hold different numbers of images, or none), and stops at the
+template's STOP (the EOS token, or a STOP string such as ``###``, which is cut from the answer).
+The image inputs of a batch are the training collator's: ``pixel_values`` in image order
+(anyres tiles padded), and the processors' ``image_sizes`` / ``batch_num_images``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any
 
 import torch
 
+from lvlm_tune.data.collator import batch_extras, concat_pixels
 from lvlm_tune.data.encoder import ConversationEncoder
 from lvlm_tune.data.images import ImageLoader
 from lvlm_tune.data.record import Conversation
@@ -64,13 +69,18 @@ class Answerer:
             text = text[: text.index(self.stop)]
         return text.strip()
 
+    def prompt_ids(self, record: Conversation, index: int = 0) -> torch.Tensor:
+        """The generation prompt's ids of ``record``, image runs expanded as in training."""
+        sizes = self.images.sizes(record) if self.encoder.num_image_tokens is None else None
+        return torch.as_tensor(self.encoder.encode_prompt(record, index, image_sizes=sizes))
+
     def model_inputs(self, records: Sequence[Conversation]) -> tuple[dict[str, Any], int]:
         """``generate`` inputs for the records' prompts (left-padded) and the padded length.
 
         Families whose ``generate`` always runs the vision path get a blank image when no
         record has one (no image token in the text, so it fills nothing).
         """
-        prompts = [torch.as_tensor(self.encoder.encode_prompt(r, i)) for i, r in enumerate(records)]
+        prompts = [self.prompt_ids(r, i) for i, r in enumerate(records)]
         length = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), length), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
@@ -78,13 +88,15 @@ class Answerer:
             input_ids[row, length - len(ids) :] = ids
             attention_mask[row, length - len(ids) :] = 1
         inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-        pixels = [self.images.pixel_values(r) for r in records]
-        pixels = [p for p in pixels if p is not None]
+        per_record = [self.images.model_inputs(r) for r in records]
+        per_record = [item for item in per_record if item.get("pixel_values") is not None]
+        pixels = [item.pop("pixel_values") for item in per_record]
         if not pixels and self.needs_pixels:
             pixels = [self.images.blank()]
         param = next(self.model.parameters())
         if pixels:
-            inputs["pixel_values"] = torch.cat(pixels).to(param.dtype)
+            inputs["pixel_values"] = concat_pixels(pixels).to(param.dtype)
+        inputs.update(batch_extras(per_record))  # anyres: image_sizes, batch_num_images
         return {k: v.to(param.device) for k, v in inputs.items()}, length
 
     @torch.no_grad()

@@ -1,9 +1,12 @@
 """A conversation with a trained model, rendered exactly as training rendered its prompts.
 
-:class:`ChatSession` keeps the turns and attached images so far; each question is answered
-from the training rendering (the run card's template, image settings and system prompt, through
+:class:`ChatSession` keeps the turns and attached images so far; a question may attach
+several images, in any turn. Each question is answered from the training rendering (the run card's template, image settings and system prompt, through
 :meth:`~lvlm_tune.inference.load.LoadedRun.encoder`) of the whole conversation, and the answer
-ends at the template's STOP. :class:`StopStreamer` prints tokens as they come. For a MiniGPT-5
+ends at the template's STOP. Where a question holds no ``<image>`` tags, its images are written
+as training placed them in the first turn (joined to the question with the template's image
+join, after it when the run trained with ``image_position: after``, else before it); tags the
+user wrote stay where they are, as later-turn tags of training data do. :class:`StopStreamer` prints tokens as they come. For a MiniGPT-5
 run (its extension loaded a ``VokenModel``) answers may hold generated images, saved as PNG files.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -134,25 +138,49 @@ class ChatSession:
             raise UserError(f"{path}: not a readable image ({error})") from None
         return os.path.abspath(path)
 
+    def place_tags(self, text: str, count: int) -> str:
+        """``text`` with image tags for ``count`` newly attached images.
+
+        Tags the user wrote stay where they are (their number must match ``count``); without
+        tags they are joined to the question as training placed them (after it for runs
+        trained with ``image_position: after``, else before it).
+
+        Raises:
+            UserError: the text holds some tags, but not one per attached image.
+        """
+        tags = text.count(IMAGE_TAG)
+        if tags == count:
+            return text
+        if tags:
+            raise UserError(
+                f"the question holds {tags} {IMAGE_TAG} tag(s) for {count} attached image(s); "
+                f"write one tag per image, or none to place them as in training"
+            )
+        join = self.encoder.template.image_join
+        images = join.join([IMAGE_TAG] * count)
+        if self.loaded.card.image_position == "after":
+            return f"{text}{join}{images}"
+        return f"{images}{join}{text}"
+
     @torch.no_grad()
     def ask(
         self,
         text: str,
-        image: str | None = None,
+        image: str | Sequence[str] | None = None,
         max_new_tokens: int = 256,
         temperature: float = 0.0,
         stream: Any = None,
     ) -> str:
-        """Answer ``text`` (with ``image`` attached) given the conversation so far.
+        """Answer ``text`` (with ``image``: one path or several attached) given the conversation
+        so far.
 
         ``stream``: a file to print tokens to as they come (``None``: no streaming). A failed
         question (e.g. an unreadable image) leaves the conversation as it was.
         """
-        image_paths = list(self.image_paths)
-        if image is not None:
-            image_paths.append(self.check_image(image))
-            if IMAGE_TAG not in text:  # image before the question, joined as in training
-                text = f"{IMAGE_TAG}{self.encoder.template.image_join}{text}"
+        attached = [image] if isinstance(image, str | os.PathLike) else list(image or ())
+        new_paths = [self.check_image(path) for path in attached]
+        text = self.place_tags(text, len(new_paths))
+        image_paths = [*self.image_paths, *new_paths]
         turns = [*self.turns, Turn("user", text)]
         record = Conversation("chat", turns, image_paths)
         inputs, length = self.answerer.model_inputs([record])

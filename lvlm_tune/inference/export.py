@@ -2,10 +2,13 @@
 
 LoRA/DoRA adapters are folded into the LLM (PEFT ``merge_and_unload``), the projector trained
 through ``modules_to_save`` replaces the base one, and the result is written as the family's
-plain transformers model (``LlavaForConditionalGeneration``, ``Blip2ForConditionalGeneration``):
-sharded safetensors, ``config.json``, the processor and tokenizer with the training chat
-template, the run card and a README model card (``huggingface_hub.ModelCard``). Full-model runs
-(stage 1, full fine-tune) are re-exported the same way. Only safetensors weights are written.
+plain transformers model (``LlavaForConditionalGeneration``,
+``LlavaNextForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration``,
+``Blip2ForConditionalGeneration``): sharded safetensors, ``config.json``, the processor and
+tokenizer with the training chat template (the NeXT/OneVision processors expand each
+``<image>`` for its image's size themselves), the run card and a README model card
+(``huggingface_hub.ModelCard``). Full-model runs (stage 1, full fine-tune) are re-exported the
+same way. Only safetensors weights are written.
 """
 
 from __future__ import annotations

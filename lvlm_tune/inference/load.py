@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from transformers import AutoProcessor
 
 from lvlm_tune.data.encoder import ConversationEncoder
 from lvlm_tune.data.images import ImageLoader
@@ -36,6 +35,7 @@ from lvlm_tune.training.run_card import RUN_CARD, RunCard
 from lvlm_tune.training.run_folder import check_final_save
 
 ADAPTER_CONFIG = "adapter_config.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -194,8 +194,19 @@ def build_base(
 
 
 def _processor(folder: Path, fallback: Any, card: RunCard, family: ModelFamily, model: Any) -> Any:
-    if (folder / "processor_config.json").is_file() or (folder / "tokenizer_config.json").is_file():
-        return AutoProcessor.from_pretrained(folder)
+    """The processor saved in ``folder`` (the family's loader: OneVision's reads no torchvision
+    video processor), else ``fallback`` (the rebuilt base's, which training prepared the same
+    way) with the run's chat template.
+
+    The anyres loaders read the model type from ``config.json``, which an adapter folder does
+    not hold: there the rebuilt base's processor stands in.
+    """
+    saved = any((folder / name).is_file() for name in ("processor_config.json", TOKENIZER_CONFIG))
+    anyres_adapter = (
+        family.sized_image_tokens is not None and not (folder / "config.json").is_file()
+    )
+    if saved and not anyres_adapter:
+        return family.load_processor(folder)
     if card.template != TOKENIZER_TEMPLATE:
         set_chat_template(fallback, get_template(card.template), family.prompt_image_tokens(model))
     return fallback

@@ -5,7 +5,9 @@ command-line overrides (as the recipe test of ``tests/training/test_train.py`` d
 the training side builds the model (and so prepares its tokenizer) and the dataset exactly as
 ``lvlm-tune train`` does; the inspect side runs ``lvlm-tune inspect RECIPE --json`` with the
 same overrides (its own tokenizer preparation, no model). Both must keep the same samples with
-the same ``input_ids`` and ``labels``, and drop the same samples for the same reasons.
+the same ``input_ids`` and ``labels``, and drop the same samples for the same reasons. For the
+anyres families the image tokens depend on each image's size: the data hold images of several
+sizes and aspect ratios.
 """
 
 from __future__ import annotations
@@ -32,8 +34,18 @@ SKIPPED = re.compile(r"^skipped \((\w+)\): .*: sample '([^']+)'")
 
 @pytest.fixture(scope="module")
 def parity_data(tiny_data, tmp_path_factory):
-    """Conversations (image, multi-turn, text-only, image-generating) and caption pairs."""
-    root = Path(tiny_data["image_folder"])
+    """Conversations (image, multi-turn, text-only, image-generating, two images of other
+    sizes, an image in a later turn) and caption pairs, with their image folder."""
+    import shutil
+
+    from PIL import Image
+
+    source = Path(tiny_data["image_folder"])
+    folder = tmp_path_factory.mktemp("parity")
+    for i in (0, 1, 2):
+        shutil.copy(source / f"{i}.png", folder / f"{i}.png")
+    for name, size in {"wide": (64, 24), "tall": (20, 56), "big": (80, 80)}.items():
+        Image.new("RGB", size, (40, 90, 200)).save(folder / f"{name}.png")
     rows = json.loads(Path(tiny_data["data_path"]).read_text())[:4]
     rows.append(
         {"id": "one", "image": "1.png", "conversations": [
@@ -45,20 +57,41 @@ def parity_data(tiny_data, tmp_path_factory):
          "conversations": [{"from": "human", "value": "Show me a green picture."},
                            {"from": "gpt", "value": "Here it is: <gen_image>"}]}
     )  # fmt: skip
-    folder = tmp_path_factory.mktemp("parity")
+    rows.append(
+        {"id": "two", "images": ["wide.png", "tall.png"], "conversations": [
+            {"from": "human", "value": "<image>\n<image>\nAre they the same colour?"},
+            {"from": "gpt", "value": "yes"}]}
+    )  # fmt: skip
+    rows.append(
+        {"id": "later", "image": "big.png", "conversations": [
+            {"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "hello"},
+            {"from": "human", "value": "<image>\nAnd this one?"}, {"from": "gpt", "value": "blue"}]}
+    )  # fmt: skip
     (folder / "conversations.json").write_text(json.dumps(rows))
     captions = [{"id": f"c{i}", "image": f"{i}.png", "caption": "a plain picture"} for i in (0, 1)]
+    captions.append({"id": "cw", "image": "wide.png", "caption": "a wide picture"})
     (folder / "captions.json").write_text(json.dumps(captions))
-    assert all((root / f"{i}.png").is_file() for i in (0, 1, 2))
-    return [str(folder / "conversations.json"), str(folder / "captions.json")]
+    return {
+        "files": [str(folder / "conversations.json"), str(folder / "captions.json")],
+        "image_folder": str(folder),
+    }
 
 
-def stand_ins(recipe, tiny_parts, tiny_blip2, tiny_sd, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_siglip(tmp_path_factory):
+    """A tiny SigLIP tower: the stand-in of recipes that select all its tokens (``full``)."""
+    from lvlm_tune.testing.tiny_anyres import write_tiny_siglip
+
+    return str(write_tiny_siglip(tmp_path_factory.mktemp("siglip") / "siglip", hidden_size=32))
+
+
+def stand_ins(recipe, tiny_parts, towers, tiny_sd, tmp_path):
     model_args = parse_recipe(recipe, ["--use_cpu=true"])[0]
     unset_hf_deepspeed_config()  # parsing a ZeRO-3 recipe switches transformers to ZeRO-3 init
     minigpt4 = model_args.family == "minigpt4"
+    siglip = model_args.vision_feature_select_strategy == "full"
     values = {
-        "vision_tower": tiny_blip2 if minigpt4 else tiny_parts["vision"],
+        "vision_tower": towers["blip2" if minigpt4 else "siglip" if siglip else "clip"],
         **({"num_query_tokens": MINIGPT4_QUERIES} if minigpt4 else {}),
         "llm_name_or_path": tiny_parts["llm"], "model_name_or_path": "",
         "pretrained_projector": "", "output_dir": str(tmp_path / "out"), "deepspeed": "",
@@ -95,18 +128,19 @@ def inspected(capsys, argv):
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_inspect_and_train_encode_every_sample_alike(
-    recipe, capsys, tmp_path, tiny_parts, tiny_data, tiny_blip2, tiny_sd, parity_data
+    recipe, capsys, tmp_path, tiny_parts, tiny_data, tiny_blip2, tiny_siglip, tiny_sd, parity_data
 ):
-    overrides = stand_ins(recipe, tiny_parts, tiny_blip2, tiny_sd, tmp_path)
-    folder = f"--image_folder={tiny_data['image_folder']}"
+    towers = {"clip": tiny_parts["vision"], "blip2": tiny_blip2, "siglip": tiny_siglip}
+    overrides = stand_ins(recipe, tiny_parts, towers, tiny_sd, tmp_path)
+    folder = f"--image_folder={parity_data['image_folder']}"
     model_args, data_args, train_args = parse_recipe(recipe, [*overrides, folder])
     unset_hf_deepspeed_config()
     model, processor, family = build_model(model_args, data_args, train_args)
     hooks = data_hooks(model_args.extensions, model)  # as lvlm-tune train hands them over
     encoded = 0
-    for data in parity_data:
+    for data in parity_data["files"]:
         dataset = build_dataset(
-            replace(data_args, data_path=data), processor, family.num_image_tokens(model),
+            replace(data_args, data_path=data), processor, family.image_tokens(model, processor),
             train_args.seed, hooks=hooks,
         )  # fmt: skip
         kept, dropped = trained(dataset)
