@@ -21,6 +21,7 @@ from lvlm_tune.data.collator import batch_extras, concat_pixels
 from lvlm_tune.data.encoder import ConversationEncoder
 from lvlm_tune.data.images import ImageLoader
 from lvlm_tune.data.record import Conversation
+from lvlm_tune.data.video import VideoLoader
 
 
 class Answerer:
@@ -32,6 +33,7 @@ class Answerer:
         encoder: the conversation encoder with the training template and image settings.
         images: the image loader (processor, folder, aspect ratio) used in training.
         needs_pixels: the model's ``generate`` always runs the vision path (MiniGPT-4).
+        videos: the video loader of a model that takes videos (OneVision), else ``None``.
     """
 
     def __init__(
@@ -41,8 +43,10 @@ class Answerer:
         encoder: ConversationEncoder,
         images: ImageLoader,
         needs_pixels: bool = False,
+        videos: VideoLoader | None = None,
     ) -> None:
         self.model = model
+        self.videos = videos
         self.needs_pixels = needs_pixels
         self.processor = processor
         self.encoder = encoder
@@ -97,6 +101,9 @@ class Answerer:
         if pixels:
             inputs["pixel_values"] = concat_pixels(pixels).to(param.dtype)
         inputs.update(batch_extras(per_record))  # anyres: image_sizes, batch_num_images
+        if self.videos is not None:  # OneVision: pixel_values_videos of the records' videos
+            videos = batch_extras([self.videos.model_inputs(r) for r in records])
+            inputs.update({k: v.to(param.dtype) for k, v in videos.items()})
         return {k: v.to(param.device) for k, v in inputs.items()}, length
 
     @torch.no_grad()

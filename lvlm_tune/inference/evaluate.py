@@ -124,7 +124,8 @@ def evaluate(
     folder = image_folder or os.path.dirname(os.path.abspath(data))
     images = loaded.images(folder, allow_outside_folder=image_folder is None)
     source = open_source(data)
-    dataset = SupervisedDataset(source, encoder, images)
+    videos = loaded.videos(folder, allow_outside_folder=image_folder is None)
+    dataset = SupervisedDataset(source, encoder, images, videos=videos)
     indices = list(range(len(dataset) if limit is None else min(limit, len(dataset))))
     collate = MultimodalCollator(pad_token_id(loaded.processor.tokenizer))
     chunks = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
@@ -145,7 +146,7 @@ def evaluate(
     ]
     answerer = Answerer(
         loaded.model, loaded.processor, encoder, images,
-        needs_pixels=loaded.family.forward_needs_pixels,
+        needs_pixels=loaded.family.forward_needs_pixels, videos=videos,
     )  # fmt: skip
     samples = []
     for start in tqdm(range(0, len(short), batch_size), desc="answers", disable=not progress):

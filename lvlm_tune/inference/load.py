@@ -23,6 +23,7 @@ from peft import PeftModel
 
 from lvlm_tune.data.encoder import ConversationEncoder
 from lvlm_tune.data.images import ImageLoader
+from lvlm_tune.data.video import DEFAULT_NUM_FRAMES, FrameSettings, VideoLoader
 from lvlm_tune.errors import UserError, looks_like_path
 from lvlm_tune.models.llava_original import is_original_llava
 from lvlm_tune.models.parts import unwrap_model
@@ -68,7 +69,28 @@ class LoadedRun:
             self.card, template=template, image_position=image_position
         )
         image_tokens = self.family.image_tokens(unwrap_model(self.model), self.processor)
-        return options.encoder(self.processor.tokenizer, image_tokens)
+        video_tokens = None
+        if self.family.video_tokens is not None:
+            video_tokens = self.family.video_tokens(self.processor, self.video_num_frames)
+        return options.encoder(self.processor.tokenizer, image_tokens, video_tokens=video_tokens)
+
+    @property
+    def video_num_frames(self) -> int:
+        """Frames per video the run trained with (``video_num_frames``)."""
+        return int(self.card.data_args.get("video_num_frames") or DEFAULT_NUM_FRAMES)
+
+    def videos(
+        self, folder: str | os.PathLike | None = None, allow_outside_folder: bool = False
+    ) -> VideoLoader | None:
+        """A video loader with the run's frame count, for a family that takes videos (else
+        ``None``). Frames are processed with the image processor's size and normalisation,
+        which is what the OneVision checkpoints' (and our saved) video processor settings are."""
+        if self.family.video_tokens is None:
+            return None
+        settings = FrameSettings.of(self.processor.image_processor)
+        return VideoLoader(
+            settings, folder, self.video_num_frames, allow_outside_folder=allow_outside_folder
+        )
 
     def images(
         self, folder: str | os.PathLike | None = None, allow_outside_folder: bool = False

@@ -1,6 +1,6 @@
-"""``lvlm-tune train`` on OneVision with video samples: a frame folder sampled to the recipe's
-``video_num_frames``, expanded to the processor's video token count, trained next to image
-samples, with frozen parameters bit-identical and trainable ones changed."""
+"""``lvlm-tune train`` and ``eval`` on OneVision with video samples: a frame folder sampled to
+the recipe's ``video_num_frames``, expanded to the processor's video token count, trained next
+to image samples, with frozen parameters bit-identical and trainable ones changed."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from conftest import parse, train_and_compare
 from PIL import Image
 
 from lvlm_tune.data.collator import MultimodalCollator, pad_token_id
+from lvlm_tune.inference.evaluate import evaluate
 from lvlm_tune.models.anyres import video_tokens
 from lvlm_tune.models.registry import get_model_family
 from lvlm_tune.testing.tiny_anyres import write_tiny_llava_onevision
-from lvlm_tune.training.pipeline import build_dataset, build_model, video_inputs
+from lvlm_tune.training.pipeline import build_dataset, build_model, run, video_inputs
 
 FRAMES = 3
 
@@ -95,3 +96,17 @@ def test_train_with_video_samples_changes_exactly_the_trainable_parameters(tmp_p
     assert all(
         torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history if "loss" in e
     )
+
+
+@pytest.mark.slow
+def test_eval_of_a_video_run_answers_and_scores_its_video_samples(tmp_path, video_run):
+    recipe = {**video_run, "output_dir": str(tmp_path / "run"), "save_strategy": "no"}
+    run(*parse(recipe, tmp_path))
+    report = evaluate(
+        str(tmp_path / "run"), video_run["data_path"], image_folder=video_run["image_folder"],
+        batch_size=3, max_new_tokens=4,
+    )  # fmt: skip
+    assert report["metrics"]["loss"] is not None and torch.isfinite(
+        torch.tensor(report["metrics"]["loss"])
+    )
+    assert {s["id"] for s in report["samples"]} == {"v0", "i0", "v1"}
