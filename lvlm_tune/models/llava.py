@@ -147,16 +147,8 @@ def compose_llava(
     config.image_seq_length = num_image_tokens(config)
     # LlavaConfig resets the shared sub-configs' attention choice; set it again for all three.
     config._attn_implementation = attn_implementation
-    with torch.device("meta"):  # a skeleton: every submodule is replaced just below
-        model = LlavaForConditionalGeneration(config)
-    model.model.vision_tower = vision
-    model.model.language_model = language.base_model
-    model.lm_head = language.get_output_embeddings()
-    model.model.multi_modal_projector = new_projector(config, language.device, dtype)
-    model.generation_config = language.generation_config
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise RuntimeError(f"composed LLaVA still has uninitialised tensors: {left[:5]}")
+    projector = new_projector(config, language.device, dtype)
+    model = assemble(LlavaForConditionalGeneration, config, vision, language, projector)
     _sync_vocab(model, tokenizer)
 
     processor = LlavaProcessor(
@@ -169,6 +161,37 @@ def compose_llava(
         chat_template=chat_template,
     )
     return model, processor
+
+
+def assemble(
+    model_class: type,
+    config: PretrainedConfig,
+    vision: PreTrainedModel,
+    language: PreTrainedModel,
+    projector: torch.nn.Module,
+    **more: torch.nn.Module | torch.nn.Parameter,
+) -> Any:
+    """A LLaVA-family model of ``model_class`` made of the given parts: a skeleton on the
+    meta device whose vision tower, language model, ``lm_head`` and projector (and ``more``
+    parts of ``model.model``, e.g. NeXT's ``image_newline``) are replaced by the ones given.
+
+    Raises ``RuntimeError`` when the skeleton still holds a tensor no part replaced.
+    """
+    with torch.device("meta"):  # a skeleton: every submodule is replaced just below
+        model = model_class(config)
+    model.model.vision_tower = vision
+    model.model.language_model = language.base_model
+    model.lm_head = language.get_output_embeddings()
+    model.model.multi_modal_projector = projector
+    for name, part in more.items():
+        setattr(model.model, name, part)
+    model.generation_config = language.generation_config
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(
+            f"composed {config.model_type} still has uninitialised tensors: {left[:5]}"
+        )
+    return model
 
 
 def load_llava(

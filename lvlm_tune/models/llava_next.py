@@ -35,6 +35,10 @@ from transformers import (
     LlavaOnevisionForConditionalGeneration,
     PreTrainedModel,
 )
+from transformers.models.llava_next.modeling_llava_next import LlavaNextMultiModalProjector
+from transformers.models.llava_onevision.modeling_llava_onevision import (
+    LlavaOnevisionMultiModalProjector,
+)
 
 from lvlm_tune.models.anyres_processors import (
     NEXT_GRIDS,
@@ -46,7 +50,7 @@ from lvlm_tune.models.anyres_processors import (
     load_anyres_processor,
     parse_grids,
 )
-from lvlm_tune.models.llava import _sync_vocab, prepare_loaded
+from lvlm_tune.models.llava import _sync_vocab, assemble, prepare_loaded
 from lvlm_tune.models.tokens import IMAGE_TOKEN, prepare_tokenizer
 from lvlm_tune.models.vision_towers import (
     check_attn_implementation,
@@ -59,6 +63,10 @@ _CLASSES = {
     "llava_next": (LlavaNextConfig, LlavaNextForConditionalGeneration, NEXT_GRIDS),
     "llava_onevision": (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, ONEVISION_GRIDS),
 }  # fmt: skip
+_PROJECTORS = {
+    "llava_next": LlavaNextMultiModalProjector,
+    "llava_onevision": LlavaOnevisionMultiModalProjector,
+}
 
 
 def new_image_newline(hidden_size: int, seed: int, dtype: torch.dtype) -> nn.Parameter:
@@ -146,19 +154,9 @@ def build_anyres(
         fields["image_seq_length"] = patches + tower_kind.num_prefix_tokens
     config = config_class(**fields)
     config._attn_implementation = attn_implementation
-    with torch.device("meta"):  # a skeleton: every submodule is replaced just below
-        model = model_class(config)
-    model.model.vision_tower = vision
-    model.model.language_model = language.base_model
-    model.lm_head = language.get_output_embeddings()
-    projector_class = type(model.model.multi_modal_projector)
-    projector = projector_class(config).to(device=language.device, dtype=dtype)
-    model.model.multi_modal_projector = projector
-    model.model.image_newline = new_image_newline(language.config.hidden_size, newline_seed, dtype)
-    model.generation_config = language.generation_config
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise RuntimeError(f"composed {kind} model still has uninitialised tensors: {left[:5]}")
+    projector = _PROJECTORS[kind](config).to(device=language.device, dtype=dtype)
+    newline = new_image_newline(language.config.hidden_size, newline_seed, dtype)
+    model = assemble(model_class, config, vision, language, projector, image_newline=newline)
     _sync_vocab(model, tokenizer)
     return model, processor
 
