@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import parse, train_and_compare
+from conftest import parse, tiny_recipe, train_and_compare
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import TrainerCallback, set_seed
@@ -70,29 +70,14 @@ def anyres_data(tmp_path_factory):
 
 
 def anyres_recipe(models, data, out, family, **overrides):
-    recipe = {
-        "family": family,
-        "model_name_or_path": models[family],
-        "data_path": data["data_path"],
-        "image_folder": data["image_folder"],
+    """A tiny run of a saved NeXT/OneVision model (``tiny_recipe`` with a checkpoint)."""
+    settings = {
+        "family": family, "model_name_or_path": models[family], "per_device_train_batch_size": 3,
         "template": "chatml" if family == "llava_onevision" else "vicuna_v1",
         "image_position": "keep",
-        "output_dir": str(out),
-        "per_device_train_batch_size": 3,
-        "max_steps": 2,
-        "learning_rate": 1e-2,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": "none",
-        "use_cpu": True,
-        "dataloader_num_workers": 0,
-        "seed": 7,
-        "disable_tqdm": True,
-    }
-    if overrides.get("stage") == "finetune_lora":
-        recipe.update({"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0})
-    recipe.update(overrides)
-    return recipe
+    }  # fmt: skip
+    recipe = tiny_recipe({"vision": None, "llm": None}, data, out, **{**settings, **overrides})
+    return {k: v for k, v in recipe.items() if v is not None}
 
 
 def _names(model, parts):
