@@ -3,8 +3,8 @@
 Steps (each timed, outputs under ``--out``, default ``runs/demo_onevision/``):
 
 1. data (:mod:`lvlm_tune.demo.pairs`): pairs of shapes images, described for stage 1, asked
-   about for stage 2 (which image shows a colour, how many shapes the two hold together,
-   whether they show the same shape), a held-out split and its blank-images twin;
+   about for stage 2 (which image has more shapes, how many shapes the two hold together,
+   which colours they show), a held-out split and its blank-images twin;
 2. base models: a tiny SigLIP tower pre-trained as the LLaVA demo's CLIP is
    (:mod:`lvlm_tune.demo.pretrain`; it exposes its last hidden state, OneVision's feature
    layer) and a tiny LLaMA pre-trained on the training conversations with captions where the images go
