@@ -58,8 +58,8 @@ def test_quick_demo_writes_a_summary(tmp_path, capsys):
 
 # README (seed 0, 3,000 / 300 pairs, default steps): 0.997 held-out, 0.260 with blank images,
 # chance 0.257. This run is the full demo shortened for CI (500 pairs, 150 + 100 steps; about
-# 60 s here, 0.917 vs chance 0.267 when measured): it must
-# still answer far above chance from the images, and near chance without them.
+# 60 s here, 0.917 vs chance 0.267 when measured): it must still answer far above chance from
+# the images, and near chance without them.
 SHORT = ["--train-pairs", "500", "--test-pairs", "60", "--pretrain-steps", "150"]
 
 
