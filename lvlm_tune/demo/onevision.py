@@ -3,8 +3,8 @@
 Steps (each timed, outputs under ``--out``, default ``runs/demo_onevision/``):
 
 1. data (:mod:`lvlm_tune.demo.pairs`): pairs of shapes images, described for stage 1, asked
-   about for stage 2 (which image shows a colour, how many shapes the two hold together,
-   whether they show the same shape), a held-out split and its blank-images twin;
+   about for stage 2 (which image has more shapes, how many shapes the two hold together,
+   which colours they show), a held-out split and its blank-images twin;
 2. base models: a tiny SigLIP tower pre-trained as the LLaVA demo's CLIP is
    (:mod:`lvlm_tune.demo.pretrain`; it exposes its last hidden state, OneVision's feature
    layer) and a tiny LLaMA pre-trained on the training conversations with captions where the images go
@@ -49,10 +49,15 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "demo"
 STAGES = (("stage1", "llava_onevision_stage1.yaml"), ("stage2", "llava_onevision_stage2_lora.yaml"))
 
 
-def base_models(base: Path, data: dict[str, Path], quick: bool) -> dict[str, Any]:
-    """The SigLIP tower (``base/vision``) and the caption-pre-trained LLM (``base/llm``)."""
+def base_models(
+    base: Path, data: dict[str, Path], quick: bool, steps: int | None = None
+) -> dict[str, Any]:
+    """The SigLIP tower (``base/vision``) and the caption-pre-trained LLM (``base/llm``);
+    ``steps``: both pre-trainings' steps instead of their defaults."""
     vision = pretrain.VisionTowerConfig(kind="siglip", feature_layer=-1, num_layers=2)
     llm = pretrain.LanguageModelConfig(max_length=MAX_LENGTH)
+    if steps:
+        vision.steps = llm.steps = steps
     if quick:
         vision.steps = llm.steps = 5
         vision.num_images = 64
@@ -106,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stage-steps", type=int, help="override both stages' max_steps")
     parser.add_argument(
+        "--pretrain-steps", type=int, help="override both base-model pre-trainings' steps"
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="a few steps per stage: the plumbing, not accuracy"
     )
     args = parser.parse_args(argv)
@@ -128,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     lap("data")
     print("[demo] base models: vision tower and caption-pre-trained LLM", flush=True)
-    summary.update(base_models(out / "base", data, args.quick))
+    summary.update(base_models(out / "base", data, args.quick, args.pretrain_steps))
     lap("base_models")
     steps = 3 if args.quick else args.stage_steps
     for stage, trainer in train_stages(out, data, args.seed, steps).items():

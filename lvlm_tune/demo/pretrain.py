@@ -194,10 +194,11 @@ def pretrain_language_model(
 
 def pretrain_llama(
     tokenizer: Any, sequences: list[list[int]], out_dir: str | os.PathLike,
-    config: LanguageModelConfig,
+    config: LanguageModelConfig, targets: list[list[bool]] | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """Pre-train a tiny LLaMA sized to ``tokenizer`` on token-id ``sequences`` (every token is a
-    target; rows padded with EOS); save it with the tokenizer in ``out_dir``.
+    target, or those ``targets`` marks; rows padded with EOS); save it with the tokenizer in
+    ``out_dir``.
 
     Returns:
         ``final_loss`` (mean token cross-entropy of the last step), ``vocab_size`` and
@@ -218,13 +219,22 @@ def pretrain_llama(
     )
 
     def batch_loss() -> torch.Tensor:
-        rows = [sequences[i] for i in torch.randint(0, len(sequences), (config.batch_size,))]
+        picked = torch.randint(0, len(sequences), (config.batch_size,))
+        rows = [sequences[i] for i in picked.tolist()]
         width = max(map(len, rows))
         ids = torch.full((len(rows), width), tokenizer.eos_token_id)
         labels = torch.full((len(rows), width), -100)
-        for r, row in enumerate(rows):
-            ids[r, : len(row)] = labels[r, : len(row)] = torch.tensor(row)
-        return model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, (i, row) in enumerate(zip(picked.tolist(), rows, strict=True)):
+            ids[r, : len(row)] = torch.tensor(row)
+            mask[r, : len(row)] = 1
+            keep = (
+                torch.tensor(targets[i])
+                if targets is not None
+                else torch.ones(len(row), dtype=torch.bool)
+            )
+            labels[r, : len(row)] = torch.where(keep, ids[r, : len(row)], -100)
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)

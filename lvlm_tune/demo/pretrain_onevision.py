@@ -1,13 +1,14 @@
 """The LLM of the OneVision demo: a tiny LLaMA that already answers two-image questions from
 captions written where the images go.
 
-The demo's questions need both images at once (which image shows a colour, the shapes of both
-counted together, whether the shapes are the same). A tiny LLM does not learn to compare and add
-from soft image tokens in a few minutes, so, as for the MiniGPT-4 variant
+The demo's questions need both images at once (which image has more shapes, the shapes of both
+counted together, the colours of the two). A tiny LLM does not learn to compare and add from
+soft image tokens in a few minutes, so, as for the MiniGPT-4 variant
 (:mod:`lvlm_tune.demo.pretrain_minigpt4`), it is pre-trained on the stage-1 and stage-2 training
 conversations encoded EXACTLY as training encodes them (the recipes' template and image
 position, through the training factory ``EncodingOptions``) but with each image's caption
-(``"two red circles"``) in place of its image token. Stage 1 then only has to make the projector
+(``"two red circles"``) in place of its image token, the answers (and their STOP) as the only
+targets, as in training. Stage 1 then only has to make the projector
 write caption-like soft tokens for each image, and stage 2 (LoRA) fits the rest. The vision
 tower is the LLaVA demo's (:func:`lvlm_tune.demo.pretrain.pretrain_vision_tower`).
 """
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lvlm_tune.data.encoder import IGNORE_INDEX
 from lvlm_tune.data.record import IMAGE_TAG, Conversation
 from lvlm_tune.data.sources import open_source
 from lvlm_tune.demo.pretrain import LanguageModelConfig, pretrain_llama, train_tokenizer
@@ -70,21 +72,32 @@ def vocabulary_lines(data: dict[str, Path]) -> list[str]:
 
 def caption_corpus(
     data: dict[str, Path], tokenizer: Any, seed: int = 0, max_length: int = MAX_LENGTH
-) -> list[list[int]]:
-    """Every :func:`captioned_records` record encoded as training encodes it, the token ids of
-    each image's caption in place of its image token, EOS appended, cut to ``max_length``."""
+) -> tuple[list[list[int]], list[list[bool]]]:
+    """Every :func:`captioned_records` record encoded as training encodes it (ids and labels),
+    the token ids of each image's caption in place of its image token, EOS appended, cut to
+    ``max_length``; and which tokens are targets: the answers and their STOP, as in training."""
     with_image = copy.deepcopy(tokenizer)
     with_image.add_special_tokens({"additional_special_tokens": [IMAGE_TAG]})
-    encoders = _encoders(with_image, seed)
-    sequences = []
+    encoders = {  # one image token per image here, each replaced by its caption below
+        (template, position): EncodingOptions(template, image_position=position, seed=seed).encoder(
+            with_image, 1
+        )
+        for _, template, position in STAGE_DATA
+    }
+    sequences, targets = [], []
     for index, (template, position, record, captions) in enumerate(captioned_records(data)):
         encoder = encoders[template, position]
+        sample = encoder.encode(record, index)
         pending = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in captions]
         ids: list[int] = []
-        for token in encoder.tokenize(encoder.render(record, index).text)[0]:
-            ids += pending.pop(0) if token == encoder.image_token_id else [token]
+        trained: list[bool] = []
+        for token, label in zip(sample.input_ids.tolist(), sample.labels.tolist(), strict=True):
+            piece = pending.pop(0) if token == encoder.image_token_id else [token]
+            ids += piece
+            trained += [label != IGNORE_INDEX] * len(piece)
         sequences.append([*ids[: max_length - 1], tokenizer.eos_token_id])
-    return sequences
+        targets.append([*trained[: max_length - 1], False])
+    return sequences, targets
 
 
 def pretrain_onevision_llm(
@@ -103,6 +116,6 @@ def pretrain_onevision_llm(
     config = config or LanguageModelConfig(max_length=MAX_LENGTH)
     start = time.perf_counter()
     tokenizer = train_tokenizer(vocabulary_lines(data), config.vocab_size)
-    sequences = caption_corpus(data, tokenizer, config.seed, config.max_length)
-    report = pretrain_llama(tokenizer, sequences, out_dir, config)
+    sequences, targets = caption_corpus(data, tokenizer, config.seed, config.max_length)
+    report = pretrain_llama(tokenizer, sequences, out_dir, config, targets=targets)
     return {"seconds": round(time.perf_counter() - start, 2), **report}

@@ -39,15 +39,14 @@ def load(paths: dict[str, Path], name: str) -> list[dict]:
 
 def expected(first: dict[str, str], second: dict[str, str], question: str) -> str:
     """The answer to ``question`` from what the pixels of the two images show."""
-    if question.startswith("Which image shows "):
-        colour = question.removeprefix("Which image shows ").split(",")[0]
-        assert (first["colour"] == colour) != (second["colour"] == colour)
-        return "the first" if first["colour"] == colour else "the second"
+    counts = [shapes.COUNTS.index(seen["count"]) + 1 for seen in (first, second)]
+    if question.startswith("Which image has more shapes"):
+        assert counts[0] != counts[1]
+        return "the first" if counts[0] > counts[1] else "the second"
     if question.startswith("How many shapes"):
-        total = shapes.COUNTS.index(first["count"]) + shapes.COUNTS.index(second["count"]) + 2
-        return pairs.TOTALS[total - 2]
-    assert question == "Do the two images show the same shape?"
-    return "yes" if first["shape"] == second["shape"] else "no"
+        return pairs.TOTALS[sum(counts) - 2]
+    assert question == "What colours do the two images show?"
+    return f"{first['colour']} and {second['colour']}"
 
 
 def test_answers_agree_with_the_pixels_of_both_images(dataset: dict[str, Path]) -> None:
@@ -76,14 +75,15 @@ def test_descriptions_agree_with_the_pixels(dataset: dict[str, Path]) -> None:
         assert answer == f"the first: {parts[0]}; the second: {parts[1]}"
 
 
-def test_which_names_either_image_and_the_answers_vary() -> None:
+def test_every_answer_occurs_and_more_is_asked_only_when_counts_differ() -> None:
     rng = random.Random(0)
     answers = {kind: set() for kind in pairs.KINDS}
-    for _ in range(200):
+    for _ in range(400):
         pair = pairs.random_pair(rng)
-        for named in (0, 1):
-            for kind, (_, answer) in pairs.questions(pair, named).items():
-                answers[kind].add(answer)
+        asked = pairs.questions(pair)
+        assert ("more" in asked) == (len(pair[0].items) != len(pair[1].items))
+        for kind, (_, answer) in asked.items():
+            answers[kind].add(answer)
     assert {k: sorted(v) for k, v in answers.items()} == {
         k: sorted(v) for k, v in pairs.ANSWERS.items()
     }
@@ -100,7 +100,7 @@ def test_test_split_is_balanced_and_blank_twin_matches(dataset: dict[str, Path])
     ]
     assert all(not shape_pixels(dataset["root"] / i).any() for r in blank for i in r["images"])
     info = json.loads(dataset["info"].read_text())
-    assert info["chance"] == {"which": 0.5, "total": 0.2, "same": 0.5, "all": 0.4}
+    assert info["chance"] == {"more": 0.5, "total": 0.2, "colours": 0.1, "all": 0.2667}
 
 
 def test_files_load_with_the_project_reader(dataset: dict[str, Path], tmp_path: Path) -> None:
@@ -117,7 +117,7 @@ def test_llm_corpus_is_the_training_encoding_with_captions_for_images(
     dataset: dict[str, Path],
 ) -> None:
     tokenizer = train_tokenizer(vocabulary_lines(dataset), 400)
-    sequences = caption_corpus(dataset, tokenizer, seed=0, max_length=1000)
+    sequences, targets = caption_corpus(dataset, tokenizer, seed=0, max_length=1000)
     described = captioned_records(dataset)
     assert len(sequences) == len(described) == 2 * 40  # descriptions, then conversations
     with_image = copy.deepcopy(tokenizer)
@@ -128,8 +128,10 @@ def test_llm_corpus_is_the_training_encoding_with_captions_for_images(
     encoder = ConversationEncoder(
         with_image, template, num_image_tokens=17, image_position=position, seed=0
     )
-    for index, ((_, _, record, captions), sequence) in enumerate(zip(described, sequences, strict=True)):  # fmt: skip
-        real = encoder.encode(record, index).input_ids.tolist()  # what stage 1 / 2 train on
+    rows = zip(described, sequences, targets, strict=True)
+    for index, ((_, _, record, captions), sequence, trained) in enumerate(rows):
+        sample = encoder.encode(record, index)  # what stage 1 / 2 train on
+        real = sample.input_ids.tolist()
         first = real.index(image_id)
         second = real.index(image_id, first + 17)
         assert real[first : first + 17] == real[second : second + 17] == [image_id] * 17
@@ -138,3 +140,8 @@ def test_llm_corpus_is_the_training_encoding_with_captions_for_images(
             *real[:first], *ids[0], *real[first + 17 : second], *ids[1], *real[second + 17 :],
             tokenizer.eos_token_id,
         ]  # fmt: skip
+        # the targets are the trained tokens of training: the answers and their STOP
+        answers = [
+            t for t, label in zip(real, sample.labels.tolist(), strict=True) if label != -100
+        ]
+        assert [t for t, keep in zip(sequence, trained, strict=True) if keep] == answers
