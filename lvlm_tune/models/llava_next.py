@@ -200,7 +200,9 @@ def processor_from_parts(
         }
     else:
         fields = {
-            "num_image_tokens": (tile // vision.patch_size) ** 2,
+            # the processor drops one for the CLS under "default" (a CLIP tower), as NeXT's
+            # num_additional_image_tokens does
+            "num_image_tokens": (tile // vision.patch_size) ** 2 + tower_kind.num_prefix_tokens,
             "vision_aspect_ratio": vision_aspect_ratio,
             "video_token": VIDEO_TOKEN,
         }

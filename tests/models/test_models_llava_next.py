@@ -21,11 +21,13 @@ from lvlm_tune.models.anyres import processor_image_counter
 from lvlm_tune.models.anyres_processors import OnevisionImageProcessor, parse_grids
 from lvlm_tune.models.llava_next import build_anyres, load_anyres, new_image_newline
 from lvlm_tune.testing.tiny_anyres import (
+    TINY_GRIDS,
     write_tiny_llava_next,
     write_tiny_llava_onevision,
     write_tiny_qwen2,
     write_tiny_siglip,
 )
+from lvlm_tune.testing.tiny_models import write_tiny_vision_tower
 
 SIZES = [(20, 50), (64, 64), (33, 31), (100, 17), (8, 90), (45, 70)]  # (height, width)
 CLASSES = {
@@ -43,7 +45,22 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "llava_next", write_tiny_llava_next(root / "b", llm="qwen2", vision="siglip"),
         ),
         "onevision": ("llava_onevision", write_tiny_llava_onevision(root / "c")),
+        "onevision_clip": ("llava_onevision", _onevision_clip(root / "d")),
     }  # fmt: skip
+
+
+def _onevision_clip(out):
+    """OneVision composed on a CLIP tower (CLS dropped, ``default``): the processor counts
+    the CLS its strategy removes."""
+    tower = write_tiny_vision_tower(out / "clip", kind="clip")
+    llm = write_tiny_qwen2(out / "llm")
+    model, processor = build_anyres(
+        "llava_onevision", tower, llm, vision_feature_layer=-2,
+        vision_feature_select_strategy="default", image_grid_pinpoints=TINY_GRIDS,
+    )  # fmt: skip
+    model.save_pretrained(out / "model")
+    processor.save_pretrained(out / "model")
+    return out / "model"
 
 
 @pytest.mark.parametrize("name", ["next_llama_clip", "next_qwen2_siglip", "onevision"])
@@ -65,7 +82,9 @@ def test_saved_folder_loads_with_ours_and_plain_transformers(folders: dict, name
     assert not any(".head." in n for n, _ in model.named_parameters())  # SigLIP pooling head
 
 
-@pytest.mark.parametrize("name", ["next_llama_clip", "next_qwen2_siglip", "onevision"])
+@pytest.mark.parametrize(
+    "name", ["next_llama_clip", "next_qwen2_siglip", "onevision", "onevision_clip"]
+)
 def test_counter_matches_processor_and_model_features(folders: dict, name: str) -> None:
     kind, folder = folders[name]
     model, processor = get_model_family(kind).load(folder)
