@@ -114,6 +114,68 @@ def final_loss(trainer: Any) -> float:
     return float(losses[-1]) if losses else float("nan")
 
 
+def held_out(model_dir: Path, paths: dict[str, Path], out: Path, tag: str = "") -> dict[str, Any]:
+    """Held-out exact match of ``model_dir`` with real and with blank images; the eval reports
+    go to ``out/eval_test{tag}.json`` and ``out/eval_blank{tag}.json``."""
+    test = evaluate(model_dir, Path(paths["instruct_test"]))
+    blank = evaluate(model_dir, Path(paths["instruct_test_blank"]))
+    (out / f"eval_test{tag}.json").write_text(json.dumps(test.pop("report"), indent=1))
+    (out / f"eval_blank{tag}.json").write_text(json.dumps(blank.pop("report"), indent=1))
+    return {
+        "accuracy": test["accuracy"],
+        "accuracy_blank_images": blank["accuracy"],
+        "accuracy_by_kind": test["by_kind"],
+        "accuracy_blank_by_kind": blank["by_kind"],
+        "answer_loss": test["answer_loss"],
+    }
+
+
+def step(name: str) -> float:
+    """Announce a demo step; its start time."""
+    print(f"[demo] {name} ...", flush=True)
+    return time.perf_counter()
+
+
+def train_stage(recipe: str, values: dict[str, Any], quick: bool = False) -> Any:
+    """``lvlm-tune train recipes/demo/{recipe}`` with ``values`` overriding its keys (the demo
+    rebuilds its folders, whatever ran there; ``quick``: 3 steps); the trainer."""
+    values = {"overwrite_output_dir": True, **values, **({"max_steps": 3} if quick else {})}
+    overrides = [f"--{key}={value}" for key, value in values.items()]
+    return run(*parse_recipe(RECIPES / recipe, overrides))
+
+
+def train_sft_stages(
+    out: Path,
+    paths: dict[str, Path],
+    variant: Variant,
+    seed: int,
+    quick: bool,
+    times: dict[str, float],
+    instruct: Path | None = None,
+) -> dict[str, Any]:
+    """Stage 1 (captions) and stage 2 (``instruct``, default the demo's instructions) of
+    ``variant`` under ``out``; each stage's wall time goes into ``times``; the trainers."""
+    # The recipes name runs/demo/...; point them at --out (the same paths for `make demo`).
+    paths_of = {
+        "stage1": {"data_path": paths["captions_train"]},
+        "stage2": {
+            "data_path": instruct or paths["instruct_train"],
+            "pretrained_projector": out / "stage1",
+        },
+    }
+    trainers = {}
+    for stage, recipe in zip(("stage1", "stage2"), variant.recipes, strict=True):
+        start = step(f"{stage}: lvlm-tune train recipes/demo/{recipe}")
+        values = {
+            "vision_tower": out / "base" / "vision", "llm_name_or_path": out / "base" / "llm",
+            "image_folder": out / "data", "output_dir": out / stage, "seed": seed,
+            **paths_of[stage],
+        }  # fmt: skip
+        trainers[stage] = train_stage(recipe, values, quick)
+        times[stage] = time.perf_counter() - start
+    return trainers
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="lvlm_tune.demo.run", description=__doc__.split("\n\n")[0]
@@ -140,10 +202,6 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, float] = {}
     summary: dict[str, Any] = {"times_s": times}
 
-    def step(name: str) -> float:
-        print(f"[demo] {name} ...", flush=True)
-        return time.perf_counter()
-
     start = step("data: synthetic shapes")
     paths = shapes.make_shapes_dataset(
         out / "data", n_train=args.train_images, n_test=args.test_images, seed=args.seed
@@ -154,44 +212,23 @@ def main(argv: list[str] | None = None) -> int:
     summary.update(variant.base_models(paths, out / "base", args.quick))
     times["base_models"] = time.perf_counter() - start
 
-    # The recipes name runs/demo/...; point them at --out (the same paths for `make demo`).
-    paths_of = {
-        "stage1": {"data_path": paths["captions_train"]},
-        "stage2": {"data_path": paths["instruct_train"], "pretrained_projector": out / "stage1"},
-    }
-    trainers = {}
-    for stage, recipe in zip(("stage1", "stage2"), variant.recipes, strict=True):
-        start = step(f"{stage}: lvlm-tune train recipes/demo/{recipe}")
-        values = {
-            "vision_tower": out / "base" / "vision", "llm_name_or_path": out / "base" / "llm",
-            "image_folder": out / "data", "output_dir": out / stage, "seed": args.seed,
-            "overwrite_output_dir": True,  # the demo rebuilds its folder, whatever ran there
-            **paths_of[stage], **({"max_steps": 3} if args.quick else {}),
-        }  # fmt: skip
-        overrides = [f"--{key}={value}" for key, value in values.items()]
-        model_args, data_args, train_args = parse_recipe(RECIPES / recipe, overrides)
-        trainers[stage] = run(model_args, data_args, train_args)
-        times[stage] = time.perf_counter() - start
-        summary[f"{stage}_final_loss"] = final_loss(trainers[stage])
+    trainers = train_sft_stages(out, paths, variant, args.seed, args.quick, times)
+    for stage, trainer in trainers.items():
+        summary[f"{stage}_final_loss"] = final_loss(trainer)
 
     start = step(f"merge: lvlm-tune merge --checkpoint {out / 'stage2'} --output {out / 'merged'}")
     merged = merge(out / "stage2", out / "merged", overwrite=True)
     times["merge"] = time.perf_counter() - start
 
     start = step("eval: lvlm-tune eval on held-out questions (real and blank images)")
-    test = evaluate(merged, Path(paths["instruct_test"]))
-    blank = evaluate(merged, Path(paths["instruct_test_blank"]))
-    (out / "eval_test.json").write_text(json.dumps(test.pop("report"), indent=1))
-    (out / "eval_blank.json").write_text(json.dumps(blank.pop("report"), indent=1))
+    test = held_out(merged, paths, out)
     times["evaluate"] = time.perf_counter() - start
     info = json.loads(Path(paths["info"]).read_text())
     summary.update(
-        accuracy=test["accuracy"],
-        accuracy_blank_images=blank["accuracy"],
+        accuracy=test.pop("accuracy"),
+        accuracy_blank_images=test.pop("accuracy_blank_images"),
         chance=info["chance"].get("colour_shape"),
-        accuracy_by_kind=test["by_kind"],
-        accuracy_blank_by_kind=blank["by_kind"],
-        answer_loss=test["answer_loss"],
+        **test,
     )
 
     first = json.loads(Path(paths["instruct_test"]).read_text())[0]
@@ -216,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     label = f"stage 2 ({variant.stage2_trains}) final loss:"
     print(f"{label:<32}{summary['stage2_final_loss']:.3f}")
     print(
-        f"held-out colour+shape exact match: {summary['accuracy']:.3f}  (by kind: {test['by_kind']})"
+        f"held-out colour+shape exact match: {summary['accuracy']:.3f}  (by kind: {summary['accuracy_by_kind']})"
     )
     print(
         f"same questions, blank images:      {summary['accuracy_blank_images']:.3f}  (chance {summary['chance']})"
