@@ -49,9 +49,14 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "demo"
 SCORED_KINDS = ("colour", "shape")
 
 
-def llava_base_models(data: dict[str, Path], base: Path, quick: bool) -> dict[str, Any]:
-    """The CLIP vision tower (``base/vision``) and the LLM (``base/llm``) of the LLaVA demo."""
+def llava_base_models(
+    data: dict[str, Path], base: Path, quick: bool, steps: int | None = None
+) -> dict[str, Any]:
+    """The CLIP vision tower (``base/vision``) and the LLM (``base/llm``) of the LLaVA demo;
+    ``steps``: both pre-trainings' steps instead of their defaults."""
     vision_config, llm_config = pretrain.VisionTowerConfig(), pretrain.LanguageModelConfig()
+    if steps:
+        vision_config.steps = llm_config.steps = steps
     if quick:
         vision_config.steps = llm_config.steps = 5
         vision_config.num_images = 64
@@ -152,9 +157,11 @@ def train_sft_stages(
     quick: bool,
     times: dict[str, float],
     instruct: Path | None = None,
+    steps: int | None = None,
 ) -> dict[str, Any]:
     """Stage 1 (captions) and stage 2 (``instruct``, default the demo's instructions) of
-    ``variant`` under ``out``; each stage's wall time goes into ``times``; the trainers."""
+    ``variant`` under ``out`` (``steps``: both stages' ``max_steps``); each stage's wall time
+    goes into ``times``; the trainers."""
     # The recipes name runs/demo/...; point them at --out (the same paths for `make demo`).
     paths_of = {
         "stage1": {"data_path": paths["captions_train"]},
@@ -169,7 +176,7 @@ def train_sft_stages(
         values = {
             "vision_tower": out / "base" / "vision", "llm_name_or_path": out / "base" / "llm",
             "image_folder": out / "data", "output_dir": out / stage, "seed": seed,
-            **paths_of[stage],
+            **paths_of[stage], **({"max_steps": steps} if steps else {}),
         }  # fmt: skip
         trainers[stage] = train_stage(recipe, values, quick)
         times[stage] = time.perf_counter() - start
