@@ -67,3 +67,44 @@ def encoded_batch(
     dataset = build_dataset(sides, processor, family.image_tokens(model, processor), seed=0)
     items = [dataset[i] for i in pairs] + [dataset[n + i] for i in pairs]
     return MultimodalCollator(pad_token_id(processor.tokenizer))(items)
+
+
+class HandPairs:
+    """The pairs of a preference JSON as preference-dataset items, encoded side by side by the
+    supervised path (single-turn prompts: its labels are the answer + STOP)."""
+
+    def __init__(self, model: Any, processor: Any, family: Any, data_args: Any, tmp: Path):
+        from dataclasses import replace
+
+        from lvlm_tune.training.pipeline import build_dataset
+
+        path, self.n = _sides_as_sft(data_args.data_path, tmp)
+        sides = replace(data_args, data_path=path, data_format="llava")
+        self.sides = build_dataset(sides, processor, family.image_tokens(model, processor), 0)
+        self.images = self.sides.images
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        chosen, rejected = self.sides[i], self.sides[self.n + i]
+        extras = {k: v for k, v in chosen.items() if k not in ("input_ids", "labels")}
+        return {**extras, "chosen_input_ids": chosen["input_ids"],
+                "chosen_labels": chosen["labels"], "rejected_input_ids": rejected["input_ids"],
+                "rejected_labels": rejected["labels"]}  # fmt: skip
+
+
+class HandCollator:
+    """B pair items -> 2B rows, chosen sides first (the preference collator's layout)."""
+
+    def __init__(self, pad_id: int) -> None:
+        from lvlm_tune.data.collator import MultimodalCollator
+
+        self.collator = MultimodalCollator(pad_id)
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        def side(item: dict[str, Any], name: str) -> dict[str, Any]:
+            rest = {k: v for k, v in item.items() if not k.startswith(("chosen_", "rejected_"))}
+            return {**rest, "input_ids": item[f"{name}_input_ids"], "labels": item[f"{name}_labels"]}
+
+        return self.collator([side(item, s) for s in ("chosen", "rejected") for item in items])

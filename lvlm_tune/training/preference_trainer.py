@@ -60,6 +60,8 @@ class PreferenceTrainer(LvlmTrainer):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # the items' keys are no forward arguments (chosen_input_ids...): Trainer must keep them
+        kwargs["args"].remove_unused_columns = False
         super().__init__(*args, **kwargs)
         a = self.args
         base = unwrap_model(self.model)
