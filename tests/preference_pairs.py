@@ -105,6 +105,10 @@ class HandCollator:
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         def side(item: dict[str, Any], name: str) -> dict[str, Any]:
             rest = {k: v for k, v in item.items() if not k.startswith(("chosen_", "rejected_"))}
-            return {**rest, "input_ids": item[f"{name}_input_ids"], "labels": item[f"{name}_labels"]}
+            return {
+                **rest,
+                "input_ids": item[f"{name}_input_ids"],
+                "labels": item[f"{name}_labels"],
+            }
 
         return self.collator([side(item, s) for s in ("chosen", "rejected") for item in items])
