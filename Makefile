@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # CPU build of torch, pinned so pip never pulls a multi-GB CUDA build on dev/CI machines.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv test test-fast lint format demo demo-minigpt4 demo-minigpt5 demo-onevision clean
+.PHONY: venv test test-fast lint format demo demo-minigpt4 demo-minigpt5 demo-onevision demo-dpo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -40,6 +40,9 @@ demo-minigpt5: $(STAMP)
 
 demo-onevision: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m lvlm_tune.demo.onevision --out runs/demo_onevision
+
+demo-dpo: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m lvlm_tune.demo.dpo --out runs/demo_dpo
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
