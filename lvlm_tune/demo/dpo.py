@@ -45,11 +45,11 @@ from lvlm_tune.demo.run import (
     final_loss,
     held_out,
     llava_base_models,
+    merged,
     step,
     train_sft_stages,
     train_stage,
 )
-from lvlm_tune.inference.export import merge
 from lvlm_tune.inference.load import load_run
 from lvlm_tune.training.preference_logps import sequence_logps
 
@@ -100,10 +100,17 @@ def make_data(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     return {"paths": paths, "noise": noise, "pairs": counts}
 
 
-def scores(model_dir: Path, paths: dict[str, Any], out: Path, tag: str) -> dict[str, Any]:
-    """Held-out exact match (real, blank images) and preference accuracy of ``model_dir``."""
-    figures = held_out(model_dir, paths, out, tag)
-    figures.update(preference_accuracy(model_dir, Path(paths["prefs_test"])))
+def merge_and_score(
+    checkpoint: Path, output: Path, paths: dict[str, Any], name: str, times: dict[str, float]
+) -> dict[str, Any]:
+    """Merge ``checkpoint`` (the ``name`` model) into ``output``; its held-out exact match with
+    real and blank images (reports ``eval_{test,blank}_{name}.json`` next to ``output``) and
+    its held-out preference accuracy."""
+    model = merged(checkpoint, output, times, f"merge_{name}")
+    start = step(f"eval: the {name} model on held-out questions and pairs")
+    figures = held_out(model, paths, output.parent, f"_{name}")
+    figures.update(preference_accuracy(model, Path(paths["prefs_test"])))
+    times[f"evaluate_{name}"] = time.perf_counter() - start
     return figures
 
 
@@ -162,30 +169,18 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     for stage, trainer in sft.items():
         summary[f"{stage}_final_loss"] = final_loss(trainer)
-    start = step(f"merge: lvlm-tune merge --checkpoint {out / 'stage2'} --output {out / 'sft'}")
-    sft_model = merge(out / "stage2", out / "sft", overwrite=True)
-    times["merge_sft"] = time.perf_counter() - start
-
-    start = step("eval: the noisy SFT model on held-out questions and pairs")
-    before = scores(sft_model, paths, out, "_sft")
-    times["evaluate_sft"] = time.perf_counter() - start
+    before = merge_and_score(out / "stage2", out / "sft", paths, "sft", times)
 
     start = step(f"dpo: lvlm-tune train recipes/demo/{DPO_RECIPE}")
     values = {
-        "model_name_or_path": sft_model, "data_path": paths["prefs_train"],
+        "model_name_or_path": out / "sft", "data_path": paths["prefs_train"],
         "image_folder": out / "data", "output_dir": out / "dpo", "seed": args.seed,
         **({"max_steps": args.dpo_steps} if args.dpo_steps else {}),
     }  # fmt: skip
     trainer = train_stage(DPO_RECIPE, values, args.quick)
     summary.update(dpo_final_loss=final_loss(trainer), dpo_logs=dpo_logs(trainer))
     times["dpo"] = time.perf_counter() - start
-    start = step(f"merge: lvlm-tune merge --checkpoint {out / 'dpo'} --output {out / 'merged'}")
-    dpo_model = merge(out / "dpo", out / "merged", overwrite=True)
-    times["merge_dpo"] = time.perf_counter() - start
-
-    start = step("eval: the DPO model on held-out questions and pairs")
-    after = scores(dpo_model, paths, out, "")
-    times["evaluate_dpo"] = time.perf_counter() - start
+    after = merge_and_score(out / "dpo", out / "merged", paths, "dpo", times)
     times["total"] = sum(times.values())
     info = json.loads(Path(paths["info"]).read_text())
     summary.update(

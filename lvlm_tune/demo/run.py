@@ -141,6 +141,14 @@ def step(name: str) -> float:
     return time.perf_counter()
 
 
+def merged(checkpoint: Path, output: Path, times: dict[str, float], key: str) -> Path:
+    """``lvlm-tune merge`` of ``checkpoint`` into ``output``, timed as ``times[key]``."""
+    start = step(f"merge: lvlm-tune merge --checkpoint {checkpoint} --output {output}")
+    folder = merge(checkpoint, output, overwrite=True)
+    times[key] = time.perf_counter() - start
+    return folder
+
+
 def train_stage(recipe: str, values: dict[str, Any], quick: bool = False) -> Any:
     """``lvlm-tune train recipes/demo/{recipe}`` with ``values`` overriding its keys (the demo
     rebuilds its folders, whatever ran there; ``quick``: 3 steps); the trainer."""
@@ -223,12 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     for stage, trainer in trainers.items():
         summary[f"{stage}_final_loss"] = final_loss(trainer)
 
-    start = step(f"merge: lvlm-tune merge --checkpoint {out / 'stage2'} --output {out / 'merged'}")
-    merged = merge(out / "stage2", out / "merged", overwrite=True)
-    times["merge"] = time.perf_counter() - start
-
+    model = merged(out / "stage2", out / "merged", times, "merge")
     start = step("eval: lvlm-tune eval on held-out questions (real and blank images)")
-    test = held_out(merged, paths, out)
+    test = held_out(model, paths, out)
     times["evaluate"] = time.perf_counter() - start
     info = json.loads(Path(paths["info"]).read_text())
     summary.update(
@@ -241,10 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     first = json.loads(Path(paths["instruct_test"]).read_text())[0]
     question = first["conversations"][0]["value"].replace("<image>", "").strip()
     image = Path(paths["root"]) / first["image"]
-    start = step(f"chat: lvlm-tune chat --model {merged} --image {image} --prompt {question!r}")
+    start = step(f"chat: lvlm-tune chat --model {model} --image {image} --prompt {question!r}")
     print(f"user: {question}\nassistant: ", end="", flush=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    session = ChatSession(load_run(merged, device=device))  # what `lvlm-tune chat` runs
+    session = ChatSession(load_run(model, device=device))  # what `lvlm-tune chat` runs
     session.ask(question, str(image), max_new_tokens=16, stream=sys.stdout)
     summary["example"] = {
         "image": str(image),
