@@ -98,3 +98,100 @@ def test_eval_and_merged_folders_process_frames_as_training_did(ov):
         videos = loaded.videos(ov["media"])
         assert videos.settings == train_videos.settings, folder
         assert torch.equal(videos.model_inputs(record)["pixel_values_videos"], trained), folder
+
+
+@pytest.fixture(scope="module")
+def loaded(ov):
+    return load_run(ov["run"])
+
+
+def test_chat_attaches_a_frame_folder_and_answers_as_the_answerer(ov, loaded):
+    from lvlm_tune.inference.answer import Answerer
+    from lvlm_tune.inference.chat import ChatSession
+
+    session = ChatSession(loaded)
+    clip = str(ov["media"] / "clip0")
+    answer = session.ask("What happens?", video=clip, max_new_tokens=4)
+    assert session.turns[0].content == "<video>\nWhat happens?"  # before, as training placed it
+    assert session.video_paths == [clip]
+    # the same prompt, frames and answer as the answerer on the record with the frame folder
+    videos = loaded.videos(ov["media"])
+    answerer = Answerer(loaded.model, loaded.processor, loaded.encoder(), loaded.images(),
+                        videos=videos)  # fmt: skip
+    record = video_record(ov)
+    assert answer == answerer.answer([record], max_new_tokens=4)[0]
+    inputs, _ = session.answerer.model_inputs([asked(session, 1)])
+    expected, _ = answerer.model_inputs([record])
+    assert torch.equal(inputs["input_ids"], expected["input_ids"])
+    assert torch.equal(inputs["pixel_values_videos"], expected["pixel_values_videos"])
+    video_id = loaded.processor.tokenizer.convert_tokens_to_ids("<video>")
+    count = loaded.family.video_tokens(loaded.processor, FRAMES)
+    assert int((expected["input_ids"] == video_id).sum()) == count
+    # a later turn attaches another video, at its own tag; both are the model's inputs
+    session.ask("And here? <video>", video=str(ov["media"] / "clip1"), max_new_tokens=2)
+    assert session.turns[2].content == "And here? <video>" and len(session.video_paths) == 2
+    inputs, _ = session.answerer.model_inputs([asked(session, 3)])
+    assert inputs["pixel_values_videos"].shape[:2] == (2, FRAMES)
+    assert int((inputs["input_ids"] == video_id).sum()) == 2 * count
+
+
+def asked(session, turns):
+    """The record of the session's first ``turns`` turns and the videos they attach."""
+    head = session.turns[:turns]
+    count = sum(t.content.count("<video>") for t in head)
+    return Conversation("chat", head, session.image_paths, videos=session.video_paths[:count])
+
+
+def test_chat_refuses_videos_it_cannot_read_and_keeps_the_conversation(ov, loaded, tmp_path):
+    from lvlm_tune.data.video import video_file_decoder
+    from lvlm_tune.errors import UserError
+    from lvlm_tune.inference.chat import ChatSession
+
+    session = ChatSession(loaded)
+    few = tmp_path / "few"
+    few.mkdir()
+    Image.new("RGB", (8, 8)).save(few / "0.png")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "clip.mp4").write_bytes(b"\0" * 16)
+    cases = {
+        str(few): r"1 frame\(s\), fewer than the run's video_num_frames=3",
+        str(empty): "no frame images",
+        str(tmp_path / "notes.txt"): "not a video; give a folder of frames",
+        str(tmp_path / "missing"): "no video at",
+    }
+    if not video_file_decoder():
+        cases[str(tmp_path / "clip.mp4")] = (
+            r"video files need PyAV.*pip install av.*folder of frames"
+        )
+    for path, message in cases.items():
+        with pytest.raises(UserError, match=message):
+            session.ask("What happens?", video=path)
+        assert session.turns == [] and session.video_paths == []
+    with pytest.raises(UserError, match=r"1 <video> tag\(s\) for 0 attached video"):
+        session.ask("What is <video>?")
+
+
+def test_chat_command_takes_a_video(ov, capsys, tmp_path):
+    from lvlm_tune.commands.chat import main as chat_main
+    from lvlm_tune.commands.chat import repl
+    from lvlm_tune.inference.chat import ChatSession
+
+    clip = str(ov["media"] / "clip0")
+    argv = ["--model", str(ov["run"]), "--max-new-tokens", "3"]
+    assert chat_main([*argv, "--video", clip, "--prompt", "What happens?"]) == 0
+    printed = capsys.readouterr().out.strip()
+    session = ChatSession(load_run(ov["run"]))
+    assert printed == session.ask("What happens?", video=clip, max_new_tokens=3)
+    # before the model loads: a path that is no video
+    assert chat_main([*argv, "--video", str(tmp_path / "none"), "--prompt", "Hi"]) != 0
+    assert "no video at" in capsys.readouterr().err
+    import argparse
+
+    session.reset()
+    args = argparse.Namespace(image=None, video=None, max_new_tokens=2, temperature=0.0)
+    repl(session, args, [f"/video {tmp_path / 'none'}", f"/video {clip}", "What happens?"])
+    captured = capsys.readouterr()
+    assert "no video at" in captured.err and captured.out.count("ASSISTANT: ") == 1
+    assert session.video_paths == [clip] and session.turns[0].content.startswith("<video>")
