@@ -25,25 +25,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
-import sys
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lvlm_tune.demo import pretrain, pretrain_minigpt4, shapes
-from lvlm_tune.inference.chat import ChatSession
-from lvlm_tune.inference.evaluate import evaluate as evaluate_run
+from lvlm_tune.demo.steps import ask_once, final_loss, score, score_held_out, setup, train_recipe
 from lvlm_tune.inference.export import merge
-from lvlm_tune.inference.load import load_run
-from lvlm_tune.training.pipeline import run
-from lvlm_tune.training.recipe import parse_recipe
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "demo"
 SCORED_KINDS = ("colour", "shape")
@@ -94,24 +84,9 @@ VARIANTS: dict[str, Variant] = {
 
 
 def evaluate(model_dir: Path, path: Path) -> dict[str, Any]:
-    """``lvlm-tune eval`` on a held-out LLaVA JSON; exact match per question kind."""
-    report = evaluate_run(model_dir, path, batch_size=64, progress=False)
-    kind_of = {row["id"]: row["kind"] for row in json.loads(path.read_text())}
-    hits: dict[str, list[bool]] = defaultdict(list)
-    for sample in report["samples"]:
-        hits[kind_of[sample["id"]]].append(bool(sample["exact_match"]))
-    scored = [h for kind in SCORED_KINDS for h in hits[kind]]
-    return {
-        "accuracy": sum(scored) / max(len(scored), 1),
-        "by_kind": {kind: sum(v) / len(v) for kind, v in hits.items()},
-        "answer_loss": report["metrics"].get("loss"),
-        "report": report,
-    }
-
-
-def final_loss(trainer: Any) -> float:
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return float(losses[-1]) if losses else float("nan")
+    """``lvlm-tune eval`` on a held-out LLaVA JSON; exact match over the colour and shape
+    questions (:data:`SCORED_KINDS`) and per question kind (:func:`lvlm_tune.demo.steps.score`)."""
+    return score(model_dir, path, SCORED_KINDS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,10 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         help="a few steps per stage: checks the plumbing, not the accuracy",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING
-    )
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    setup()
     variant = VARIANTS[args.family]
     out = Path(args.out or ("runs/demo" if args.family == "llava" else f"runs/demo_{args.family}"))
     times: dict[str, float] = {}
@@ -168,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             "overwrite_output_dir": True,  # the demo rebuilds its folder, whatever ran there
             **paths_of[stage], **({"max_steps": 3} if args.quick else {}),
         }  # fmt: skip
-        overrides = [f"--{key}={value}" for key, value in values.items()]
-        model_args, data_args, train_args = parse_recipe(RECIPES / recipe, overrides)
-        trainers[stage] = run(model_args, data_args, train_args)
+        trainers[stage] = train_recipe(RECIPES / recipe, values)
         times[stage] = time.perf_counter() - start
         summary[f"{stage}_final_loss"] = final_loss(trainers[stage])
 
@@ -179,10 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     times["merge"] = time.perf_counter() - start
 
     start = step("eval: lvlm-tune eval on held-out questions (real and blank images)")
-    test = evaluate(merged, Path(paths["instruct_test"]))
-    blank = evaluate(merged, Path(paths["instruct_test_blank"]))
-    (out / "eval_test.json").write_text(json.dumps(test.pop("report"), indent=1))
-    (out / "eval_blank.json").write_text(json.dumps(blank.pop("report"), indent=1))
+    test, blank = score_held_out(
+        merged, out, paths["instruct_test"], paths["instruct_test_blank"], SCORED_KINDS
+    )
     times["evaluate"] = time.perf_counter() - start
     info = json.loads(Path(paths["info"]).read_text())
     summary.update(
@@ -198,10 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     question = first["conversations"][0]["value"].replace("<image>", "").strip()
     image = Path(paths["root"]) / first["image"]
     start = step(f"chat: lvlm-tune chat --model {merged} --image {image} --prompt {question!r}")
-    print(f"user: {question}\nassistant: ", end="", flush=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    session = ChatSession(load_run(merged, device=device))  # what `lvlm-tune chat` runs
-    session.ask(question, str(image), max_new_tokens=16, stream=sys.stdout)
+    ask_once(merged, question, str(image), max_new_tokens=16)  # what `lvlm-tune chat` runs
     summary["example"] = {
         "image": str(image),
         "question": question,

@@ -9,13 +9,9 @@ import json
 
 import pytest
 import torch
-from dist_launch import finish, losses, module, start, torchrun, write_recipe
+from dist_launch import train_and_rebuild, write_recipe
 from PIL import Image
-from transformers import (
-    LlavaNextForConditionalGeneration,
-    LlavaOnevisionForConditionalGeneration,
-    set_seed,
-)
+from transformers import LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration
 
 from lvlm_tune.models.parts import is_under
 from lvlm_tune.testing.tiny_anyres import write_tiny_llava_next, write_tiny_llava_onevision
@@ -49,9 +45,6 @@ def interleaved(tmp_path_factory):
 
 @pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
 def test_zero3_two_processes(family, tiny_parts, interleaved, tmp_path):
-    from lvlm_tune.training.pipeline import build_model
-    from lvlm_tune.training.recipe import parse_recipe
-
     write, model_class, template = BUILDERS[family]
     folder = str(write(tmp_path / "model"))
     recipe = write_recipe(
@@ -60,12 +53,7 @@ def test_zero3_two_processes(family, tiny_parts, interleaved, tmp_path):
         stage="finetune", max_steps=2, per_device_train_batch_size=1,
         deepspeed="ds_configs/zero3.json",
     )  # fmt: skip
-    finish([start(torchrun(module(recipe)), tmp_path)], tmp_path)
-    out = tmp_path / "out"
-    assert len(losses(out)) == 2 and all(map(torch.isfinite, torch.tensor(losses(out))))
-    args = parse_recipe(recipe, ["--deepspeed", ""])
-    set_seed(args[2].seed)
-    model = build_model(*args)[0]
+    out, model = train_and_rebuild(recipe, tmp_path)
     before = model.state_dict()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     after = model_class.from_pretrained(out).state_dict()
