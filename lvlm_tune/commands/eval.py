@@ -109,7 +109,7 @@ def run_benchmarks(args: argparse.Namespace) -> int:
         report = runner.run_benchmarks(
             args.model, _pairs(names, args.data), image_folder=args.image_folder,
             limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-            output_dir=args.output_dir, base=args.base,
+            output_dir=args.output_dir, base=args.base, template=args.template,
         )  # fmt: skip
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2, allow_nan=False))

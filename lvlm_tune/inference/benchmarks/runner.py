@@ -81,13 +81,14 @@ def _records(questions: list[Question]) -> list[Any]:
 
 
 def generate(loaded: Any, data: BenchmarkData, *, batch_size: int, max_new_tokens: int | None,
-             image_folder_given: bool, progress: bool) -> list[str]:  # fmt: skip
-    """The model's answers to ``data.questions`` (greedy)."""
+             image_folder_given: bool, progress: bool, template: str | None = None,
+             ) -> list[str]:  # fmt: skip
+    """The model's answers to ``data.questions`` (greedy; ``template`` overrides the card's)."""
     from tqdm.auto import tqdm
 
     from lvlm_tune.inference.answer import Answerer
 
-    encoder = loaded.encoder()
+    encoder = loaded.encoder(template)
     images = loaded.images(data.image_folder, allow_outside_folder=not image_folder_given)
     answerer = Answerer(
         loaded.model, loaded.processor, encoder, images,
@@ -112,6 +113,7 @@ def run_benchmarks(
     max_new_tokens: int | None = None,
     output_dir: str | os.PathLike | None = None,
     base: str | None = None,
+    template: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Answer and score each ``(name, data)`` benchmark with the model in ``model_dir``.
@@ -133,7 +135,7 @@ def run_benchmarks(
     for data in datas:
         answers = generate(
             loaded, data, batch_size=batch_size, max_new_tokens=max_new_tokens,
-            image_folder_given=image_folder is not None, progress=progress,
+            image_folder_given=image_folder is not None, progress=progress, template=template,
         )  # fmt: skip
         path = write_jsonl(out / f"{data.benchmark.name}_answers.jsonl",
                            answer_rows(data.questions, answers, model_id))  # fmt: skip
