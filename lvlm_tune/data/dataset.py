@@ -10,6 +10,8 @@ of batches per epoch does not change (resume skips batches by count) and a sampl
 epoch is counted once. ``set_epoch`` changes the per-sample random choices (image position,
 instruction) reproducibly. An extension's :class:`~lvlm_tune.data.hooks.DataHooks` (a record
 transform, extra model inputs per sample) run here, once per sample, when a run passes them.
+:class:`PolicyDataset` holds what the supervised and the preference dataset
+(:mod:`lvlm_tune.data.preference_dataset`) share: the policy, the ledger, the media inputs.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from lvlm_tune.data.errors import BadSampleError, SkipLedger, SkippedSample, che
 from lvlm_tune.data.hooks import DataHooks
 from lvlm_tune.data.images import ImageLoader
 from lvlm_tune.data.lengths import modality_lengths
+from lvlm_tune.data.preference_readers import PREFERENCE_FORMATS
 from lvlm_tune.data.record import Conversation
 from lvlm_tune.data.video import VideoLoader
+from lvlm_tune.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -44,27 +48,21 @@ def read_record(source: Any, index: int, hooks: DataHooks | None = None) -> Conv
     return hooks.record_transform(source.raw(int(index)), record)
 
 
-class SupervisedDataset(torch.utils.data.Dataset):
-    """Map-style dataset of encoded conversations.
+class PolicyDataset(torch.utils.data.Dataset):
+    """A map-style dataset of encoded records under a bad-sample policy: the checks, the
+    ledger, ``set_epoch``, the skip semantics and the images' and videos' model inputs that
+    :class:`SupervisedDataset` and the preference dataset
+    (:class:`~lvlm_tune.data.preference_dataset.PreferenceDataset`) share. A subclass encodes
+    (:meth:`encode`); arguments as :class:`SupervisedDataset`'s. A source of the other kind
+    (preference pairs for a supervised dataset, conversations for a preference one) is refused
+    with a :class:`~lvlm_tune.errors.UserError`."""
 
-    Args:
-        source: a record source (``lvlm_tune.data.sources.open_source``): ``len``, ``get(i)``,
-            ``num_words()``, ``num_images()``.
-        encoder: the conversation encoder for the model's tokenizer and template.
-        images: the image loader (processor + folder + aspect ratio).
-        on_bad_sample: ``"error"`` or ``"skip"``.
-        max_bad_fraction: under ``skip``, the largest fraction of samples that may be bad
-            (:meth:`check_bad_fraction` raises beyond it; 1 allows any number).
-        hooks: an extension's record transform and extra model inputs per sample
-            (:class:`~lvlm_tune.data.hooks.DataHooks`; default: none).
-        videos: the video loader (OneVision; :mod:`lvlm_tune.data.video`); items then carry
-            ``pixel_values_videos`` for the videos a sample keeps. Default: none.
-    """
+    preference = False  # the records are preference pairs (PreferenceRecord)
 
     def __init__(
         self,
         source: Any,
-        encoder: ConversationEncoder,
+        encoder: Any,
         images: ImageLoader,
         on_bad_sample: str = "error",
         max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
@@ -79,6 +77,13 @@ class SupervisedDataset(torch.utils.data.Dataset):
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         if len(source) == 0:
             raise ValueError(f"{source.path}: the data file holds no samples")
+        fmt = getattr(source, "fmt", None)
+        if fmt is not None and (fmt in PREFERENCE_FORMATS) != self.preference:
+            kinds = ("supervised conversations", "preference pairs (chosen / rejected)")
+            raise UserError(
+                f"{source.path}: holds {kinds[not self.preference]} (format {fmt}), but this "
+                f"stage trains on {kinds[self.preference]}; preference stages: dpo, dpo_lora"
+            )
         self.source = source
         self.encoder = encoder
         self.images = images
@@ -97,32 +102,30 @@ class SupervisedDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def encode_sample(self, index: int) -> tuple[Conversation, EncodedSample]:
-        """The record and its encoding (image sizes from headers when counts depend on them)."""
-        record = read_record(self.source, index, self.hooks)
-        sizes = None
-        if self.encoder.num_image_tokens is None:  # known once the lengths were computed
-            sizes = self._sizes.get(int(index)) or self.images.sizes(record)
-        return record, self.encoder.encode(record, index, self.epoch, image_sizes=sizes)
-
     def encode(self, index: int) -> dict[str, Any]:
         """Encode sample ``index`` or raise ``BadSampleError``."""
-        record, sample = self.encode_sample(index)
+        raise NotImplementedError
+
+    def image_sizes(self, record: Any, index: int, encoder: ConversationEncoder) -> Any:
+        """The record's image sizes when ``encoder``'s image counts depend on them (read from
+        the headers, unless the lengths already read them), else ``None``."""
+        if encoder.num_image_tokens is not None:
+            return None
+        return self._sizes.get(int(index)) or self.images.sizes(record)
+
+    def media_inputs(self, record: Any, sample: EncodedSample) -> dict[str, Any]:
+        """``pixel_values`` (``None`` without images) and the image processor's extras
+        (anyres: ``image_sizes``, ``batch_num_images``) of the images ``sample`` keeps, and
+        the videos' inputs when it keeps videos."""
         image_inputs = self.images.model_inputs(record, sample.num_images)
-        item = {
-            "id": sample.id,
-            "input_ids": sample.input_ids,
-            "labels": sample.labels,
-            "pixel_values": image_inputs.pop("pixel_values", None),
-            **image_inputs,  # anyres: image_sizes (and OneVision's batch_num_images)
-        }
+        inputs = {"pixel_values": image_inputs.pop("pixel_values", None), **image_inputs}
         if sample.num_videos:
             if self.videos is None:
-                raise ValueError("a video sample needs a VideoLoader (SupervisedDataset videos=)")
-            item.update(self.videos.model_inputs(record, sample.num_videos))
-        if self.hooks.sample_extras is not None:
-            item.update(self.hooks.sample_extras(record, sample, self.images))
-        return item
+                raise ValueError(
+                    f"a video sample needs a VideoLoader ({type(self).__name__} videos=)"
+                )
+            inputs.update(self.videos.model_inputs(record, sample.num_videos))
+        return inputs
 
     def __getitem__(self, index: int) -> dict[str, Any] | SkippedSample:
         try:
@@ -152,6 +155,43 @@ class SupervisedDataset(torch.utils.data.Dataset):
             check_bad_fraction(
                 self.ledger, self.max_bad_fraction, str(self.source.path), self.bad_examples()
             )
+
+
+class SupervisedDataset(PolicyDataset):
+    """Map-style dataset of encoded conversations.
+
+    Args:
+        source: a record source (``lvlm_tune.data.sources.open_source``): ``len``, ``get(i)``,
+            ``num_words()``, ``num_images()``.
+        encoder: the conversation encoder for the model's tokenizer and template.
+        images: the image loader (processor + folder + aspect ratio).
+        on_bad_sample: ``"error"`` or ``"skip"``.
+        max_bad_fraction: under ``skip``, the largest fraction of samples that may be bad
+            (:meth:`check_bad_fraction` raises beyond it; 1 allows any number).
+        hooks: an extension's record transform and extra model inputs per sample
+            (:class:`~lvlm_tune.data.hooks.DataHooks`; default: none).
+        videos: the video loader (OneVision; :mod:`lvlm_tune.data.video`); items then carry
+            ``pixel_values_videos`` for the videos a sample keeps. Default: none.
+    """
+
+    def encode_sample(self, index: int) -> tuple[Conversation, EncodedSample]:
+        """The record and its encoding (image sizes from headers when counts depend on them)."""
+        record = read_record(self.source, index, self.hooks)
+        sizes = self.image_sizes(record, index, self.encoder)
+        return record, self.encoder.encode(record, index, self.epoch, image_sizes=sizes)
+
+    def encode(self, index: int) -> dict[str, Any]:
+        """Encode sample ``index`` or raise ``BadSampleError``."""
+        record, sample = self.encode_sample(index)
+        item = {
+            "id": sample.id,
+            "input_ids": sample.input_ids,
+            "labels": sample.labels,
+            **self.media_inputs(record, sample),  # pixel_values, anyres extras, videos
+        }
+        if self.hooks.sample_extras is not None:
+            item.update(self.hooks.sample_extras(record, sample, self.images))
+        return item
 
     def modality_lengths(self) -> np.ndarray:
         """Token length per sample, negative for text-only samples (for the sampler): true

@@ -241,10 +241,15 @@ class ConversationEncoder:
         return rendered, escape, num_images
 
     def encode_prompt(
-        self, record: Conversation, index: int = 0, image_sizes: Sequence[ImageSize] | None = None
+        self,
+        record: Conversation,
+        index: int = 0,
+        image_sizes: Sequence[ImageSize] | None = None,
+        epoch: int = 0,
     ) -> np.ndarray:
-        """Token ids of the generation prompt, image tokens expanded (inference)."""
-        rendered, escape, num_images = self._render(record, index, 0, True)
+        """Token ids of the generation prompt, image tokens expanded (inference; ``epoch``:
+        that of the per-sample random choices, as :meth:`encode` takes it)."""
+        rendered, escape, num_images = self._render(record, index, epoch, True)
         ids, _ = self._tokenize(rendered, escape)
         sizes = checked_sizes(record, image_sizes, self.num_image_tokens is None)[:num_images]
         counts = iter(self.image_counter(sizes) if sizes else [])

@@ -34,6 +34,8 @@ REASONS: tuple[str, ...] = (
     "image_too_large",
     "missing_video",
     "bad_video",
+    "identical_answers",  # a preference pair whose chosen and rejected are the same
+    "empty_answer",  # a preference pair with an empty chosen or rejected answer
 )
 
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lvlm_tune.data.cache import atomic_write, entry_problem, stat_key, warn_once
-from lvlm_tune.data.readers import FORMATS, count_images, count_words, detect_format
+from lvlm_tune.data.formats import FORMATS, TEXT_KEYS, count_images, count_words, detect_format
 from lvlm_tune.data.record_source import BATCH_ROWS, CACHE_VERSION, RecordSource, cache_path
 
 
@@ -123,7 +123,7 @@ def _stream_problem(cache: str, key: str) -> str | None:
 
 def _hf_counts(ds: Any, fmt: str, image_columns: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Word and image counts of every row, reading text columns as Python, images as Arrow."""
-    text_columns = [c for c in ("conversations", "messages", "caption") if c in ds.column_names]
+    text_columns = [c for c in TEXT_KEYS if c in ds.column_names]
     words, parts, images = [], [], np.zeros(len(ds), np.int64)
     start = 0
     for batch in ds.with_format("arrow").iter(batch_size=BATCH_ROWS):

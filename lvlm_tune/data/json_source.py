@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 
 from lvlm_tune.data.cache import atomic_write, content_key, entry_problem, warn_once
+from lvlm_tune.data.formats import count_images, count_words, detect_format
 from lvlm_tune.data.jsonstream import iter_json
-from lvlm_tune.data.readers import count_images, count_words, detect_format
 from lvlm_tune.data.record_source import BATCH_ROWS, CACHE_VERSION, RecordSource, cache_path
 
 

@@ -6,8 +6,9 @@ Every data format is a dict per sample; :func:`normalize` turns one into a
 has text, ``<image>`` tags appear only in user turns and, when present, match the images one to
 one. Each problem raises :class:`~lvlm_tune.data.errors.BadSampleError` naming the file, the
 sample id and the exact field (``conversations[3].from``). The same functions serve JSON files
-and Hugging Face dataset rows; :func:`count_words` / :func:`count_images` give the cheap length
-estimates the record cache stores, and never raise.
+and Hugging Face dataset rows, and the preference readers
+(:mod:`lvlm_tune.data.preference_readers`) build on them; :mod:`lvlm_tune.data.formats`
+dispatches between the two and gives the cheap per-sample counts.
 """
 
 from __future__ import annotations
@@ -65,31 +66,32 @@ def normalize(raw: Any, fmt: str, *, source: str, index: int) -> Conversation:
     """
     if fmt not in _NORMALIZERS:
         raise ValueError(f"unknown record format {fmt!r}; choices: {FORMATS}")
-    if not isinstance(raw, dict):
-        raise BadSampleError(
-            source,
-            str(index),
-            "<record>",
-            f"expected an object, got {type(raw).__name__}",
-            "bad_field",
-        )
-    sample_id = str(raw["id"]) if raw.get("id") is not None else str(index)
-    conv = _NORMALIZERS[fmt](raw, _Ctx(source, sample_id))
+    ctx = Ctx.of(raw, source, index)
+    conv = _NORMALIZERS[fmt](raw, ctx)
     conv.source, conv.index = source, index
     return conv
 
 
-class _Ctx:
+class Ctx:
     """Where a sample came from; builds its errors."""
 
     def __init__(self, source: str, sample_id: str) -> None:
         self.source, self.sample_id = source, sample_id
 
+    @classmethod
+    def of(cls, raw: Any, source: str, index: int) -> Ctx:
+        """The context of raw sample ``index`` (its ``id``, else the index); raises
+        ``BadSampleError`` when the sample is not an object."""
+        if not isinstance(raw, dict):
+            problem = f"expected an object, got {type(raw).__name__}"
+            raise BadSampleError(source, str(index), "<record>", problem, "bad_field")
+        return cls(source, str(raw["id"]) if raw.get("id") is not None else str(index))
+
     def error(self, field: str, problem: str, reason: str) -> BadSampleError:
         return BadSampleError(self.source, self.sample_id, field, problem, reason)
 
 
-def _image_refs(value: Any, field: str, ctx: _Ctx) -> list[ImageRef]:
+def image_refs(value: Any, field: str, ctx: Ctx) -> list[ImageRef]:
     """Image references from a str / bytes / PIL image / ``{"bytes", "path"}`` dict or a list."""
     if value is None:
         return []
@@ -107,12 +109,12 @@ def _image_refs(value: Any, field: str, ctx: _Ctx) -> list[ImageRef]:
     return refs
 
 
-def _build(
+def build_conversation(
     messages: list[tuple[str, Any, str, str]],
     images: list[ImageRef],
     image_field: str,
     list_field: str,
-    ctx: _Ctx,
+    ctx: Ctx,
 ) -> Conversation:
     """Validate (role, text, role field, text field) messages and build the record."""
     system = None
@@ -151,13 +153,13 @@ def _build(
     return Conversation(id=ctx.sample_id, turns=turns, images=images, system=system)
 
 
-def _role(value: Any, roles: dict[str, str], field: str, ctx: _Ctx) -> str:
+def _role(value: Any, roles: dict[str, str], field: str, ctx: Ctx) -> str:
     if isinstance(value, str) and value in roles:
         return roles[value]
     raise ctx.error(field, f"unknown role {value!r}; expected one of {sorted(roles)}", "bad_roles")
 
 
-def _message_list(raw: dict, key: str, ctx: _Ctx) -> list[dict]:
+def message_list(raw: dict, key: str, ctx: Ctx) -> list[dict]:
     value = raw.get(key)
     if not isinstance(value, list):
         raise ctx.error(
@@ -169,9 +171,11 @@ def _message_list(raw: dict, key: str, ctx: _Ctx) -> list[dict]:
     return value
 
 
-def _llava(raw: dict, ctx: _Ctx) -> Conversation:
+def llava_messages(raw: dict, ctx: Ctx) -> tuple[list[tuple[str, Any, str, str]], list, str]:
+    """The (role, text, role field, text field) messages of ``conversations``, the images and
+    the name of the images' field."""
     image_field = "image" if raw.get("image") is not None or "images" not in raw else "images"
-    images = _image_refs(raw.get(image_field), image_field, ctx)
+    images = image_refs(raw.get(image_field), image_field, ctx)
     messages = [
         (
             _role(m.get("from"), LLAVA_ROLES, f"conversations[{k}].from", ctx),
@@ -179,12 +183,17 @@ def _llava(raw: dict, ctx: _Ctx) -> Conversation:
             f"conversations[{k}].from",
             f"conversations[{k}].value",
         )
-        for k, m in enumerate(_message_list(raw, "conversations", ctx))
+        for k, m in enumerate(message_list(raw, "conversations", ctx))
     ]
-    return _build(messages, images, image_field, "conversations", ctx)
+    return messages, images, image_field
 
 
-def _openai_content(content: Any, field: str, pending: Iterator, ctx: _Ctx) -> tuple[Any, list]:
+def _llava(raw: dict, ctx: Ctx) -> Conversation:
+    messages, images, image_field = llava_messages(raw, ctx)
+    return build_conversation(messages, images, image_field, "conversations", ctx)
+
+
+def openai_content(content: Any, field: str, pending: Iterator, ctx: Ctx) -> tuple[Any, list]:
     """Text (``<image>`` tags at image parts) and images of one message's ``content``."""
     if not isinstance(content, list):
         return content, []
@@ -208,35 +217,52 @@ def _openai_content(content: Any, field: str, pending: Iterator, ctx: _Ctx) -> t
                 raise ctx.error(
                     "images", "more image parts than top-level images", "image_tag_mismatch"
                 )
-        images.extend(_image_refs(ref, f"{field}[{j}]", ctx))
+        images.extend(image_refs(ref, f"{field}[{j}]", ctx))
         texts.append(IMAGE_TAG)
     return "\n".join(t for t in texts if t), images
 
 
-def _openai(raw: dict, ctx: _Ctx) -> Conversation:
-    top = _image_refs(raw.get("images"), "images", ctx)
-    pending = iter(top)
+def openai_messages(
+    value: list[dict], key: str, pending: Iterator, ctx: Ctx
+) -> tuple[list[tuple[str, Any, str, str]], list[ImageRef]]:
+    """The (role, text, role field, text field) messages of the message list ``key`` and the
+    images of their parts (placeholder parts take the next of ``pending``)."""
     messages, images = [], []
-    for k, m in enumerate(_message_list(raw, "messages", ctx)):
-        field = f"messages[{k}]"
+    for k, m in enumerate(value):
+        field = f"{key}[{k}]"
         role = _role(m.get("role"), OPENAI_ROLES, f"{field}.role", ctx)
-        text, found = _openai_content(m.get("content"), f"{field}.content", pending, ctx)
+        text, found = openai_content(m.get("content"), f"{field}.content", pending, ctx)
         images.extend(found)
         messages.append((role, text, f"{field}.role", f"{field}.content"))
-    if not images:
-        images = top  # plain-string contents with <image> tags, images listed at the top level
-    elif next(pending, None) is not None:
+    return messages, images
+
+
+def message_images(found: list, top: list, pending: Iterator, ctx: Ctx) -> list[ImageRef]:
+    """The sample's images: those of its image parts, else the top-level ones (plain-string
+    contents with ``<image>`` tags); every top-level image must belong to a part."""
+    if not found:
+        return top
+    if next(pending, None) is not None:
         raise ctx.error("images", "more top-level images than image parts", "image_tag_mismatch")
-    return _build(messages, images, "images", "messages", ctx)
+    return found
 
 
-def _caption(raw: dict, ctx: _Ctx) -> Conversation:
+def _openai(raw: dict, ctx: Ctx) -> Conversation:
+    top = image_refs(raw.get("images"), "images", ctx)
+    pending = iter(top)
+    value = message_list(raw, "messages", ctx)
+    messages, found = openai_messages(value, "messages", pending, ctx)
+    images = message_images(found, top, pending, ctx)
+    return build_conversation(messages, images, "images", "messages", ctx)
+
+
+def _caption(raw: dict, ctx: Ctx) -> Conversation:
     caption = raw.get("caption")
     if not isinstance(caption, str) or not caption.strip():
         raise ctx.error("caption", f"empty or non-string caption: {caption!r:.60}", "empty_message")
     if IMAGE_TAG in caption:
         raise ctx.error("caption", f"{IMAGE_TAG} tag inside a caption", "image_tag_mismatch")
-    images = _image_refs(raw.get("image", raw.get("images")), "image", ctx)
+    images = image_refs(raw.get("image", raw.get("images")), "image", ctx)
     if not images:
         raise ctx.error("image", "caption samples need an image", "bad_field")
     return Conversation(
@@ -248,51 +274,8 @@ def _caption(raw: dict, ctx: _Ctx) -> Conversation:
     )
 
 
-_NORMALIZERS: dict[str, Callable[[dict, _Ctx], Conversation]] = {
+_NORMALIZERS: dict[str, Callable[[dict, Ctx], Conversation]] = {
     "llava": with_videos(_llava),  # a sample's video / videos (lvlm_tune.data.video_text)
     "openai": _openai,
     "caption": _caption,
 }
-
-
-def _texts(raw: dict, fmt: str) -> Iterator[Any]:
-    if fmt == "caption":
-        yield raw.get("caption")
-        return
-    key, text_key = ("conversations", "value") if fmt == "llava" else ("messages", "content")
-    for message in raw.get(key) or ():
-        content = message.get(text_key) if isinstance(message, dict) else None
-        if isinstance(content, list):
-            yield from (p.get("text") for p in content if isinstance(p, dict))
-        else:
-            yield content
-
-
-def count_words(raw: Any, fmt: str) -> int:
-    """Whitespace word count of all message texts of a raw sample (0 for what is not text)."""
-    if not isinstance(raw, dict):
-        return 0
-    try:
-        return sum(len(t.split()) for t in _texts(raw, fmt) if isinstance(t, str))
-    except (AttributeError, TypeError):
-        return 0
-
-
-def count_images(raw: Any, fmt: str) -> int:
-    """Number of images a raw sample refers to (a cheap count; validation happens later)."""
-    if not isinstance(raw, dict):
-        return 0
-    parts = 0
-    if fmt == "openai" and isinstance(raw.get("messages"), list):
-        for m in raw["messages"]:
-            content = m.get("content") if isinstance(m, dict) else None
-            if isinstance(content, list):
-                parts += sum(
-                    isinstance(p, dict) and p.get("type") in ("image", "image_url") for p in content
-                )
-    if parts:
-        return parts
-    value = raw.get("image", raw.get("images")) if fmt != "openai" else raw.get("images")
-    if value is None:
-        return 0
-    return len(value) if isinstance(value, (list, tuple)) else 1

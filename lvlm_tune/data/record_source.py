@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from lvlm_tune.data.readers import normalize
+from lvlm_tune.data.formats import normalize
+from lvlm_tune.data.preference import PreferenceRecord
 from lvlm_tune.data.record import Conversation
 
-CACHE_VERSION = "2"  # bump when the cache layout or the counting rules change
+CACHE_VERSION = "3"  # bump when the cache layout or the counting rules change
 BATCH_ROWS = 10_000
 
 
@@ -29,7 +30,9 @@ class RecordSource:
 
     Attributes:
         path: the data file (named in every error message).
-        fmt: the record format, ``"llava"``, ``"openai"`` or ``"caption"``.
+        fmt: the record format, ``"llava"``, ``"openai"``, ``"caption"``, or a preference
+            format (``"llava_preference"``, ``"trl_preference"``: ``get`` gives
+            :class:`~lvlm_tune.data.preference.PreferenceRecord`).
     """
 
     path: str
@@ -45,7 +48,7 @@ class RecordSource:
     def _counts(self) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
-    def get(self, index: int) -> Conversation:
+    def get(self, index: int) -> Conversation | PreferenceRecord:
         """Parse and validate sample ``index``; raises ``BadSampleError`` naming the field."""
         index = int(index)
         if not 0 <= index < len(self):

@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 
 from lvlm_tune.data.cache import default_cache_dir, usable_cache_dir
+from lvlm_tune.data.formats import FORMATS
 from lvlm_tune.data.hf_source import HFSource
 from lvlm_tune.data.json_source import JsonSource
-from lvlm_tune.data.readers import FORMATS
 from lvlm_tune.data.record_source import RecordSource
 
 SOURCE_FORMATS: tuple[str, ...] = ("auto", *FORMATS, "hf")
@@ -40,8 +40,9 @@ def open_source(
     Args:
         path: a ``.json`` (array or JSON Lines) / ``.jsonl`` file, a ``.parquet`` or ``.arrow``
             file, or a folder written by ``datasets.Dataset.save_to_disk``.
-        fmt: ``"auto"`` (detect), ``"llava"``, ``"openai"``, ``"caption"`` (record format of a
-            JSON file, or of the rows of a dataset) or ``"hf"`` (a dataset, rows detected).
+        fmt: ``"auto"`` (detect), ``"llava"``, ``"openai"``, ``"caption"``,
+            ``"llava_preference"``, ``"trl_preference"`` (record format of a JSON file, or of
+            the rows of a dataset) or ``"hf"`` (a dataset, rows detected).
         cache_dir: where record caches go; default :func:`default_cache_dir`. A folder that is
             not trusted or not writable is replaced by a private temporary one (one warning).
 

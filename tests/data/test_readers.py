@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from lvlm_tune.data.errors import BadSampleError
-from lvlm_tune.data.readers import count_images, count_words, detect_format, normalize
+from lvlm_tune.data.formats import count_images, count_words
+from lvlm_tune.data.readers import detect_format, normalize
 from lvlm_tune.data.record import Turn
 
 SRC = "/data/train.json"
