@@ -119,7 +119,7 @@ def _training_lines(card: RunCard, family: ModelFamily, dtype: str) -> list[str]
         f"template: `{card.template}`, image position `{card.image_position}`",
         f"projector: `{', '.join(family.projector_modules)}` ({options})",
         f"LoRA: r={args.get('lora_r')}, alpha={args.get('lora_alpha')}, DoRA={args.get('use_dora')}"
-        if card.stage == "finetune_lora"
+        if card.stage in ("finetune_lora", "dpo_lora")
         else "full weights (no adapters)",
         f"saved dtype: `{dtype}`",
     ]

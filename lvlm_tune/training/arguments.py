@@ -26,6 +26,7 @@ from lvlm_tune.training.distributed import check_deepspeed_config
 from lvlm_tune.training.extensions import extension_lora_stages, extension_stages
 from lvlm_tune.training.freezing import STAGES
 from lvlm_tune.training.model_config import LvlmModelConfig
+from lvlm_tune.training.preference_arguments import PreferenceArguments
 
 LORA_KEYS = (
     "lora_r",
@@ -44,7 +45,7 @@ def stage_names() -> tuple[str, ...]:
 
 def lora_stages() -> tuple[str, ...]:
     """The stages that train LoRA adapters (where the LoRA keys act)."""
-    return ("finetune_lora", *extension_lora_stages())
+    return ("finetune_lora", "dpo_lora", *extension_lora_stages())
 
 
 _help = help_field
@@ -106,9 +107,10 @@ class ModelArguments(LvlmModelConfig):
         default=32,
     )
     stage: str = _help(
-        "pretrain (projector only) | finetune (projector + LLM) | finetune_lora | an "
-        "extension's: vokens (MiniGPT-5 stage 1: voken rows + mapper) | vokens_lora (stage 2: "
-        "+ LoRA)",
+        "pretrain (projector only) | finetune (projector + LLM) | finetune_lora | dpo "
+        "(preference tuning on chosen/rejected pairs: projector + LLM; minigpt4: its projection "
+        "only) | dpo_lora (as finetune_lora) | an extension's: vokens (MiniGPT-5 stage 1: voken "
+        "rows + mapper) | vokens_lora (stage 2: + LoRA)",
         default="finetune",
     )
     pretrained_projector: str | None = _help(
@@ -147,8 +149,9 @@ class ModelArguments(LvlmModelConfig):
 
 
 @dataclass
-class LvlmTrainingArguments(TrainingArguments):
-    """``transformers.TrainingArguments`` plus the few options multimodal tuning needs."""
+class LvlmTrainingArguments(TrainingArguments, PreferenceArguments):
+    """``transformers.TrainingArguments`` plus the few options multimodal tuning needs, and the
+    preference stages' keys (:class:`PreferenceArguments`)."""
 
     output_dir: str | None = _help(
         "the run folder: checkpoints, the final save and its run card", default="runs/default"
@@ -196,6 +199,7 @@ class LvlmTrainingArguments(TrainingArguments):
             )
         if self.max_steps == -1:
             _check_range(self, "num_train_epochs", low=0, open_low=True)
+        self._check_preference_values()
         ds = self.deepspeed
         if isinstance(ds, str) and ds.endswith(".json") and not os.path.isfile(ds):
             raise UserError(f"deepspeed: {ds} does not exist (a DeepSpeed JSON config)")

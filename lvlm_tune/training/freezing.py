@@ -2,7 +2,9 @@
 
 ``pretrain`` (feature alignment) trains only the projector. ``finetune`` trains the projector
 and the whole LLM (embeddings and ``lm_head`` included); the vision tower stays frozen.
-``finetune_lora`` wraps the model with PEFT LoRA on the linear layers of the LLM only (never the
+``dpo`` (preference tuning) trains what ``finetune`` trains, except for the families in
+:data:`PROJECTOR_ONLY_DPO` (MiniGPT-4: its projection only, as in its paper), and ``dpo_lora``
+what ``finetune_lora`` trains. ``finetune_lora`` wraps the model with PEFT LoRA on the linear layers of the LLM only (never the
 vision tower or projector, even when their layers share names such as ``q_proj``) and trains the
 projector fully through PEFT ``modules_to_save``, so the adapter folder carries it and
 ``merge_and_unload`` folds it in; a projector-side bare parameter (the anyres families'
@@ -25,7 +27,10 @@ from torch import nn
 from lvlm_tune.models.parts import canonical_name, is_parameter, is_under, unwrap_model
 from lvlm_tune.models.registry import ModelFamily, get_model_family
 
-STAGES = ("pretrain", "finetune", "finetune_lora")  # the core's; extensions add their own
+STAGES = ("pretrain", "finetune", "finetune_lora", "dpo", "dpo_lora")  # extensions add theirs
+# Families whose full-weight preference stage trains only the projector, as their own
+# instruction tuning does (MiniGPT-4's paper trains only its projection layer after stage 1).
+PROJECTOR_ONLY_DPO = frozenset({"minigpt4"})
 
 
 @dataclass(frozen=True)
@@ -103,18 +108,18 @@ def apply_stage(
     lora: LoraOptions | None = None,
     unfreeze_vision_tower: bool = False,
 ) -> nn.Module:
-    """Set ``requires_grad`` for ``stage`` (and wrap with LoRA for ``finetune_lora``).
+    """Set ``requires_grad`` for ``stage`` (and wrap with LoRA for ``finetune_lora``, ``dpo_lora``).
 
     Args:
         model: an unwrapped HF model of ``family``.
-        stage: ``"pretrain"``, ``"finetune"`` or ``"finetune_lora"``.
+        stage: one of :data:`STAGES`.
         family: model family name or registry entry.
         lora: LoRA settings for ``finetune_lora`` (``LoraOptions()`` when omitted).
         unfreeze_vision_tower: also train the vision tower (under LoRA: fully, via
             ``modules_to_save``).
 
     Returns:
-        The model to train: ``model`` itself, or a ``PeftModel`` for ``finetune_lora``.
+        The model to train: ``model`` itself, or a ``PeftModel`` for the LoRA stages.
     """
     if stage not in STAGES:
         raise KeyError(f"unknown stage {stage!r}; choose one of: {', '.join(STAGES)}")
@@ -124,8 +129,10 @@ def apply_stage(
     vision = family.vision_modules if unfreeze_vision_tower else ()
     if stage == "pretrain":
         set_trainable(model, family.projector_modules + vision)
-    elif stage == "finetune":
+    elif stage == "finetune" or (stage == "dpo" and family.name not in PROJECTOR_ONLY_DPO):
         set_trainable(model, family.projector_modules + family.language_modules + vision)
+    elif stage == "dpo":
+        set_trainable(model, family.projector_modules + vision)
     else:
         lora = lora or LoraOptions()
         set_trainable(model, ())

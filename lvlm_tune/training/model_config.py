@@ -50,7 +50,7 @@ class LvlmModelConfig(ModelConfig):
         default=None,
     )
     attn_implementation: str = _help("sdpa | eager | flash_attention_2", default="sdpa")
-    lora_r: int = _help("LoRA rank (finetune_lora, vokens_lora)", default=128)
+    lora_r: int = _help("LoRA rank (finetune_lora, dpo_lora, vokens_lora)", default=128)
     lora_alpha: int = _help("LoRA alpha: the adapters scale by alpha/r", default=256)
     lora_target_modules: list[str] | None = field(
         default=None,
@@ -59,7 +59,7 @@ class LvlmModelConfig(ModelConfig):
 
     model_revision: str = _not_supported("main", "download that revision and give its folder")
     use_peft: bool = _not_supported(
-        False, "the stage decides: finetune_lora and vokens_lora train LoRA adapters"
+        False, "the stage decides: finetune_lora, dpo_lora and vokens_lora train LoRA adapters"
     )
     # list fields spell out field(): ruff (RUF009) reads a helper call there as a shared default
     lora_target_parameters: list[str] | None = field(

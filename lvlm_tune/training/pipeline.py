@@ -1,6 +1,8 @@
 """One training stage from parsed recipe arguments: build the model, freeze, data, train, save.
 
 Reads top to bottom: build the model -> freeze for the stage -> data -> train -> save. The
+preference stages (``dpo``, ``dpo_lora``) train on chosen/rejected pairs with
+:class:`~lvlm_tune.training.preference_trainer.PreferenceTrainer`. The
 ``lvlm-tune train`` command (:mod:`lvlm_tune.commands.train`) parses the recipe and calls
 :func:`run`. Enabled extensions (MiniGPT-5) take part through the registry's hooks
 (:mod:`lvlm_tune.training.extensions`): special tokens, an earlier stage folded in, their own
@@ -39,6 +41,9 @@ from lvlm_tune.training.extensions import (
 )
 from lvlm_tune.training.freezing import LoraOptions, apply_stage, parameter_summary
 from lvlm_tune.training.loss_curve import write_loss_curve
+from lvlm_tune.training.preference_arguments import DPO_STAGES
+from lvlm_tune.training.preference_precompute import IndexedCollator, IndexedPairs
+from lvlm_tune.training.preference_trainer import PreferenceTrainer
 from lvlm_tune.training.recipe import (
     DataArguments,
     LvlmTrainingArguments,
@@ -144,9 +149,11 @@ def build_dataset(
     *,
     hooks: DataHooks | None = None,
     videos: tuple[int, VideoLoader] | None = None,
-) -> SupervisedDataset:
+    preference: bool = False,
+) -> Any:
     """Source -> encoder (:class:`~lvlm_tune.training.encoding.EncodingOptions` of the recipe,
-    the model's image tokens) -> dataset with images.
+    the model's image tokens) -> dataset with images: a ``SupervisedDataset``, or with
+    ``preference`` (the DPO stages) a ``PreferenceDataset`` of chosen/rejected pairs.
 
     ``hooks``: the extensions' data hooks (:func:`lvlm_tune.training.extensions.data_hooks`),
     e.g. MiniGPT-5's image-generating answers and their target images; default: none.
@@ -167,6 +174,14 @@ def build_dataset(
         allow_outside_folder=data_args.allow_outside_image_folder,
     )
     source = open_source(data_args.data_path, fmt=data_args.data_format)
+    if preference:
+        from lvlm_tune.data.preference_dataset import PreferenceDataset
+        from lvlm_tune.data.preference_encoder import PreferenceEncoder
+
+        return PreferenceDataset(
+            source, PreferenceEncoder(encoder), images, on_bad_sample=data_args.on_bad_sample,
+            max_bad_fraction=data_args.max_bad_fraction, videos=video_loader,
+        )  # fmt: skip
     return SupervisedDataset(
         source, encoder, images, on_bad_sample=data_args.on_bad_sample,
         max_bad_fraction=data_args.max_bad_fraction, hooks=hooks, videos=video_loader,
@@ -188,6 +203,29 @@ def video_inputs(
         allow_outside_folder=data_args.allow_outside_image_folder,
     )  # fmt: skip
     return family.video_tokens(processor, data_args.video_num_frames), loader
+
+
+def _data_and_trainer(
+    model_args: ModelArguments,
+    train_args: LvlmTrainingArguments,
+    dataset: Any,
+    pad_id: int,
+    preference: bool,
+) -> tuple[Any, Any, type]:
+    """The dataset, collator and trainer class of the stage: pairs for the DPO stages (with
+    their indices under ``precompute_ref_log_probs``), else samples and the extensions' trainer."""
+    if not preference:
+        return (
+            dataset,
+            MultimodalCollator(pad_id),
+            trainer_class(model_args.extensions, LvlmTrainer),
+        )
+    from lvlm_tune.data.preference_dataset import PreferenceCollator
+
+    collator = PreferenceCollator(pad_id)
+    if train_args.precompute_ref_log_probs:
+        dataset, collator = IndexedPairs(dataset), IndexedCollator(collator)
+    return dataset, collator, PreferenceTrainer
 
 
 def resume_arg(value: Any) -> bool | str | None:
@@ -221,19 +259,24 @@ def run(
     image_tokens = family.image_tokens(model, processor)
     hooks = data_hooks(model_args.extensions, model)
     videos = video_inputs(family, processor, model_args, data_args)
+    preference = model_args.stage in DPO_STAGES
     dataset = build_dataset(
-        data_args, processor, image_tokens, train_args.seed, hooks=hooks, videos=videos
+        data_args, processor, image_tokens, train_args.seed, hooks=hooks, videos=videos,
+        preference=preference,
+    )  # fmt: skip
+    dataset, collator, trainer_cls = _data_and_trainer(
+        model_args, train_args, dataset, pad_token_id(processor.tokenizer), preference
     )
     card = RunCard.from_args(
         model_args, data_args, train_args, options=options,
         num_image_tokens=image_tokens if isinstance(image_tokens, int) else None,
     )  # fmt: skip
     blank = dataset.images.blank()
-    trainer = trainer_class(model_args.extensions, LvlmTrainer)(
+    trainer = trainer_cls(
         model=model,
         args=train_args,
         train_dataset=dataset,
-        data_collator=MultimodalCollator(pad_token_id(processor.tokenizer)),
+        data_collator=collator,
         processing_class=processor,
         family=family,
         run_card=card,

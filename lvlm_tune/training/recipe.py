@@ -9,7 +9,8 @@ argparse cannot type is :mod:`lvlm_tune.training.recipe_values`).
 
 Around it stays what TRL does not do: an unknown key fails naming the closest valid one, a
 ``trl.ModelConfig`` key lvlm-tune cannot honour fails saying why, and so does a LoRA key set
-for a stage without adapters or a ``dtype`` that disagrees with ``bf16``.
+for a stage without adapters, a DPO key for a stage that is not a preference stage, or a
+``dtype`` that disagrees with ``bf16``.
 :func:`check_paths` refuses missing local files and folders before any model loads. Every
 such problem is a :class:`~lvlm_tune.errors.UserError` naming the file (or the command line)
 or the key.
@@ -38,6 +39,7 @@ from lvlm_tune.training.arguments import (
 )
 from lvlm_tune.training.extensions import argument_classes, check_extension_paths, check_extensions
 from lvlm_tune.training.model_config import not_supported_keys
+from lvlm_tune.training.preference_arguments import check_preference_keys
 from lvlm_tune.training.recipe_file import load_recipe
 from lvlm_tune.training.recipe_values import cli_pairs, coerce, list_kind
 
@@ -192,6 +194,7 @@ def parse_recipe(path: str | os.PathLike | None, overrides: list[str] | None = N
     model_args.extensions = dict(zip(argument_classes(), extra, strict=True))
     check_extensions(model_args)  # each extension's cross-check with the core's keys (stage)
     _check_stage_keys(given, model_args.stage)
+    check_preference_keys(given, model_args.stage)
     _resolve_dtype(model_args, train_args, given)
     train_args.recipe_path = os.fspath(path) if path else None  # recorded with every checkpoint
     return model_args, data_args, train_args

@@ -25,12 +25,21 @@ from typing import Any
 from lvlm_tune.errors import UserError
 from lvlm_tune.templates.registry import TOKENIZER_TEMPLATE
 from lvlm_tune.training.extensions import args_from_card, card_options
+from lvlm_tune.training.preference_arguments import DPO_STAGES, preference_options
 
 RUN_CARD = "lvlm_tune.json"
 FORMAT = 1
 # Keys written only when set (cards of older versions, or of runs that did not record them).
 OPTIONAL_KEYS = frozenset(
-    {"fingerprint", "run_options", "num_image_tokens", "bad_samples", "merged_from", "merged_dtype"}
+    {
+        "fingerprint",
+        "run_options",
+        "num_image_tokens",
+        "bad_samples",
+        "merged_from",
+        "merged_dtype",
+        "preference",
+    }
 )
 # Training options that change where and how a run is written, logged or resumed, not what
 # it trains: left out of the fingerprint, so a resume may log or save differently.
@@ -110,6 +119,7 @@ class RunCard:
         num_image_tokens: image tokens one image became in training.
         bad_samples: what ``on_bad_sample: skip`` dropped (final saves of such runs).
         merged_from, merged_dtype: set by ``merge`` on the folder it writes.
+        preference: the DPO keys (``beta``, ``loss_type``...) of a ``dpo``/``dpo_lora`` run.
         extra: any other key found in the file, written back unchanged.
     """
 
@@ -130,6 +140,7 @@ class RunCard:
     bad_samples: dict[str, Any] | None = None
     merged_from: str | None = None
     merged_dtype: str | None = None
+    preference: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -166,6 +177,7 @@ class RunCard:
             fingerprint=fingerprint(options),
             run_options=options,
             num_image_tokens=num_image_tokens,
+            preference=preference_options(train_args) if model_args.stage in DPO_STAGES else None,
         )
 
     @classmethod

@@ -125,9 +125,11 @@ class LvlmTrainer(Trainer):
             inputs.pop("labels", None)  # nothing to train; the step runs with a zero loss
         loss, outputs = self._loss_and_outputs(model, inputs, **kwargs)
         if not self._all_bad and model.training and self.bad_samples is not None:
-            rows = int(inputs["input_ids"].shape[0])
-            self.bad_samples.count_trained(int(self.state.epoch or 0), rows)
+            self.bad_samples.count_trained(int(self.state.epoch or 0), self.samples_in(inputs))
         return (loss, outputs) if return_outputs else loss
+
+    def samples_in(self, inputs: dict[str, Any]) -> int:  # a preference pair takes 2 rows
+        return int(inputs["input_ids"].shape[0])
 
     def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         loss = super().training_step(model, inputs, *args, **kwargs)

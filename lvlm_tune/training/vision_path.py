@@ -50,15 +50,19 @@ def blank_features(
 
 @contextlib.contextmanager
 def vision_path_after_embeddings(
-    model: Any, features: Callable[[torch.Tensor], torch.Tensor]
+    model: Any, features: Callable[[torch.Tensor], torch.Tensor], *, every_forward: bool = False
 ) -> Iterator[list[bool]]:
     """Inside the block, ``model``'s first token embedding also runs ``features(output)``
-    (times zero). Yields a list that holds ``True`` once it ran."""
+    (times zero). Yields a list that holds ``True`` once it ran.
+
+    ``every_forward``: every token embedding runs it, for blocks that run the model more than
+    once (a preference step's policy and reference forwards); each forward of the families
+    that use this hook embeds its tokens exactly once."""
     fired: list[bool] = []
     embeddings = unwrap_model(model).get_input_embeddings()
 
     def add_vision_path(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
-        if fired:
+        if fired and not every_forward:
             return output
         fired.append(True)
         return output + 0.0 * features(output).sum().to(output.dtype)
