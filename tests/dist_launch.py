@@ -142,6 +142,22 @@ def losses(out: Path) -> list[float]:
     return [h["loss"] for h in state["log_history"] if "loss" in h]
 
 
+def train_and_rebuild(recipe: str, tmp: Path, steps: int = 2) -> tuple[Path, torch.nn.Module]:
+    """Train ``recipe`` on two ranks (``tmp/out``), check it logged ``steps`` finite losses, and
+    rebuild its model as it was before training (same seed, no DeepSpeed) to compare with."""
+    from transformers import set_seed
+
+    from lvlm_tune.training.pipeline import build_model
+    from lvlm_tune.training.recipe import parse_recipe
+
+    finish([start(torchrun(module(recipe)), tmp)], tmp)
+    out = tmp / "out"
+    assert len(losses(out)) == steps and all(map(torch.isfinite, torch.tensor(losses(out))))
+    args = parse_recipe(recipe, ["--deepspeed", ""])
+    set_seed(args[2].seed)
+    return out, build_model(*args)[0]
+
+
 def _audit_writes(folder: Path) -> None:
     """Record every file this rank opens for writing (Python, torch.save, safetensors)."""
     import atexit

@@ -1,9 +1,11 @@
 """``lvlm-tune chat``: talk to a merged folder or an adapter checkpoint.
 
-One-shot with ``--prompt`` (``--image`` takes one or several images); otherwise a REPL where
-``/image PATH`` attaches an image to the next turn (repeat it to attach several; any turn may
-attach images), ``/reset`` clears the conversation and ``/exit`` (or end of input) quits. A
-mistake in the REPL (a missing or unreadable image) is printed and the conversation goes on
+One-shot with ``--prompt`` (``--image`` takes one or several images, ``--video`` one or several
+videos for a LLaVA-OneVision run: a folder of frames, or a video file where PyAV is installed);
+otherwise a REPL where ``/image PATH`` attaches an image to the next turn (repeat it to attach
+several; any turn may attach images), ``/video PATH`` a video, ``/reset`` clears the
+conversation and ``/exit`` (or end of input) quits. A mistake in the REPL (a missing or
+unreadable image, a video for a model that takes none) is printed and the conversation goes on
 unchanged.
 Prompts are the training rendering (the run card's template, image settings and system prompt)
 of the whole conversation so far; tokens are printed as they come (``TextStreamer``) and the
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 
 from lvlm_tune.errors import UserError, command, debug_enabled, is_user_error, report
-from lvlm_tune.inference.chat import ChatSession
+from lvlm_tune.inference.chat import ChatSession, check_video
 from lvlm_tune.inference.load import load_run
 
 
@@ -31,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--image", nargs="+", action="extend", metavar="PATH",
         help="image(s) for the (first) question; several are placed as training placed them, "
         "or where the question's <image> tags are",
+    )  # fmt: skip
+    p.add_argument(
+        "--video", nargs="+", action="extend", metavar="PATH",
+        help="LLaVA-OneVision: video(s) for the (first) question, each a folder of frames or "
+        "a video file (needs PyAV); placed as training placed them, or at <video> tags",
     )  # fmt: skip
     p.add_argument("--prompt", help="ask once and exit (otherwise: interactive)")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -54,8 +61,10 @@ def repl(session: ChatSession, args: argparse.Namespace, lines: Any = None) -> N
     """
     lines = lines if lines is not None else sys.stdin
     pending = list(args.image or ())
+    videos = list(getattr(args, "video", None) or ())
     print(
-        "lvlm-tune chat: /image PATH attaches an image (repeat for several), /reset, /exit",
+        "lvlm-tune chat: /image PATH attaches an image (repeat for several), /video PATH a "
+        "video (OneVision), /reset, /exit",
         flush=True,
     )
     for line in lines:
@@ -74,13 +83,22 @@ def repl(session: ChatSession, args: argparse.Namespace, lines: Any = None) -> N
             except UserError as error:
                 _report_or_raise(error)
             continue
+        if line == "/video" or line.startswith("/video "):
+            try:
+                videos.append(session.check_video(line.removeprefix("/video").strip()))
+            except UserError as error:
+                _report_or_raise(error)
+            continue
         print("ASSISTANT: ", end="", flush=True)
         try:
-            session.ask(line, pending, args.max_new_tokens, args.temperature, stream=sys.stdout)
+            session.ask(
+                line, pending, args.max_new_tokens, args.temperature, stream=sys.stdout,
+                video=videos,
+            )  # fmt: skip
         except Exception as error:
             print(flush=True)
             _report_or_raise(error)
-        pending = []  # images of a failed question are not carried to the next one
+        pending, videos = [], []  # what a failed question attached is not carried on
 
 
 def _report_or_raise(error: Exception) -> None:
@@ -95,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for path in args.image or ():
         ChatSession.check_image(path)  # before the model loads
+    for path in args.video or ():
+        check_video(path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     session = ChatSession(
         load_run(args.model, base=args.base, device=device), args.template,
@@ -104,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     if args.prompt is not None:
         session.ask(
-            args.prompt, args.image, args.max_new_tokens, args.temperature, stream=sys.stdout
-        )
+            args.prompt, args.image, args.max_new_tokens, args.temperature, stream=sys.stdout,
+            video=args.video,
+        )  # fmt: skip
     else:
         repl(session, args)
     return 0

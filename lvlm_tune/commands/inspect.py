@@ -3,7 +3,11 @@
 Human view: each shown sample decoded with trained spans marked (green on a terminal,
 ``[[...]]`` otherwise) and image runs collapsed to ``<image x N>``, then statistics over the
 first ``--limit`` samples. ``--json`` prints one object per sample per line:
-``{"id", "input_ids", "labels", "image_token_id"}`` (labels are -100 where masked).
+``{"id", "input_ids", "labels", "image_token_id"}`` (labels are -100 where masked). Preference
+pairs (``docs/preference_data.md``) are shown side by side: each pair's chosen and rejected
+sequence with its mask (only the final answer + STOP trains), and ``--json`` rows
+``{"id", "chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels",
+"image_token_id"}``; the statistics count pairs, then both sides.
 ``lvlm-tune inspect RECIPE.yaml`` reads the recipe with the parser ``lvlm-tune train`` uses
 (further ``--key=value`` pairs override its keys, as for train), loads the tokenizer the model
 is built with, and encodes exactly as training does.
@@ -34,7 +38,14 @@ from lvlm_tune.commands.inspect_settings import (
     settings_from_options,
     settings_from_recipe,
 )
-from lvlm_tune.commands.inspect_view import render_sample, stats_report
+from lvlm_tune.commands.inspect_view import (
+    pair_row,
+    pairs_report,
+    sample_row,
+    show_pair,
+    show_sample,
+    stats_report,
+)
 from lvlm_tune.data.dataset import BAD_SAMPLE_POLICIES, DEFAULT_MAX_BAD_FRACTION, read_record
 from lvlm_tune.data.encoder import ConversationEncoder, EncodedSample
 from lvlm_tune.data.errors import (
@@ -45,6 +56,8 @@ from lvlm_tune.data.errors import (
 )
 from lvlm_tune.data.hooks import DataHooks
 from lvlm_tune.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageLoader
+from lvlm_tune.data.preference_encoder import EncodedPair, PreferenceEncoder
+from lvlm_tune.data.preference_readers import PREFERENCE_FORMATS
 from lvlm_tune.errors import command
 from lvlm_tune.templates import template_names
 from lvlm_tune.templates.render import IMAGE_POSITIONS
@@ -56,8 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
         "recipe", nargs="?", help="a training recipe (YAML) to read settings from; further "
         "--key=value pairs override its keys, as for lvlm-tune train",
     )  # fmt: skip
-    p.add_argument("--data", help="data file (LLaVA JSON/JSONL, captions, messages, HF dataset)")
-    p.add_argument("--data-format", help="auto (default) | llava | openai | caption | hf")
+    p.add_argument(
+        "--data", help="data file (LLaVA JSON/JSONL, captions, messages, preference pairs, HF "
+        "dataset)",
+    )  # fmt: skip
+    p.add_argument(
+        "--data-format",
+        help="auto (default) | llava | openai | caption | llava_preference | trl_preference | hf",
+    )
     p.add_argument("--tokenizer", help="tokenizer folder (or the LLM folder)")
     p.add_argument("--template", help=f"one of: {', '.join(template_names())}")
     p.add_argument("--image-folder", help="folder image paths are relative to")
@@ -142,6 +161,18 @@ def encode_sample(
     return sample
 
 
+def encode_pair(
+    encoder: ConversationEncoder, images: ImageLoader, source: Any, index: int
+) -> EncodedPair:
+    """Encode preference pair ``index`` as the preference dataset does, opening its images;
+    raises ``BadSampleError`` when training would refuse it."""
+    record = source.get(index)
+    sizes = images.sizes(record) if encoder.num_image_tokens is None else None
+    pair = PreferenceEncoder(encoder).encode(record, index, image_sizes=sizes)
+    images.load(record.prompt, pair.num_images)  # decoded as training decodes them
+    return pair
+
+
 @command("lvlm-tune inspect")
 def main(argv: list[str] | None = None) -> int:
     args, cfg = resolve_settings(argv)
@@ -149,30 +180,29 @@ def main(argv: list[str] | None = None) -> int:
     count = min(args.limit, len(source))
     ledger = SkipLedger(count)
     color = sys.stdout.isatty()
-    samples: list[EncodedSample] = []
+    image_id = encoder.image_token_id
+    pairs = source.fmt in PREFERENCE_FORMATS  # both sides of each pair are shown
+    show, row = (show_pair, pair_row) if pairs else (show_sample, sample_row)
+    encoded: list[Any] = []
     for index in range(count):
         try:
-            sample = encode_sample(encoder, images, source, index, cfg.hooks)
+            if pairs:
+                item = encode_pair(encoder, images, source, index)
+            else:
+                item = encode_sample(encoder, images, source, index, cfg.hooks)
         except BadSampleError as err:
             if cfg.on_bad_sample == "error":
                 raise  # printed as one line by @command, exit status 2
             ledger.add(index, err.reason)
             print(f"skipped ({err.reason}): {err}", file=sys.stderr)
             continue
-        samples.append(sample)
+        encoded.append(item)
         if args.json:
-            row = {
-                "id": sample.id,
-                "input_ids": sample.input_ids.tolist(),
-                "labels": sample.labels.tolist(),
-                "image_token_id": encoder.image_token_id,
-            }
-            print(json.dumps(row, ensure_ascii=False))
-        elif len(samples) <= args.show:
-            print(f"=== sample {sample.id!r} ({len(sample.input_ids)} tokens) ===")
-            print(render_sample(encoder.tokenizer, sample, encoder.image_token_id, color))
-            print()
-    print(stats_report(samples, ledger), file=sys.stderr if args.json else sys.stdout)
+            print(json.dumps(row(item, image_id), ensure_ascii=False))
+        elif len(encoded) <= args.show:
+            print(show(encoder.tokenizer, item, image_id, color))
+    report = pairs_report(encoded, ledger) if pairs else stats_report(encoded, ledger)
+    print(report, file=sys.stderr if args.json else sys.stdout)
     try:
         check_bad_fraction(ledger, cfg.max_bad_fraction, str(cfg.data))
     except TooManyBadSamplesError as err:

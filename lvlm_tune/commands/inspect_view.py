@@ -1,5 +1,6 @@
-"""The human view of ``lvlm-tune inspect``: a sample decoded with its trained spans marked, and
-the statistics over the inspected samples."""
+"""The views of ``lvlm-tune inspect``: a sample (or both sides of a preference pair) decoded
+with its trained spans marked, its ``--json`` row, and the statistics over the inspected
+samples."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import numpy as np
 
 from lvlm_tune.data.encoder import IGNORE_INDEX, EncodedSample
 from lvlm_tune.data.errors import SkipLedger
+from lvlm_tune.data.preference import SIDES
+from lvlm_tune.data.preference_encoder import EncodedPair
 
 GREEN, RESET = "\033[32m", "\033[0m"
 
@@ -35,9 +38,52 @@ def render_sample(tokenizer: Any, sample: EncodedSample, image_id: int, color: b
     return "".join(out)
 
 
-def stats_report(samples: list[EncodedSample], ledger: SkipLedger) -> str:
+def show_sample(tokenizer: Any, sample: EncodedSample, image_id: int, color: bool) -> str:
+    """A sample's human view: a header and the sample with its trained spans marked."""
+    header = f"=== sample {sample.id!r} ({len(sample.input_ids)} tokens) ==="
+    return f"{header}\n{render_sample(tokenizer, sample, image_id, color)}\n"
+
+
+def show_pair(tokenizer: Any, pair: EncodedPair, image_id: int, color: bool) -> str:
+    """A pair's human view: the chosen and the rejected side, each with its mask marked (only
+    the final answer + STOP trains)."""
+    lines = [f"=== pair {pair.id!r} ({pair.prompt_length} prompt tokens) ==="]
+    for side in SIDES:
+        sample = getattr(pair, side)
+        lines.append(f"--- {side} ({len(sample.input_ids)} tokens, {sample.num_trained} trained) ---")  # fmt: skip
+        lines.append(render_sample(tokenizer, sample, image_id, color))
+    return "\n".join(lines) + "\n"
+
+
+def sample_row(sample: EncodedSample, image_id: int) -> dict[str, Any]:
+    """A sample's ``--json`` row."""
+    return {
+        "id": sample.id,
+        "input_ids": sample.input_ids.tolist(),
+        "labels": sample.labels.tolist(),
+        "image_token_id": image_id,
+    }
+
+
+def pair_row(pair: EncodedPair, image_id: int) -> dict[str, Any]:
+    """A pair's ``--json`` row: both sides' ids and labels."""
+    row: dict[str, Any] = {"id": pair.id}
+    for side in SIDES:
+        sample = getattr(pair, side)
+        row[f"{side}_input_ids"] = sample.input_ids.tolist()
+        row[f"{side}_labels"] = sample.labels.tolist()
+    return {**row, "image_token_id": image_id}
+
+
+def pairs_report(pairs: list[EncodedPair], ledger: SkipLedger) -> str:
+    """:func:`stats_report` over both sides of the pairs, after the pair count."""
+    sides = [getattr(pair, side) for pair in pairs for side in SIDES]
+    return f"pairs encoded: {len(pairs)}\n" + stats_report(sides, ledger, "sides (chosen + rejected)")  # fmt: skip
+
+
+def stats_report(samples: list[EncodedSample], ledger: SkipLedger, what: str = "samples") -> str:
     """Counts, trained share, length percentiles, truncations, image tokens, escaped control
-    text, skips."""
+    text, skips (``what``: the name of the encoded things)."""
     per_image = [n for s in samples for n in s.image_tokens]
     images = (
         f"images kept: {len(per_image)}, tokens per image min/max: "
@@ -51,7 +97,7 @@ def stats_report(samples: list[EncodedSample], ledger: SkipLedger) -> str:
     p50, p90, p99 = np.percentile(lengths, [50, 90, 99])
     return "\n".join(
         [
-            f"samples encoded: {len(samples)}",
+            f"{what} encoded: {len(samples)}",
             f"trained tokens: {trained} of {total} ({trained / total:.1%})",
             f"length p50/p90/p99/max: {p50:.0f}/{p90:.0f}/{p99:.0f}/{lengths.max()}",
             f"truncated: {sum(s.truncated for s in samples)}",

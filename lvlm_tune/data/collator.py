@@ -55,9 +55,10 @@ class MultimodalCollator:
         if not items:
             raise ValueError("cannot collate an empty batch")
         good = [item for item in items if not isinstance(item, SkippedSample)]
-        if not good:
-            return self.all_bad_batch()
-        items = good
+        return self.collate(good) if good else self.all_bad_batch()
+
+    def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Pad the good items (bad ones dropped already) into a batch."""
         length = max(len(item["input_ids"]) for item in items)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of

@@ -10,6 +10,8 @@ of batches per epoch does not change (resume skips batches by count) and a sampl
 epoch is counted once. ``set_epoch`` changes the per-sample random choices (image position,
 instruction) reproducibly. An extension's :class:`~lvlm_tune.data.hooks.DataHooks` (a record
 transform, extra model inputs per sample) run here, once per sample, when a run passes them.
+:class:`PolicyDataset` holds what the supervised and the preference dataset
+(:mod:`lvlm_tune.data.preference_dataset`) share: the policy, the ledger, the media inputs.
 """
 
 from __future__ import annotations

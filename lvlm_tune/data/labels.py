@@ -14,6 +14,7 @@ model, or from the image's size for the anyres families), and truncation to
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,13 +46,17 @@ def answer_labels(
     n = len(ids)
     labels = [IGNORE_INDEX] * n
     cuts: list[int] = []  # token count that ends right after answer k (truncation points)
+    starts, ends = tuple(zip(*offsets, strict=True)) if n else ((), ())
+    # Offsets come in text order, so both lists are sorted and a span's first and last tokens
+    # are found by bisection; the scans below are the fallback for a tokenizer that does not.
+    ordered = list(starts) == sorted(starts) and list(ends) == sorted(ends)
     first = 0
     for k, span in enumerate(spans):
         floor = first
         # First token overlapping the span (zero-width tokens such as BOS never train).
-        while first < n and (
-            offsets[first][1] <= span.start or offsets[first][0] == offsets[first][1]
-        ):
+        if ordered:
+            first = bisect_right(ends, span.start, first)
+        while first < n and (ends[first] <= span.start or starts[first] == ends[first]):
             first += 1
         # A separator the tokenizer kept as its own token (e.g. the space before a special
         # token such as [IMG0], or before a digit) trains too: the generation prompt ends
@@ -63,8 +68,8 @@ def answer_labels(
             and not text[offsets[first - 1][0] : offsets[first - 1][1]].strip()
         ):
             first -= 1
-        last = first
-        while last < n and offsets[last][0] < span.end:
+        last = bisect_left(starts, span.end, first) if ordered else first
+        while last < n and starts[last] < span.end:
             last += 1
         if last == first:
             raise fail(f"answer {k + 1} produced no tokens")

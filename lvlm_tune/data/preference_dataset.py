@@ -27,7 +27,6 @@ import torch
 from lvlm_tune.data.collator import MultimodalCollator
 from lvlm_tune.data.dataset import DEFAULT_MAX_BAD_FRACTION, PolicyDataset
 from lvlm_tune.data.encoder import EncodedSample
-from lvlm_tune.data.errors import SkippedSample
 from lvlm_tune.data.lengths import modality_lengths
 from lvlm_tune.data.preference import SIDES, PreferenceRecord
 from lvlm_tune.data.preference_encoder import EncodedPair, PreferenceEncoder
@@ -100,13 +99,9 @@ class PreferenceCollator(MultimodalCollator):
         pad_to_multiple_of: round the padded length up to a multiple of this.
     """
 
-    def __call__(self, items: Sequence[dict[str, Any] | SkippedSample]) -> dict[str, Any]:
-        if not items:
-            raise ValueError("cannot collate an empty batch")
-        good = [item for item in items if not isinstance(item, SkippedSample)]
-        if not good:
-            return self.all_bad_batch()
-        return super().__call__([_side(item, side) for side in SIDES for item in good])
+    def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """The good pairs' chosen sides, then their rejected sides, as supervised rows."""
+        return super().collate([_side(item, side) for side in SIDES for item in items])
 
     def all_bad_batch(self) -> dict[str, Any]:
         """The supervised all-bad batch doubled: a chosen and a rejected row, nothing trains."""

@@ -115,6 +115,15 @@ def read_video_config(folder: str | os.PathLike) -> dict[str, Any] | None:
     return None
 
 
+def frame_settings(image_processor: Any, folder: str | os.PathLike | None = None) -> FrameSettings:
+    """The frame settings of the checkpoint in ``folder``: its saved video processor
+    (:func:`read_video_config`), each missing key (or all, without a folder or a saved video
+    processor) taken from ``image_processor``. Training (the model folder it starts from) and
+    inference (the folder it opens) both call this, so they process frames the same way."""
+    config = read_video_config(folder) if folder and os.path.isdir(folder) else None
+    return FrameSettings.of(image_processor, config)
+
+
 def frames_to_pixels(frames: Sequence[Image.Image], settings: FrameSettings) -> torch.Tensor:
     """``(frames, 3, H, W)`` float32 pixels of RGB ``frames``, computed as the OneVision video
     processor computes them on CPU: torch's antialiased resize of the uint8 frame, then

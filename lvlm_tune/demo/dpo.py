@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import time
 from pathlib import Path
@@ -41,15 +40,15 @@ from lvlm_tune.data.preference_encoder import PreferenceEncoder
 from lvlm_tune.data.sources import open_source
 from lvlm_tune.demo import dpo_data, shapes
 from lvlm_tune.demo.run import (
+    RECIPES,
+    SCORED_KINDS,
     VARIANTS,
-    final_loss,
-    held_out,
     llava_base_models,
-    merged,
     step,
     train_sft_stages,
-    train_stage,
 )
+from lvlm_tune.demo.steps import final_loss, score_held_out, setup, train_recipe
+from lvlm_tune.inference.export import merge
 from lvlm_tune.inference.load import load_run
 from lvlm_tune.training.preference_logps import sequence_logps
 
@@ -103,13 +102,22 @@ def make_data(out: Path, args: argparse.Namespace) -> dict[str, Any]:
 def merge_and_score(
     checkpoint: Path, output: Path, paths: dict[str, Any], name: str, times: dict[str, float]
 ) -> dict[str, Any]:
-    """Merge ``checkpoint`` (the ``name`` model) into ``output``; its held-out exact match with
-    real and blank images (reports ``eval_{test,blank}_{name}.json`` next to ``output``) and
-    its held-out preference accuracy."""
-    model = merged(checkpoint, output, times, f"merge_{name}")
+    """``lvlm-tune merge`` of ``checkpoint`` (the ``name`` model) into ``output``; its held-out
+    exact match with real and blank images (the eval reports go to ``output/eval_test.json``
+    and ``output/eval_blank.json``) and its held-out preference accuracy."""
+    start = step(f"merge: lvlm-tune merge --checkpoint {checkpoint} --output {output}")
+    model = merge(checkpoint, output, overwrite=True)
+    times[f"merge_{name}"] = time.perf_counter() - start
     start = step(f"eval: the {name} model on held-out questions and pairs")
-    figures = held_out(model, paths, output.parent, f"_{name}")
-    figures.update(preference_accuracy(model, Path(paths["prefs_test"])))
+    test, blank = score_held_out(
+        model, model, paths["instruct_test"], paths["instruct_test_blank"], SCORED_KINDS
+    )
+    figures = {
+        "accuracy": test["accuracy"], "accuracy_blank_images": blank["accuracy"],
+        "accuracy_by_kind": test["by_kind"], "accuracy_blank_by_kind": blank["by_kind"],
+        "answer_loss": test["answer_loss"],
+        **preference_accuracy(model, Path(paths["prefs_test"])),
+    }  # fmt: skip
     times[f"evaluate_{name}"] = time.perf_counter() - start
     return figures
 
@@ -147,9 +155,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # every core, unless OMP_NUM_THREADS says otherwise (on shared cores one thread is faster)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
+    setup(int(os.environ.get("OMP_NUM_THREADS") or 0) or None)
     out = Path(args.out)
     times: dict[str, float] = {}
     summary: dict[str, Any] = {"times_s": times}
@@ -177,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         "image_folder": out / "data", "output_dir": out / "dpo", "seed": args.seed,
         **({"max_steps": args.dpo_steps} if args.dpo_steps else {}),
     }  # fmt: skip
-    trainer = train_stage(DPO_RECIPE, values, args.quick)
+    values.update(overwrite_output_dir=True, **({"max_steps": 3} if args.quick else {}))
+    trainer = train_recipe(RECIPES / DPO_RECIPE, values)
     summary.update(dpo_final_loss=final_loss(trainer), dpo_logs=dpo_logs(trainer))
     times["dpo"] = time.perf_counter() - start
     after = merge_and_score(out / "dpo", out / "merged", paths, "dpo", times)
@@ -205,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"chance (best constant answer): {summary['chance']}")
     print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
-    print(f"outputs: {out}/ (summary.json, sft/, dpo/, merged/, eval_*.json)")
+    print(f"outputs: {out}/ (summary.json, sft/ and merged/ with their eval_*.json, dpo/)")
     return 0
 
 

@@ -25,25 +25,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lvlm_tune.demo import pairs, pretrain
 from lvlm_tune.demo.pretrain_onevision import MAX_LENGTH, pretrain_onevision_llm
-from lvlm_tune.demo.run import final_loss
-from lvlm_tune.inference.chat import ChatSession
-from lvlm_tune.inference.evaluate import evaluate as evaluate_run
+from lvlm_tune.demo.steps import ask_once, final_loss, score_held_out, setup, train_recipe
 from lvlm_tune.inference.export import merge
-from lvlm_tune.inference.load import load_run
-from lvlm_tune.training.pipeline import run
-from lvlm_tune.training.recipe import parse_recipe
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "demo"
 STAGES = (("stage1", "llava_onevision_stage1.yaml"), ("stage2", "llava_onevision_stage2_lora.yaml"))
@@ -67,22 +57,6 @@ def base_models(
     }
 
 
-def evaluate(model_dir: Path, path: Path) -> dict[str, Any]:
-    """``lvlm-tune eval`` on held-out pairs; exact match over all questions and per kind."""
-    report = evaluate_run(model_dir, path, batch_size=64, progress=False)
-    kind_of = {row["id"]: row["kind"] for row in json.loads(path.read_text())}
-    hits: dict[str, list[bool]] = defaultdict(list)
-    for sample in report["samples"]:
-        hits[kind_of[sample["id"]]].append(bool(sample["exact_match"]))
-    scored = [h for v in hits.values() for h in v]
-    return {
-        "accuracy": sum(scored) / max(len(scored), 1),
-        "by_kind": {kind: sum(v) / len(v) for kind, v in hits.items()},
-        "answer_loss": report["metrics"].get("loss"),
-        "report": report,
-    }
-
-
 def train_stages(out: Path, data: dict[str, Path], seed: int, steps: int | None) -> dict[str, Any]:
     """Stage 1 and stage 2 through ``lvlm-tune train``'s machinery; the trainers."""
     trainers = {}
@@ -96,8 +70,7 @@ def train_stages(out: Path, data: dict[str, Path], seed: int, steps: int | None)
             **({"max_steps": steps} if steps else {}),
         }  # fmt: skip
         print(f"[demo] {stage}: lvlm-tune train recipes/demo/{recipe}", flush=True)
-        overrides = [f"--{key}={value}" for key, value in values.items()]
-        trainers[stage] = run(*parse_recipe(RECIPES / recipe, overrides))
+        trainers[stage] = train_recipe(RECIPES / recipe, values)
     return trainers
 
 
@@ -117,9 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="a few steps per stage: the plumbing, not accuracy"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # every core, unless OMP_NUM_THREADS says otherwise (on shared cores one thread is faster)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
+    setup(int(os.environ.get("OMP_NUM_THREADS") or 0))
     out = Path(args.out)
     times: dict[str, float] = {}
     summary: dict[str, Any] = {"times_s": times}
@@ -147,10 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     merged = merge(out / "stage2", out / "merged", overwrite=True)
     lap("merge")
     print("[demo] eval: held-out questions, real and blank images", flush=True)
-    test = evaluate(merged, data["pairs_test"])
-    blank = evaluate(merged, data["pairs_test_blank"])
-    (out / "eval_test.json").write_text(json.dumps(test.pop("report"), indent=1))
-    (out / "eval_blank.json").write_text(json.dumps(blank.pop("report"), indent=1))
+    test, blank = score_held_out(merged, out, data["pairs_test"], data["pairs_test_blank"])
     lap("evaluate")
     info = json.loads(data["info"].read_text())
     summary.update(
@@ -164,10 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     question = first["conversations"][0]["value"].replace("<image>", "").strip()
     images = [str(data["root"] / name) for name in first["images"]]
     print(f"[demo] chat: lvlm-tune chat --model {merged} --image {' '.join(images)}", flush=True)
-    print(f"user: {question}\nassistant: ", end="", flush=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    session = ChatSession(load_run(merged, device=device))
-    session.ask(question, images, max_new_tokens=8, stream=sys.stdout)
+    ask_once(merged, question, images, max_new_tokens=8)
     summary["example"] = {"images": images, "question": question, "truth": first["conversations"][1]["value"]}  # fmt: skip
     lap("chat")
     times["total"] = round(sum(times.values()), 2)

@@ -98,11 +98,6 @@ def forced_pair(rng: random.Random, kind: str, answer: str) -> tuple[Pair, str]:
             return pair, found[0]
 
 
-def _write(path: Path, rows: list[dict]) -> Path:
-    path.write_text(json.dumps(rows, indent=1))
-    return path
-
-
 def _save_pair(root: Path, name: str, pair: Pair, size: int, drawn: bool = True) -> list[str]:
     files = []
     for k, scene in enumerate(pair):
@@ -166,10 +161,10 @@ def make_pairs_dataset(
             rows.append(_record(f"{name}-{n:05d}", images, [(question, answer)], kind=kind))
     paths = {
         "root": root,
-        "describe_train": _write(root / "describe_train.json", described),
-        "pairs_train": _write(root / "pairs_train.json", train),
-        "pairs_test": _write(root / "pairs_test.json", test),
-        "pairs_test_blank": _write(root / "pairs_test_blank.json", blank),
+        "describe_train": shapes.write_json(root / "describe_train.json", described),
+        "pairs_train": shapes.write_json(root / "pairs_train.json", train),
+        "pairs_test": shapes.write_json(root / "pairs_test.json", test),
+        "pairs_test_blank": shapes.write_json(root / "pairs_test_blank.json", blank),
         "captions": root / "captions.json",
         "info": root / "dataset_info.json",
     }
@@ -187,11 +182,7 @@ def chance(records: list[dict]) -> dict[str, float]:
     """Chance level of held-out ``records``: the accuracy of the best constant answer per kind,
     per kind and over all records (``all``: a model that ignores the images but knows the kind
     from the question)."""
-    hits, totals = {}, {}
-    for kind in KINDS:
-        answers = Counter(r["conversations"][-1]["value"] for r in records if r["kind"] == kind)
-        if answers:
-            hits[kind], totals[kind] = max(answers.values()), sum(answers.values())
+    hits, totals = shapes.best_constant_hits(records, KINDS)
     out = {kind: round(hits[kind] / totals[kind], 4) for kind in hits}
     out["all"] = round(sum(hits.values()) / max(sum(totals.values()), 1), 4)
     return out

@@ -26,6 +26,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,8 @@ from transformers import AutoImageProcessor, Blip2Config, Blip2ForConditionalGen
 
 from lvlm_tune.data.record import IMAGE_TAG, Conversation
 from lvlm_tune.data.sources import open_source
-from lvlm_tune.demo.pretrain import LanguageModelConfig, pretrain_llama, train_tokenizer
+from lvlm_tune.demo.caption_llm import pretrain_caption_llm
+from lvlm_tune.demo.pretrain import LanguageModelConfig
 from lvlm_tune.demo.probes import GROUP_SIZES, fit, probe, probe_report, scene_batch
 from lvlm_tune.templates.registry import get_template
 from lvlm_tune.templates.render import place_images, render
@@ -196,9 +198,5 @@ def pretrain_minigpt4_llm(
         ``seconds`` and what :func:`lvlm_tune.demo.pretrain.pretrain_llama` returns.
     """
     config = config or LanguageModelConfig(max_length=MAX_LENGTH)
-    start = time.perf_counter()
     lines = [_vocabulary_line(*sample) for sample in described_records(data)]
-    tokenizer = train_tokenizer(lines, config.vocab_size)
-    sequences = caption_corpus(data, tokenizer, config.seed, config.max_length)
-    report = pretrain_llama(tokenizer, sequences, out_dir, config)
-    return {"seconds": round(time.perf_counter() - start, 2), **report}
+    return pretrain_caption_llm(lines, partial(caption_corpus, data), out_dir, config)

@@ -18,14 +18,15 @@ from __future__ import annotations
 import copy
 import json
 import os
-import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from lvlm_tune.data.encoder import IGNORE_INDEX
 from lvlm_tune.data.record import IMAGE_TAG, Conversation
 from lvlm_tune.data.sources import open_source
-from lvlm_tune.demo.pretrain import LanguageModelConfig, pretrain_llama, train_tokenizer
+from lvlm_tune.demo.caption_llm import pretrain_caption_llm
+from lvlm_tune.demo.pretrain import LanguageModelConfig
 from lvlm_tune.templates.registry import get_template
 from lvlm_tune.templates.render import place_images, render
 from lvlm_tune.training.encoding import EncodingOptions
@@ -46,16 +47,6 @@ def captioned_records(data: dict[str, Path]) -> list[tuple[str, str, Conversatio
             record = source.get(index)
             found.append((template, position, record, [caption_of[i] for i in record.images]))
     return found
-
-
-def _encoders(tokenizer: Any, seed: int) -> dict[tuple[str, str], Any]:
-    """The training factory's encoder of each stage (one image token per image)."""
-    return {
-        (template, position): EncodingOptions(template, image_position=position, seed=seed).encoder(
-            tokenizer, 1
-        )
-        for _, template, position in STAGE_DATA
-    }
 
 
 def vocabulary_lines(data: dict[str, Path]) -> list[str]:
@@ -114,8 +105,6 @@ def pretrain_onevision_llm(
         ``seconds`` and what :func:`lvlm_tune.demo.pretrain.pretrain_llama` returns.
     """
     config = config or LanguageModelConfig(max_length=MAX_LENGTH)
-    start = time.perf_counter()
-    tokenizer = train_tokenizer(vocabulary_lines(data), config.vocab_size)
-    sequences, targets = caption_corpus(data, tokenizer, config.seed, config.max_length)
-    report = pretrain_llama(tokenizer, sequences, out_dir, config, targets=targets)
-    return {"seconds": round(time.perf_counter() - start, 2), **report}
+    return pretrain_caption_llm(
+        vocabulary_lines(data), partial(caption_corpus, data), out_dir, config
+    )

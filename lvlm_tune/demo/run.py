@@ -25,25 +25,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
-import sys
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lvlm_tune.demo import pretrain, pretrain_minigpt4, shapes
-from lvlm_tune.inference.chat import ChatSession
-from lvlm_tune.inference.evaluate import evaluate as evaluate_run
+from lvlm_tune.demo.steps import ask_once, final_loss, score, score_held_out, setup, train_recipe
 from lvlm_tune.inference.export import merge
-from lvlm_tune.inference.load import load_run
-from lvlm_tune.training.pipeline import run
-from lvlm_tune.training.recipe import parse_recipe
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "demo"
 SCORED_KINDS = ("colour", "shape")
@@ -99,62 +89,15 @@ VARIANTS: dict[str, Variant] = {
 
 
 def evaluate(model_dir: Path, path: Path) -> dict[str, Any]:
-    """``lvlm-tune eval`` on a held-out LLaVA JSON; exact match per question kind."""
-    report = evaluate_run(model_dir, path, batch_size=64, progress=False)
-    kind_of = {row["id"]: row["kind"] for row in json.loads(path.read_text())}
-    hits: dict[str, list[bool]] = defaultdict(list)
-    for sample in report["samples"]:
-        hits[kind_of[sample["id"]]].append(bool(sample["exact_match"]))
-    scored = [h for kind in SCORED_KINDS for h in hits[kind]]
-    return {
-        "accuracy": sum(scored) / max(len(scored), 1),
-        "by_kind": {kind: sum(v) / len(v) for kind, v in hits.items()},
-        "answer_loss": report["metrics"].get("loss"),
-        "report": report,
-    }
-
-
-def final_loss(trainer: Any) -> float:
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return float(losses[-1]) if losses else float("nan")
-
-
-def held_out(model_dir: Path, paths: dict[str, Path], out: Path, tag: str = "") -> dict[str, Any]:
-    """Held-out exact match of ``model_dir`` with real and with blank images; the eval reports
-    go to ``out/eval_test{tag}.json`` and ``out/eval_blank{tag}.json``."""
-    test = evaluate(model_dir, Path(paths["instruct_test"]))
-    blank = evaluate(model_dir, Path(paths["instruct_test_blank"]))
-    (out / f"eval_test{tag}.json").write_text(json.dumps(test.pop("report"), indent=1))
-    (out / f"eval_blank{tag}.json").write_text(json.dumps(blank.pop("report"), indent=1))
-    return {
-        "accuracy": test["accuracy"],
-        "accuracy_blank_images": blank["accuracy"],
-        "accuracy_by_kind": test["by_kind"],
-        "accuracy_blank_by_kind": blank["by_kind"],
-        "answer_loss": test["answer_loss"],
-    }
+    """``lvlm-tune eval`` on a held-out LLaVA JSON; exact match over the colour and shape
+    questions (:data:`SCORED_KINDS`) and per question kind (:func:`lvlm_tune.demo.steps.score`)."""
+    return score(model_dir, path, SCORED_KINDS)
 
 
 def step(name: str) -> float:
     """Announce a demo step; its start time."""
     print(f"[demo] {name} ...", flush=True)
     return time.perf_counter()
-
-
-def merged(checkpoint: Path, output: Path, times: dict[str, float], key: str) -> Path:
-    """``lvlm-tune merge`` of ``checkpoint`` into ``output``, timed as ``times[key]``."""
-    start = step(f"merge: lvlm-tune merge --checkpoint {checkpoint} --output {output}")
-    folder = merge(checkpoint, output, overwrite=True)
-    times[key] = time.perf_counter() - start
-    return folder
-
-
-def train_stage(recipe: str, values: dict[str, Any], quick: bool = False) -> Any:
-    """``lvlm-tune train recipes/demo/{recipe}`` with ``values`` overriding its keys (the demo
-    rebuilds its folders, whatever ran there; ``quick``: 3 steps); the trainer."""
-    values = {"overwrite_output_dir": True, **values, **({"max_steps": 3} if quick else {})}
-    overrides = [f"--{key}={value}" for key, value in values.items()]
-    return run(*parse_recipe(RECIPES / recipe, overrides))
 
 
 def train_sft_stages(
@@ -178,15 +121,17 @@ def train_sft_stages(
             "pretrained_projector": out / "stage1",
         },
     }
+    steps = 3 if quick else steps
     trainers = {}
     for stage, recipe in zip(("stage1", "stage2"), variant.recipes, strict=True):
         start = step(f"{stage}: lvlm-tune train recipes/demo/{recipe}")
         values = {
             "vision_tower": out / "base" / "vision", "llm_name_or_path": out / "base" / "llm",
             "image_folder": out / "data", "output_dir": out / stage, "seed": seed,
+            "overwrite_output_dir": True,  # the demo rebuilds its folder, whatever ran there
             **paths_of[stage], **({"max_steps": steps} if steps else {}),
         }  # fmt: skip
-        trainers[stage] = train_stage(recipe, values, quick)
+        trainers[stage] = train_recipe(RECIPES / recipe, values)
         times[stage] = time.perf_counter() - start
     return trainers
 
@@ -208,10 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         help="a few steps per stage: checks the plumbing, not the accuracy",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING
-    )
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    setup()
     variant = VARIANTS[args.family]
     out = Path(args.out or ("runs/demo" if args.family == "llava" else f"runs/demo_{args.family}"))
     times: dict[str, float] = {}
@@ -231,26 +173,30 @@ def main(argv: list[str] | None = None) -> int:
     for stage, trainer in trainers.items():
         summary[f"{stage}_final_loss"] = final_loss(trainer)
 
-    model = merged(out / "stage2", out / "merged", times, "merge")
+    start = step(f"merge: lvlm-tune merge --checkpoint {out / 'stage2'} --output {out / 'merged'}")
+    merged = merge(out / "stage2", out / "merged", overwrite=True)
+    times["merge"] = time.perf_counter() - start
+
     start = step("eval: lvlm-tune eval on held-out questions (real and blank images)")
-    test = held_out(model, paths, out)
+    test, blank = score_held_out(
+        merged, out, paths["instruct_test"], paths["instruct_test_blank"], SCORED_KINDS
+    )
     times["evaluate"] = time.perf_counter() - start
     info = json.loads(Path(paths["info"]).read_text())
     summary.update(
-        accuracy=test.pop("accuracy"),
-        accuracy_blank_images=test.pop("accuracy_blank_images"),
+        accuracy=test["accuracy"],
+        accuracy_blank_images=blank["accuracy"],
         chance=info["chance"].get("colour_shape"),
-        **test,
+        accuracy_by_kind=test["by_kind"],
+        accuracy_blank_by_kind=blank["by_kind"],
+        answer_loss=test["answer_loss"],
     )
 
     first = json.loads(Path(paths["instruct_test"]).read_text())[0]
     question = first["conversations"][0]["value"].replace("<image>", "").strip()
     image = Path(paths["root"]) / first["image"]
-    start = step(f"chat: lvlm-tune chat --model {model} --image {image} --prompt {question!r}")
-    print(f"user: {question}\nassistant: ", end="", flush=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    session = ChatSession(load_run(model, device=device))  # what `lvlm-tune chat` runs
-    session.ask(question, str(image), max_new_tokens=16, stream=sys.stdout)
+    start = step(f"chat: lvlm-tune chat --model {merged} --image {image} --prompt {question!r}")
+    ask_once(merged, question, str(image), max_new_tokens=16)  # what `lvlm-tune chat` runs
     summary["example"] = {
         "image": str(image),
         "question": question,
@@ -265,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     label = f"stage 2 ({variant.stage2_trains}) final loss:"
     print(f"{label:<32}{summary['stage2_final_loss']:.3f}")
     print(
-        f"held-out colour+shape exact match: {summary['accuracy']:.3f}  (by kind: {summary['accuracy_by_kind']})"
+        f"held-out colour+shape exact match: {summary['accuracy']:.3f}  (by kind: {test['by_kind']})"
     )
     print(
         f"same questions, blank images:      {summary['accuracy_blank_images']:.3f}  (chance {summary['chance']})"

@@ -174,7 +174,8 @@ def _turn_line(template_name: str, q: str, a: str, first: bool) -> str:
     return f"{system}{t.user_prefix}{q}{t.user_suffix}{t.assistant_prefix}{t.answer_sep}{a}{stop}"
 
 
-def _write_json(path: Path, records: list[dict]) -> Path:
+def write_json(path: Path, records: list[dict]) -> Path:
+    """Write ``records`` as indented JSON to ``path``; the path."""
     path.write_text(json.dumps(records, indent=1))
     return path
 
@@ -246,10 +247,10 @@ def make_shapes_dataset(
             })  # fmt: skip
     paths = {
         "root": root,
-        "captions_train": _write_json(root / "captions_train.json", captions),
-        "instruct_train": _write_json(root / "instruct_train.json", train),
-        "instruct_test": _write_json(root / "instruct_test.json", test),
-        "instruct_test_blank": _write_json(root / "instruct_test_blank.json", blank),
+        "captions_train": write_json(root / "captions_train.json", captions),
+        "instruct_train": write_json(root / "instruct_train.json", train),
+        "instruct_test": write_json(root / "instruct_test.json", test),
+        "instruct_test_blank": write_json(root / "instruct_test_blank.json", blank),
         "text_corpus": root / "text_corpus.txt",
         "info": root / "dataset_info.json",
     }
@@ -268,18 +269,27 @@ def make_shapes_dataset(
     return paths
 
 
+def best_constant_hits(
+    records: list[dict], kinds: tuple[str, ...]
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Per kind of ``kinds`` present in ``records``: how many the best constant answer (the
+    kind's most frequent final answer) gets right, and how many there are."""
+    hits: dict[str, int] = {}
+    totals: dict[str, int] = {}
+    for kind in kinds:
+        answers = Counter(r["conversations"][-1]["value"] for r in records if r["kind"] == kind)
+        if answers:
+            hits[kind], totals[kind] = max(answers.values()), sum(answers.values())
+    return hits, totals
+
+
 def answer_chance(records: list[dict]) -> dict[str, float]:
     """Chance level of held-out ``records``: the accuracy of the best constant answer per kind.
 
     ``colour_shape`` is the chance level of colour and shape questions together (a model that
     ignores the image but knows the kind from the question answers each kind's best constant).
     """
-    hits: dict[str, int] = {}
-    totals: dict[str, int] = {}
-    for kind in KINDS:
-        answers = Counter(r["conversations"][-1]["value"] for r in records if r["kind"] == kind)
-        if answers:
-            hits[kind], totals[kind] = max(answers.values()), sum(answers.values())
+    hits, totals = best_constant_hits(records, KINDS)
     chance = {kind: round(hits[kind] / totals[kind], 4) for kind in hits}
     both = [k for k in ("colour", "shape") if k in hits]
     if both:

@@ -7,12 +7,14 @@ count for that image's size, read from its header). Generation is greedy by defa
 with left padding (rows may hold different numbers of images, or none), and stops at the
 template's STOP (the EOS token, or a STOP string such as ``###``, which is cut from the answer).
 The image inputs of a batch are the training collator's: ``pixel_values`` in image order
-(anyres tiles padded), and the processors' ``image_sizes`` / ``batch_num_images``.
+(anyres tiles padded), and the processors' ``image_sizes`` / ``batch_num_images``. Each image is
+opened once per answer: the sizes the prompt expands with and the pixels come from one decode.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -78,12 +80,22 @@ class Answerer:
         sizes = self.images.sizes(record) if self.encoder.num_image_tokens is None else None
         return torch.as_tensor(self.encoder.encode_prompt(record, index, image_sizes=sizes))
 
+    def opened(self, record: Conversation) -> Conversation:
+        """``record`` with its images decoded (each file opened once), when pixels are made:
+        the prompt's image sizes and the pixels then come from the same decode. The decoded
+        image has the file's size, so the ids and pixels are those of the paths."""
+        if not record.images or self.images.processor is None:
+            return record  # no pixels: the prompt reads only the headers
+        images = [self.images.open(ref, record, k) for k, ref in enumerate(record.images)]
+        return replace(record, images=images)
+
     def model_inputs(self, records: Sequence[Conversation]) -> tuple[dict[str, Any], int]:
         """``generate`` inputs for the records' prompts (left-padded) and the padded length.
 
         Families whose ``generate`` always runs the vision path get a blank image when no
         record has one (no image token in the text, so it fills nothing).
         """
+        records = [self.opened(r) for r in records]
         prompts = [self.prompt_ids(r, i) for i, r in enumerate(records)]
         length = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), length), self.pad_id, dtype=torch.long)

@@ -22,6 +22,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from lvlm_tune.errors import looks_like_path
+from lvlm_tune.inference.benchmarks.runner import benchmark_figures
 from lvlm_tune.inference.load import DTYPES, eval_figures, load_run
 from lvlm_tune.models.registry import ModelFamily
 from lvlm_tune.models.tokenizer_saving import save_processor
@@ -209,7 +210,7 @@ def merge(
         merged_dtype=dtype,
         model_args={**run.card.model_args, "model_name_or_path": str(output_dir)},
     ).write(output_dir)
-    figures = eval_figures(checkpoint)
+    figures = {**eval_figures(checkpoint), **benchmark_figures(checkpoint)}  # latest benchmarks
     readme = model_card(run.card, run.family, os.fspath(checkpoint), dtype, figures)
     readme.save(output_dir / "README.md")
     for stray in output_dir.glob("*"):  # only safetensors weights leave this command

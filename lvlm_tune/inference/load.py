@@ -23,7 +23,7 @@ from peft import PeftModel
 
 from lvlm_tune.data.encoder import ConversationEncoder
 from lvlm_tune.data.images import ImageLoader
-from lvlm_tune.data.video import DEFAULT_NUM_FRAMES, FrameSettings, VideoLoader
+from lvlm_tune.data.video import DEFAULT_NUM_FRAMES, VideoLoader, frame_settings
 from lvlm_tune.errors import UserError, looks_like_path
 from lvlm_tune.models.llava_original import is_original_llava
 from lvlm_tune.models.parts import unwrap_model
@@ -52,6 +52,8 @@ class LoadedRun:
         is_adapter: whether ``model`` is PEFT-wrapped.
         extensions: name -> what each enabled extension loaded with the model (MiniGPT-5: a
             ``VokenModel`` around ``model``, with the mapping module).
+        folder: the folder the run was loaded from (its saved video processor settings are
+            the frame settings, as training read them from the folder it started from).
     """
 
     model: Any
@@ -60,6 +62,7 @@ class LoadedRun:
     family: ModelFamily
     is_adapter: bool
     extensions: dict[str, Any] = field(default_factory=dict)
+    folder: Path | None = None
 
     def encoder(
         self, template: str | None = None, image_position: str | None = None
@@ -83,11 +86,11 @@ class LoadedRun:
         self, folder: str | os.PathLike | None = None, allow_outside_folder: bool = False
     ) -> VideoLoader | None:
         """A video loader with the run's frame count, for a family that takes videos (else
-        ``None``). Frames are processed with the image processor's size and normalisation,
-        which is what the OneVision checkpoints' (and our saved) video processor settings are."""
+        ``None``). Frames are processed with the folder's saved video processor settings,
+        each missing one taken from the image processor (:func:`frame_settings`, as training)."""
         if self.family.video_tokens is None:
             return None
-        settings = FrameSettings.of(self.processor.image_processor)
+        settings = frame_settings(self.processor.image_processor, self.folder)
         return VideoLoader(
             settings, folder, self.video_num_frames, allow_outside_folder=allow_outside_folder
         )
@@ -273,7 +276,7 @@ def load_run(
     for value in extensions.values():
         if device is not None and isinstance(value, torch.nn.Module):
             value.to(device)
-    return LoadedRun(model, processor, card, family, kind == "adapter", extensions)
+    return LoadedRun(model, processor, card, family, kind == "adapter", extensions, folder)
 
 
 def eval_figures(folder: str | os.PathLike) -> dict[str, Any]:

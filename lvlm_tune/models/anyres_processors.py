@@ -32,6 +32,8 @@ from transformers import (
     LlavaOnevisionProcessor,
 )
 
+from lvlm_tune.data.video import read_video_config
+
 VIDEO_TOKEN = "<video>"
 PROCESSOR_FILE = "processor_config.json"
 VIDEO_PROCESSOR_FILE = "video_preprocessor_config.json"
@@ -104,7 +106,13 @@ class OnevisionImageProcessor(LlavaOnevisionProcessor):
     Takes the same arguments but ``video_processor``; ``__call__`` on images and text, the
     token counts and the saved fields are the parent's. Saving writes the published layout
     (see the module docstring).
+
+    ``video_settings``: the video processor JSON of the folder it was loaded from; saving writes
+    it back (over the settings derived from the image processor) so a folder saved from a loaded
+    checkpoint processes frames as the checkpoint did.
     """
+
+    video_settings: dict[str, Any] | None = None
 
     def __init__(
         self,
@@ -145,7 +153,7 @@ class OnevisionImageProcessor(LlavaOnevisionProcessor):
                 if data.get("processor_class") == type(self).__name__:
                     data["processor_class"] = LlavaOnevisionProcessor.__name__
                     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        video = video_processor_settings(self.image_processor)
+        video = {**video_processor_settings(self.image_processor), **(self.video_settings or {})}
         (folder / VIDEO_PROCESSOR_FILE).write_text(json.dumps(video, indent=2) + "\n")
         return out
 
@@ -187,4 +195,6 @@ def load_anyres_processor(path: str | os.PathLike) -> Any:
         return LlavaNextProcessor.from_pretrained(path)
     if model_type != "llava_onevision":
         raise ValueError(f"{path}: model_type {model_type!r} is not llava_next or llava_onevision")
-    return OnevisionImageProcessor.from_pretrained(path)
+    processor = OnevisionImageProcessor.from_pretrained(path)
+    processor.video_settings = read_video_config(path) if os.path.isdir(path) else None
+    return processor

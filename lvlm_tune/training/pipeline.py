@@ -12,7 +12,6 @@ stages, wrapping the model, data hooks and the trainer class.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
@@ -24,7 +23,7 @@ from lvlm_tune.data.hooks import DataHooks
 from lvlm_tune.data.image_tokens import ImageTokenCounter
 from lvlm_tune.data.images import ImageLoader
 from lvlm_tune.data.sources import open_source
-from lvlm_tune.data.video import FrameSettings, VideoLoader, read_video_config
+from lvlm_tune.data.video import VideoLoader, frame_settings
 from lvlm_tune.errors import UserError
 from lvlm_tune.models.llava import enable_gradient_checkpointing
 from lvlm_tune.models.llava_original import original_image_aspect_ratio
@@ -197,9 +196,7 @@ def video_inputs(
     processor's settings, as a composed OneVision saves them); ``None`` for other families."""
     if family.video_tokens is None:
         return None
-    path = model_args.model_name_or_path
-    config = read_video_config(path) if path and os.path.isdir(path) else None
-    settings = FrameSettings.of(processor.image_processor, config)
+    settings = frame_settings(processor.image_processor, model_args.model_name_or_path)
     loader = VideoLoader(
         settings, data_args.video_folder or data_args.image_folder, data_args.video_num_frames,
         max_image_pixels=data_args.max_image_pixels,

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from preference_masking import assert_pair_exact
+from test_dataset_collator import ListSource, image_processor
 
 from lvlm_tune.data.collator import ALL_BAD, pad_token_id
 from lvlm_tune.data.dataset import SupervisedDataset
@@ -28,17 +29,8 @@ from lvlm_tune.models.anyres import ProcessorImageCounter
 from lvlm_tune.testing.anyres_processors import next_processor, onevision_processor
 
 
-class ListSource:
-    """A record source over in-memory pairs (the interface of open_source's sources)."""
-
-    def __init__(self, records, path="pairs.json"):
-        self.records, self.path = records, path
-
-    def __len__(self):
-        return len(self.records)
-
-    def get(self, i):
-        return self.records[i]
+class PairSource(ListSource):
+    """In-memory pairs; words: the prompt's and the longer answer's, as the readers count."""
 
     def num_words(self):
         return np.array(
@@ -49,15 +41,6 @@ class ListSource:
             ],
             dtype=np.int32,
         )
-
-    def num_images(self):
-        return np.array([len(r.images) for r in self.records], dtype=np.int16)
-
-
-def image_processor():
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    return CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
 
 
 @pytest.fixture
@@ -85,7 +68,9 @@ def make_dataset(tokenizer, records, folder, policy="error", n_tokens=5, process
     template = kw.pop("template", "vicuna_v1")
     enc = ConversationEncoder(tokenizer, template, num_image_tokens=counter, **kw)
     loader = ImageLoader(processor.image_processor if processor else image_processor(), folder)
-    return PreferenceDataset(ListSource(records), PreferenceEncoder(enc), loader, policy)
+    return PreferenceDataset(
+        PairSource(records, "pairs.json"), PreferenceEncoder(enc), loader, policy
+    )
 
 
 def test_items_hold_both_sides_and_the_images_once(sp_tokenizer, image_dir, monkeypatch):
@@ -234,3 +219,37 @@ def test_anyres_extras_are_doubled_in_order(family, tok, sp_tokenizer, bpe_token
     totals = (batch["input_ids"] == image_id).sum(dim=1).tolist()
     per_pair = [sum(ds.encoder.encode(r, i, 0, ds.images.sizes(r)).chosen.image_tokens) for i, r in enumerate(records)]  # fmt: skip
     assert totals == per_pair + per_pair
+
+
+def test_the_batch_runs_through_llava_each_row_as_its_sft_batch(sp_tokenizer, image_dir):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers import LlavaForConditionalGeneration as Llava
+
+    from lvlm_tune.data.collator import MultimodalCollator
+
+    records = [pair(0, ["red.png"]), pair(1), pair(2, ["blue.png", "red.png"], turns=2)]
+    ds = make_dataset(sp_tokenizer, records, image_dir, n_tokens=16)
+    items = [ds[i] for i in range(3)]
+    config = LlavaConfig(
+        text_config=LlamaConfig(
+            vocab_size=len(sp_tokenizer), hidden_size=32, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        ),
+        vision_config=CLIPVisionConfig(
+            image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=4,
+        ),
+        image_token_index=sp_tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Llava(config).eval()
+    batch = PreferenceCollator(pad_token_id(sp_tokenizer))(items)
+    with torch.no_grad():
+        logits = model(**batch).logits
+        sft = MultimodalCollator(pad_token_id(sp_tokenizer))
+        for row, (item, side) in enumerate([(i, "chosen") for i in items] + [(i, "rejected") for i in items]):  # fmt: skip
+            alone = {"id": item["id"], "input_ids": item[f"{side}_input_ids"],
+                     "labels": item[f"{side}_labels"], "pixel_values": item["pixel_values"]}  # fmt: skip
+            expected = model(**sft([alone])).logits[0]
+            n = len(alone["input_ids"])
+            assert torch.allclose(logits[row, :n], expected[:n], atol=1e-5), (row, side)

@@ -26,6 +26,7 @@ from lvlm_tune.data.video import (
     VIDEO_TAG,
     FrameSettings,
     VideoLoader,
+    frame_settings,
     frames_to_pixels,
     read_video_config,
     sample_indices,
@@ -169,6 +170,12 @@ def test_frame_pixels_resize_and_normalise(tmp_path):
                                      "image_std": [0.5] * 3})()  # fmt: skip
     read = FrameSettings.of(image_processor, read_video_config(tmp_path))
     assert (read.height, read.image_mean, read.image_std) == (8, (0.1, 0.2, 0.3), (0.5,) * 3)
+    # frame_settings: the same from a folder; the image processor's alone without its config
+    assert frame_settings(image_processor, tmp_path) == read
+    for folder in (None, tmp_path / "no-such-folder"):
+        alone = frame_settings(image_processor, folder)
+        assert alone == FrameSettings.of(image_processor)
+        assert (alone.height, alone.image_mean) == (16, (0.5,) * 3)
 
 
 # ---- with a tokenizer and a tiny OneVision model ---------------------------------------------
@@ -199,7 +206,7 @@ def test_video_tokens_match_model_features(onevision, tmp_path):
     side = math.ceil(math.isqrt(processor.num_image_tokens) / 2)
     assert count == 5 * side * side + 1
     write_frames(tmp_path / "clip", 5)
-    settings = FrameSettings.of(processor.image_processor, read_video_config(folder))
+    settings = frame_settings(processor.image_processor, folder)
     pixels = VideoLoader(settings, tmp_path, num_frames=5).model_inputs(record_for("clip"))
     assert pixels["pixel_values_videos"].shape == (1, 5, 3, 32, 32)
     with torch.no_grad():
@@ -302,7 +309,7 @@ def test_dataset_collator_and_training_step(onevision, tmp_path):
     count = video_count(processor, frames)
     encoder = ConversationEncoder(processor.tokenizer, "tokenizer", video_tokens=count,
                                   num_image_tokens=processor.num_image_tokens)  # fmt: skip
-    settings = FrameSettings.of(processor.image_processor, read_video_config(folder))
+    settings = frame_settings(processor.image_processor, folder)
     dataset = SupervisedDataset(
         open_source(str(path), cache_dir=str(tmp_path / "cache")), encoder,
         ImageLoader(processor.image_processor),

@@ -95,8 +95,8 @@ def run_demo(argv: list[str]) -> tuple[Path, dict]:
     kind = {
         r["id"]: r["kind"] for r in json.loads((out / "data" / "instruct_test.json").read_text())
     }
-    for report, key in (("eval_test_sft", "accuracy_sft"), ("eval_test_dpo", "accuracy_dpo")):
-        samples = json.loads((out / f"{report}.json").read_text())["samples"]
+    for model, key in (("sft", "accuracy_sft"), ("merged", "accuracy_dpo")):
+        samples = json.loads((out / model / "eval_test.json").read_text())["samples"]
         hits = [s["exact_match"] for s in samples if kind[s["id"]] in SCORED_KINDS]
         assert summary[key] == pytest.approx(sum(hits) / len(hits))
     return out, summary
@@ -116,18 +116,24 @@ def test_quick_dpo_demo_writes_a_summary(tmp_path, capsys):
     assert "DPO demo summary" in capsys.readouterr().out
 
 
-# README (seed 0, 3,000 / 400 images, default steps): SHORT_FIGURES. This run is the full demo
-# shortened for CI: DPO must still repair much of what the noisy SFT model gets wrong, without
-# answering from anything but the images.
-SHORT = ["--train-images", "600", "--test-images", "80", "--pretrain-steps", "150"]
+# README (seed 0, 3,000 / 400 images, default steps): held-out colour + shape exact match 0.760
+# for the noisy SFT model, 0.995 after DPO; preference accuracy 0.53 -> 1.00; blank images 0.275,
+# chance 0.295. This run is the full demo shortened for CI (1,000 images, 300 pre-training and
+# SFT steps, 80 DPO steps; when measured: 0.583 -> 0.767, colour 0.23 -> 1.00, preference
+# accuracy 0.47 -> 1.00, blank images 0.283). Its weaker SFT model lets DPO's colour answers leak
+# into other questions (shape 0.93 -> 0.53), which the full demo's does not; the colour questions
+# must still be repaired, and no answer may come from anything but the images.
+SHORT = ["--train-images", "1000", "--test-images", "120", "--pretrain-steps", "300"]
 
 
 @pytest.mark.slow
 def test_short_dpo_demo_beats_the_noisy_sft_model(tmp_path):
-    argv = ["--out", str(tmp_path / "dpo"), *SHORT, "--sft-steps", "150", "--dpo-steps", "60"]
+    argv = ["--out", str(tmp_path / "dpo"), *SHORT, "--sft-steps", "300", "--dpo-steps", "80"]
     _, summary = run_demo(argv)
     assert summary["noise"]["wrong_fraction"] == pytest.approx(0.3, abs=0.05)
     assert summary["accuracy_dpo"] >= summary["accuracy_sft"] + 0.1, summary
+    colour = {model: summary[model]["accuracy_by_kind"]["colour"] for model in ("sft", "dpo")}
+    assert colour["dpo"] >= colour["sft"] + 0.4, colour
     assert summary["preference_accuracy"] >= 0.8, summary
-    assert summary["preference_accuracy"] >= summary["preference_accuracy_sft"] + 0.15, summary
+    assert summary["preference_accuracy"] >= summary["preference_accuracy_sft"] + 0.2, summary
     assert summary["accuracy_blank_images"] <= summary["chance"] + 0.15, summary

@@ -4,13 +4,18 @@ the training encoding with each image's caption where its image token goes."""
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 from pathlib import Path
 
-import pytest
-from test_demo_parts import measured, shape_pixels
+from demo_checks import (
+    assert_balanced_with_blank_twin,
+    dataset_fixture,
+    load,
+    measured,
+    shape_pixels,
+    with_image_token,
+)
 
 from lvlm_tune.data.encoder import ConversationEncoder
 from lvlm_tune.data.sources import open_source
@@ -26,15 +31,7 @@ from lvlm_tune.demo.pretrain_onevision import (
 JSON_FILES = ("describe_train", "pairs_train", "pairs_test", "pairs_test_blank")
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    # 64 px so that the fill ratio of a shape's bounding box tells its kind reliably.
-    out = tmp_path_factory.mktemp("pairs")
-    return pairs.make_pairs_dataset(out, n_train=40, n_test=30, seed=3, image_size=64)
-
-
-def load(paths: dict[str, Path], name: str) -> list[dict]:
-    return json.loads(paths[name].read_text())
+dataset = dataset_fixture(pairs.make_pairs_dataset, "pairs", n_train=40, n_test=30)
 
 
 def expected(first: dict[str, str], second: dict[str, str], question: str) -> str:
@@ -91,13 +88,7 @@ def test_every_answer_occurs_and_more_is_asked_only_when_counts_differ() -> None
 
 def test_test_split_is_balanced_and_blank_twin_matches(dataset: dict[str, Path]) -> None:
     test, blank = load(dataset, "pairs_test"), load(dataset, "pairs_test_blank")
-    for kind in pairs.KINDS:
-        answers = [r["conversations"][1]["value"] for r in test if r["kind"] == kind]
-        counts = {a: answers.count(a) for a in pairs.ANSWERS[kind]}
-        assert len(answers) == 10 and max(counts.values()) - min(counts.values()) <= 1, counts
-    assert [(r["kind"], r["conversations"]) for r in test] == [
-        (r["kind"], r["conversations"]) for r in blank
-    ]
+    assert_balanced_with_blank_twin(test, blank, {k: pairs.ANSWERS[k] for k in pairs.KINDS}, 10)
     assert all(not shape_pixels(dataset["root"] / i).any() for r in blank for i in r["images"])
     info = json.loads(dataset["info"].read_text())
     assert info["chance"] == {"more": 0.5, "total": 0.2, "colours": 0.1, "all": 0.2667}
@@ -120,9 +111,7 @@ def test_llm_corpus_is_the_training_encoding_with_captions_for_images(
     sequences, targets = caption_corpus(dataset, tokenizer, seed=0, max_length=1000)
     described = captioned_records(dataset)
     assert len(sequences) == len(described) == 2 * 40  # descriptions, then conversations
-    with_image = copy.deepcopy(tokenizer)
-    with_image.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    image_id = with_image.convert_tokens_to_ids("<image>")
+    with_image, image_id = with_image_token(tokenizer)
     assert len({(t, p) for _, t, p in STAGE_DATA}) == 1  # both stages encode alike
     _, template, position = STAGE_DATA[0]
     encoder = ConversationEncoder(

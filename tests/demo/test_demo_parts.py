@@ -8,13 +8,19 @@ LLM was pre-trained on exactly the training encoding with captions where the ima
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from demo_checks import (
+    assert_balanced_with_blank_twin,
+    dataset_fixture,
+    load,
+    measured,
+    shape_pixels,
+    with_image_token,
+)
 from PIL import Image
 from transformers import (
     AutoImageProcessor,
@@ -47,50 +53,11 @@ from lvlm_tune.models.llava import build_llava
 from lvlm_tune.models.minigpt4 import build_minigpt4
 
 JSON_FILES = ("captions_train", "instruct_train", "instruct_test", "instruct_test_blank")
-REFERENCE = np.array(list(shapes.COLORS.values()), dtype=float)
 # What the probe reports of a pre-trained vision side (printed in the demo summary).
 PROBE_FIGURES = ("acc_local_colour", "acc_local_shape", "acc_count", "acc_shared", "final_loss")
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    # 64 px so that the fill ratio of a shape's bounding box tells its kind reliably.
-    out = tmp_path_factory.mktemp("shapes")
-    return shapes.make_shapes_dataset(out, n_train=60, n_test=48, seed=3, image_size=64)
-
-
-def load(paths: dict[str, Path], name: str) -> list[dict]:
-    return json.loads(paths[name].read_text())
-
-
-def shape_pixels(path: Path) -> np.ndarray:
-    """Boolean mask of strongly coloured pixels (the background is light grey, near-neutral)."""
-    rgb = np.asarray(Image.open(path).convert("RGB"), dtype=float)
-    return (rgb.max(-1) - rgb.min(-1)) > 70  # tinted green: >= 95; background: < 60
-
-
-def measured(path: Path) -> dict[str, str]:
-    """Colour (if one), shape (if one), quadrant (if one shape) and count, read from pixels."""
-    rgb = np.asarray(Image.open(path).convert("RGB"), dtype=float)
-    mask = shape_pixels(path)
-    half = mask.shape[0] // 2
-    quadrants = [mask[r * half : (r + 1) * half, c * half : (c + 1) * half] for r in (0, 1) for c in (0, 1)]  # fmt: skip
-    occupied = [q for q, m in enumerate(quadrants) if m.sum() > 10]
-    nearest = ((rgb[mask][:, None, :] - REFERENCE[None]) ** 2).sum(-1).argmin(1)
-    colours = {list(shapes.COLORS)[c] for c in np.unique(nearest)}
-    kinds = set()
-    for q in occupied:
-        ys, xs = np.nonzero(quadrants[q])
-        fill = len(ys) / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
-        kinds.add("square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle")
-    found = {"count": shapes.COUNTS[len(occupied) - 1]}
-    if len(colours) == 1:
-        found["colour"] = colours.pop()
-    if len(kinds) == 1:
-        found["shape"] = kinds.pop()
-    if len(occupied) == 1:
-        found["position"] = shapes.POSITIONS[occupied[0]]
-    return found
+dataset = dataset_fixture(shapes.make_shapes_dataset, "shapes", n_train=60, n_test=48)
 
 
 def qa_pairs(record: dict) -> list[tuple[str, str]]:
@@ -145,13 +112,7 @@ def test_questions_are_well_defined_and_image_tag_first() -> None:
 
 def test_test_split_is_balanced_and_blank_twin_matches(dataset: dict[str, Path]) -> None:
     test, blank = load(dataset, "instruct_test"), load(dataset, "instruct_test_blank")
-    for kind in shapes.KINDS:
-        answers = [r["conversations"][1]["value"] for r in test if r["kind"] == kind]
-        counts = {a: answers.count(a) for a in shapes.ANSWERS[kind]}
-        assert len(answers) == 12 and max(counts.values()) - min(counts.values()) <= 1, counts
-    assert [(r["kind"], r["conversations"]) for r in test] == [
-        (r["kind"], r["conversations"]) for r in blank
-    ]
+    assert_balanced_with_blank_twin(test, blank, {k: shapes.ANSWERS[k] for k in shapes.KINDS}, 12)
     assert all(not shape_pixels(dataset["root"] / r["image"]).any() for r in blank)
     assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in test)
     info = json.loads(dataset["info"].read_text())
@@ -263,9 +224,7 @@ def test_minigpt4_llm_corpus_is_the_training_encoding_with_captions_for_images(
     sequences = caption_corpus(dataset, tokenizer, seed=0, max_length=1000)
     described = described_records(dataset)
     assert len(sequences) == len(described) == 2 * 60  # captions, then conversations
-    with_image = copy.deepcopy(tokenizer)
-    with_image.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    image_id = with_image.convert_tokens_to_ids("<image>")
+    with_image, image_id = with_image_token(tokenizer)
     encoders = {
         template: ConversationEncoder(
             with_image, template, num_image_tokens=16, image_position=position, seed=0

@@ -151,3 +151,18 @@ def test_eval_answers_multi_image_samples(run_dir, loaded, pairs):
     alone = [answer.answer([r], max_new_tokens=16)[0] for r in records(pairs)]
     assert [s["prediction"] for s in report["samples"]] == alone
     assert report["metrics"]["answer_tokens"] > 0 and report["metrics"]["loss"] is not None
+
+
+def test_chat_refuses_a_video_for_a_family_without_videos(loaded, tmp_path):
+    frames = tmp_path / "clip"
+    frames.mkdir()
+    for k in range(3):
+        Image.new("RGB", (16, 16), (80 * k, 0, 0)).save(frames / f"{k}.png")
+    session = ChatSession(loaded)
+    with pytest.raises(UserError, match="llava model takes no videos"):
+        session.check_video(str(frames))
+    with pytest.raises(UserError, match="takes no videos"):
+        session.ask("What happens?", video=str(frames))
+    assert session.turns == []
+    # a literal <video> in the text of such a model is text
+    assert session.place_tags("What is <video>?", 0) == "What is <video>?"

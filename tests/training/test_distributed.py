@@ -29,6 +29,7 @@ from dist_launch import (
     start,
     tail,
     torchrun,
+    train_and_rebuild,
     worker,
     write_recipe,
 )
@@ -280,22 +281,15 @@ def test_two_nodes_zero3(tiny_parts, mixed_data, tmp_path):
 def test_minigpt4_stage2_two_processes(zero, tiny_parts, tiny_blip2, mixed_data, tmp_path):
     """MiniGPT-4 stage 2 on two ranks (one image sample, one text-only sample per step): only
     ``language_projection`` changes; the text-only rank runs the vision path on a blank image."""
-    from transformers import Blip2ForConditionalGeneration, set_seed
-
-    from lvlm_tune.training.pipeline import build_model
-    from lvlm_tune.training.recipe import parse_recipe
+    from transformers import Blip2ForConditionalGeneration
 
     recipe = write_recipe(
         tmp_path, tiny_parts, mixed_data, family="minigpt4", vision_tower=tiny_blip2,
         num_query_tokens=MINIGPT4_QUERIES, stage="pretrain", template="minigpt4", max_steps=2,
         per_device_train_batch_size=1, deepspeed=f"ds_configs/zero{zero}.json",
     )  # fmt: skip
-    finish([start(torchrun(module(recipe)), tmp_path)], tmp_path)
-    out = tmp_path / "out"
-    assert len(losses(out)) == 2 and all(map(torch.isfinite, torch.tensor(losses(out))))
-    args = parse_recipe(recipe, ["--deepspeed", ""])
-    set_seed(args[2].seed)
-    before = build_model(*args)[0].state_dict()
+    out, model = train_and_rebuild(recipe, tmp_path)
+    before = model.state_dict()
     after = Blip2ForConditionalGeneration.from_pretrained(out).state_dict()
     changed = {k for k in after if not torch.equal(before[k], after[k])}
     assert changed == {"language_projection.weight", "language_projection.bias"}

@@ -135,7 +135,9 @@ def test_a_second_extension_works_through_every_hook(fake, tmp_path, tokenizer):
         recipe(tmp_path, "--stage", "fake_stage")
     with pytest.raises(UserError, match="did you mean 'fake_tokens'"):
         recipe(tmp_path, "--fake_token", "2")
-    with pytest.raises(UserError, match=r"LoRA stages \(finetune_lora, vokens_lora, fake_stage\)"):
+    with pytest.raises(
+        UserError, match=r"LoRA stages \(finetune_lora, dpo_lora, vokens_lora, fake_stage\)"
+    ):
         recipe(tmp_path, "--lora_r", "4", "--stage", "finetune")
     assert registry.added_special_tokens("chatml", model_args.extensions) == (
         "<|im_start|>", "<|im_end|>", "<fake>",

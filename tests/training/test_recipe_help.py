@@ -44,7 +44,10 @@ def test_help_lists_every_recipe_key_with_type_default_and_help(capsys):
     assert text.startswith("usage: lvlm-tune train RECIPE.yaml [--key value ...]")
     entries = _entries(text)
     assert sorted(entries) == sorted(valid_keys())  # every key once, nothing else
-    assert entries["lora_r"] == ("int, default: 128", "LoRA rank (finetune_lora, vokens_lora)")
+    assert entries["lora_r"] == (
+        "int, default: 128",
+        "LoRA rank (finetune_lora, dpo_lora, vokens_lora)",
+    )
     assert entries["lora_target_modules"][0] == "list[str], default: unset"
     assert entries["template"][0] == "str, default: vicuna_v1"
     assert entries["output_dir"][0] == "str, default: runs/default"
