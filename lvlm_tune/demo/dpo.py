@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:<10} held-out colour+shape exact match {figures['accuracy']:.3f} "
             f"(colour {figures['accuracy_by_kind']['colour']:.2f}, shape "
             f"{figures['accuracy_by_kind']['shape']:.2f}); preference accuracy "
-            f"{figures['preference_accuracy']:.3f}; blank images {figures['accuracy_blank_images']:.3f}"
+            f"{figures['preference_accuracy']:.3f}; blank images "
+            f"{figures['accuracy_blank_images']:.3f}"
         )
     print(f"chance (best constant answer): {summary['chance']}")
     print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))

@@ -119,10 +119,11 @@ def test_quick_dpo_demo_writes_a_summary(tmp_path, capsys):
 # README (seed 0, 3,000 / 400 images, default steps): held-out colour + shape exact match 0.760
 # for the noisy SFT model, 0.995 after DPO; preference accuracy 0.53 -> 1.00; blank images 0.275,
 # chance 0.295. This run is the full demo shortened for CI (1,000 images, 300 pre-training and
-# SFT steps, 80 DPO steps; when measured: 0.583 -> 0.767, colour 0.23 -> 1.00, preference
-# accuracy 0.47 -> 1.00, blank images 0.283). Its weaker SFT model lets DPO's colour answers leak
-# into other questions (shape 0.93 -> 0.53), which the full demo's does not; the colour questions
-# must still be repaired, and no answer may come from anything but the images.
+# SFT steps, 80 DPO steps; 436 s on 2 cores shared with other jobs). When measured: 0.583 ->
+# 0.767, colour 0.23 -> 1.00, preference accuracy 0.47 -> 1.00, blank images 0.283. Its weaker
+# SFT model lets DPO's colour answers leak into other questions (shape 0.93 -> 0.53), which the
+# full demo's does not; the colour questions must still be repaired, and no answer may come
+# from anything but the images.
 SHORT = ["--train-images", "1000", "--test-images", "120", "--pretrain-steps", "300"]
 
 
