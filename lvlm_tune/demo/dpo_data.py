@@ -23,7 +23,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from lvlm_tune.demo.shapes import COLORS
+from lvlm_tune.demo.shapes import COLORS, write_json
 
 CONFUSED: dict[str, str] = {"green": "blue", "red": "yellow"}
 COLOUR_QUESTION = "What color"  # how every colour question of the shapes data starts
@@ -65,7 +65,7 @@ def noisy_instructions(source: Path, target: Path, noise: float, seed: int = 0) 
             turn = record["conversations"][k]
             if turn["value"] in CONFUSED and rng.random() < flip:
                 turn["value"], wrong = CONFUSED[turn["value"]], wrong + 1
-    Path(target).write_text(json.dumps(records, indent=1))
+    write_json(Path(target), records)
     return {
         "colour_answers": len(answers),
         "wrong": wrong,
@@ -93,5 +93,5 @@ def preference_pairs(source: Path, target: Path, seed: int = 0) -> int:
                 "chosen": colour,
                 "rejected": rejected_colour(colour, rng),
             })  # fmt: skip
-    Path(target).write_text(json.dumps(pairs, indent=1))
+    write_json(Path(target), pairs)
     return len(pairs)
