@@ -124,7 +124,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
             item.update(self.hooks.sample_extras(record, sample, self.images))
         return item
 
-    def __getitem__(self, index: int) -> dict[str, Any] | SkippedSample:
+    def __getitem__(self, index: int | list[int]) -> Any:
+        if isinstance(index, (list, tuple)):  # a pack (lvlm_tune.data.packing.PackSampler)
+            return [self[i] for i in index]
         try:
             return self.encode(index)
         except BadSampleError as err:

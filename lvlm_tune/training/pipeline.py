@@ -39,7 +39,9 @@ from lvlm_tune.training.extensions import (
     trainer_class,
 )
 from lvlm_tune.training.freezing import LoraOptions, apply_stage, parameter_summary
+from lvlm_tune.training.label_logits import use_label_logits
 from lvlm_tune.training.loss_curve import write_loss_curve
+from lvlm_tune.training.packing import packing_plan
 from lvlm_tune.training.recipe import (
     DataArguments,
     LvlmTrainingArguments,
@@ -232,17 +234,22 @@ def run(
         num_image_tokens=image_tokens if isinstance(image_tokens, int) else None,
     )  # fmt: skip
     blank = dataset.images.blank()
+    extensions = [extension.name for extension, _ in active_extensions(model_args.extensions)]
+    packing = packing_plan(data_args, train_args, family, model, extensions)  # None: padded
+    pad_id = pad_token_id(processor.tokenizer)
     trainer = trainer_class(model_args.extensions, LvlmTrainer)(
         model=model,
         args=train_args,
         train_dataset=dataset,
-        data_collator=MultimodalCollator(pad_token_id(processor.tokenizer)),
+        data_collator=packing.collator(pad_id) if packing else MultimodalCollator(pad_id),
         processing_class=processor,
         family=family,
         run_card=card,
         stage=model_args.stage,
         blank_pixel_values=blank,
         blank_image_sizes=blank_image_sizes(blank, processor),
+        packing=packing,
+        logits_at_labels=use_label_logits(train_args.logits_at_labels, train_args, not extensions),
         callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=resume_arg(train_args.resume_from_checkpoint))
