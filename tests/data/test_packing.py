@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_dataset_collator import ListSource
 
 from lvlm_tune.data.collator import ALL_BAD, MultimodalCollator
 from lvlm_tune.data.dataset import SupervisedDataset
@@ -68,23 +69,6 @@ def test_the_sampler_yields_packs_per_epoch_and_its_length_is_fixed():
     sampler.set_epoch(1)
     second = list(sampler)
     assert len(first) == len(second) == len(sampler) and first != second
-
-
-class ListSource:
-    def __init__(self, records):
-        self.records, self.path = records, "mem.json"
-
-    def __len__(self):
-        return len(self.records)
-
-    def get(self, i):
-        return self.records[i]
-
-    def num_words(self):
-        return np.array([sum(len(t.content.split()) for t in r.turns) for r in self.records])
-
-    def num_images(self):
-        return np.array([len(r.images) for r in self.records])
 
 
 def _record(i, image):
