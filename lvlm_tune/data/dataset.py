@@ -127,7 +127,9 @@ class PolicyDataset(torch.utils.data.Dataset):
             inputs.update(self.videos.model_inputs(record, sample.num_videos))
         return inputs
 
-    def __getitem__(self, index: int) -> dict[str, Any] | SkippedSample:
+    def __getitem__(self, index: int | list[int]) -> Any:
+        if isinstance(index, (list, tuple)):  # a pack (lvlm_tune.data.packing.PackSampler)
+            return [self[i] for i in index]
         try:
             return self.encode(index)
         except BadSampleError as err:

@@ -167,6 +167,12 @@ class LvlmTrainingArguments(TrainingArguments, PreferenceArguments):
     group_by_modality_length: bool = _help(
         "batches hold only image or only text samples, of similar length", default=False
     )
+    logits_at_labels: bool = _help(
+        "run the LM head and the loss only at positions whose next-token label trains (same "
+        "loss and gradients, far less memory); off under use_liger_kernel (its fused loss) "
+        "and label_smoothing_factor",
+        default=True,
+    )
     loss_curve: bool = _help("write loss_curve.png into output_dir at the end", default=True)
     overwrite_output_dir: bool = _help(
         "start in an output_dir that holds another run (other options): that run's checkpoints "

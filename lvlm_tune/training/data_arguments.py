@@ -8,6 +8,7 @@ from typing import Any
 
 from lvlm_tune.data.dataset import BAD_SAMPLE_POLICIES, DEFAULT_MAX_BAD_FRACTION
 from lvlm_tune.data.images import ASPECT_RATIOS, DEFAULT_MAX_IMAGE_PIXELS
+from lvlm_tune.data.packing import DEFAULT_BUFFER_SIZE
 from lvlm_tune.data.prompts import INSTRUCTION_POOLS
 from lvlm_tune.data.sources import SOURCE_FORMATS
 from lvlm_tune.data.text_policy import PLAIN_MULTI_TURN, SPECIAL_TEXT_POLICIES, STOP_TEXT_POLICIES
@@ -94,6 +95,19 @@ class DataArguments:
         "first question/answer pair)",
         default="refuse",
     )
+    packing: bool = _help(
+        "padding-free packing: several samples in one row, positions restarting per sample, "
+        "no attention across them (llava, llava_next, llava_onevision; docs/packing.md)",
+        default=False,
+    )
+    packing_max_length: int | None = _help(
+        "under packing: tokens per row (>= model_max_length); default: model_max_length",
+        default=None,
+    )
+    packing_buffer_size: int = _help(
+        "under packing: samples packed together, first-fit-decreasing, per buffer",
+        default=DEFAULT_BUFFER_SIZE,
+    )
 
     def __post_init__(self) -> None:
         checks = {
@@ -119,5 +133,12 @@ class DataArguments:
             )
         if self.video_num_frames < 1:
             raise UserError("video_num_frames: must be positive")
+        if self.packing_max_length is not None and self.packing_max_length < self.model_max_length:
+            raise UserError(
+                f"packing_max_length: {self.packing_max_length} is below model_max_length "
+                f"({self.model_max_length}); a row must hold the longest sample"
+            )
+        if self.packing_buffer_size < 1:
+            raise UserError("packing_buffer_size: must be positive")
         if self.max_image_pixels < 0:
             raise UserError("max_image_pixels: must be >= 0 (0: no limit)")

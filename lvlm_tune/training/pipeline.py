@@ -40,7 +40,9 @@ from lvlm_tune.training.extensions import (
     trainer_class,
 )
 from lvlm_tune.training.freezing import LoraOptions, apply_stage, parameter_summary
+from lvlm_tune.training.label_logits import use_label_logits
 from lvlm_tune.training.loss_curve import write_loss_curve
+from lvlm_tune.training.packing import PackingPlan, packing_plan
 from lvlm_tune.training.preference_arguments import DPO_STAGES
 from lvlm_tune.training.preference_precompute import IndexedCollator, IndexedPairs
 from lvlm_tune.training.preference_trainer import PreferenceTrainer
@@ -211,15 +213,16 @@ def _data_and_trainer(
     dataset: Any,
     pad_id: int,
     preference: bool,
+    packing: PackingPlan | None,
 ) -> tuple[Any, Any, type]:
     """The dataset, collator and trainer class of the stage: pairs for the DPO stages (with
-    their indices under ``precompute_ref_log_probs``), else samples and the extensions' trainer."""
+    their indices under ``precompute_ref_log_probs``), else samples (packed or padded) and the
+    extensions' trainer."""
     if not preference:
-        return (
-            dataset,
-            MultimodalCollator(pad_id),
-            trainer_class(model_args.extensions, LvlmTrainer),
-        )
+        collator = packing.collator(pad_id) if packing else MultimodalCollator(pad_id)
+        return dataset, collator, trainer_class(model_args.extensions, LvlmTrainer)
+    if packing is not None:
+        raise UserError(f"packing: not with stage {model_args.stage}; set packing: false")
     from lvlm_tune.data.preference_dataset import PreferenceCollator
 
     collator = PreferenceCollator(pad_id)
@@ -264,8 +267,10 @@ def run(
         data_args, processor, image_tokens, train_args.seed, hooks=hooks, videos=videos,
         preference=preference,
     )  # fmt: skip
+    extensions = [extension.name for extension, _ in active_extensions(model_args.extensions)]
+    packing = packing_plan(data_args, train_args, family, model, extensions)  # None: padded
     dataset, collator, trainer_cls = _data_and_trainer(
-        model_args, train_args, dataset, pad_token_id(processor.tokenizer), preference
+        model_args, train_args, dataset, pad_token_id(processor.tokenizer), preference, packing
     )
     card = RunCard.from_args(
         model_args, data_args, train_args, options=options,
@@ -283,6 +288,8 @@ def run(
         stage=model_args.stage,
         blank_pixel_values=blank,
         blank_image_sizes=blank_image_sizes(blank, processor),
+        packing=packing,
+        logits_at_labels=use_label_logits(train_args.logits_at_labels, train_args, not extensions),
         callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=resume_arg(train_args.resume_from_checkpoint))

@@ -6,7 +6,10 @@ What it adds, and nothing else:
 * optimizer groups (:mod:`lvlm_tune.training.optimizer`): ``projector_lr``,
   ``vision_tower_lr``, no weight decay on biases and norms, ``DeepSpeedCPUAdam`` under
   ZeRO-Offload; a DeepSpeed config with its own optimizer or scheduler is refused;
-* the modality-and-length grouped sampler (``group_by_modality_length``);
+* the modality-and-length grouped sampler (``group_by_modality_length``), or the packer
+  (``packing``: :mod:`lvlm_tune.training.packing`);
+* the LM head and loss only where labels train (``logits_at_labels``:
+  :mod:`lvlm_tune.training.label_logits`);
 * text-only batches still run the vision path on a blank image (times zero; anyres: with its
   ``image_sizes``): :mod:`lvlm_tune.training.vision_path`, so every rank runs the same
   modules in the same order in every step (ZeRO-2/3 collectives match);
@@ -36,6 +39,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from lvlm_tune.data.collator import ALL_BAD
+from lvlm_tune.data.packed_collator import PACKED_SAMPLES
 from lvlm_tune.data.sampler import ModalityLengthGroupedSampler
 from lvlm_tune.models.parts import save_projector, unwrap_model
 from lvlm_tune.models.registry import ModelFamily
@@ -47,7 +51,9 @@ from lvlm_tune.training.checkpoints import (
     staging_root,
 )
 from lvlm_tune.training.distributed import check_deepspeed_config, zero3_init_paused
+from lvlm_tune.training.label_logits import loss_at_labels, trained_positions
 from lvlm_tune.training.optimizer import optimizer_cls_and_kwargs, parameter_groups
+from lvlm_tune.training.packing import PackingPlan
 from lvlm_tune.training.pickle_scan import check_checkpoint
 from lvlm_tune.training.run_card import RunCard
 from lvlm_tune.training.run_folder import RunFolderError, check_same_run
@@ -65,6 +71,8 @@ class LvlmTrainer(Trainer):
         stage: the run's stage (``pretrain``: saves also write the projector alone).
         blank_pixel_values: a blank image batch (1, C, H, W) for text-only batches.
         blank_image_sizes: its ``image_sizes`` for anyres families (NeXT, OneVision).
+        packing: the run's packing (its sampler; the collator must be the plan's).
+        logits_at_labels: compute the loss from logits at trained positions only.
         **kwargs: passed to ``transformers.Trainer``.
     """
 
@@ -76,9 +84,15 @@ class LvlmTrainer(Trainer):
         stage: str | None = None,
         blank_pixel_values: torch.Tensor | None = None,
         blank_image_sizes: torch.Tensor | None = None,
+        packing: PackingPlan | None = None,
+        logits_at_labels: bool = False,
         **kwargs: Any,
     ) -> None:
+        if logits_at_labels:
+            kwargs["compute_loss_func"] = loss_at_labels
         super().__init__(*args, **kwargs)
+        self.packing = packing
+        self.logits_at_labels = logits_at_labels
         check_deepspeed_config(self.args)
         self.family = family
         self.run_card = run_card
@@ -106,6 +120,8 @@ class LvlmTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.packing is not None:
+            return self.packing.sampler(dataset.modality_lengths(), self.args.seed)
         if not self.args.group_by_modality_length:
             return super()._get_train_sampler(train_dataset)
         group = self.args.per_device_train_batch_size * self.args.world_size
@@ -120,12 +136,14 @@ class LvlmTrainer(Trainer):
     ) -> Any:
         self._frozen_parts_in_eval_mode(model)
         inputs = dict(inputs)
+        samples = inputs.pop(PACKED_SAMPLES, None)  # packed rows hold several samples
         self._all_bad = bool(inputs.pop(ALL_BAD, False))
         if self._all_bad:
             inputs.pop("labels", None)  # nothing to train; the step runs with a zero loss
         loss, outputs = self._loss_and_outputs(model, inputs, **kwargs)
         if not self._all_bad and model.training and self.bad_samples is not None:
-            self.bad_samples.count_trained(int(self.state.epoch or 0), self.samples_in(inputs))
+            rows = samples if samples is not None else self.samples_in(inputs)
+            self.bad_samples.count_trained(int(self.state.epoch or 0), int(rows))
         return (loss, outputs) if return_outputs else loss
 
     def samples_in(self, inputs: dict[str, Any]) -> int:  # a preference pair takes 2 rows
@@ -145,6 +163,8 @@ class LvlmTrainer(Trainer):
         ``0 * sum(logits)`` (or ``0 *`` the model's own label-free loss, MiniGPT-5's).
         """
         if not self._all_bad:
+            if self.logits_at_labels and "labels" in inputs:
+                inputs = {**inputs, "logits_to_keep": trained_positions(inputs["labels"])}
             return super().compute_loss(model, inputs, return_outputs=True, **kwargs)
         outputs = model(**inputs)
         loss = outputs.get("loss") if hasattr(outputs, "get") else None
