@@ -121,6 +121,7 @@ def main() -> None:
             "weight_decay": 0.0, "lr_scheduler_type": "constant", "max_grad_norm": 0.0,
             "logging_steps": 10, "save_strategy": "no", "report_to": "none", "use_cpu": True,
             "loss_curve": False, "disable_tqdm": True, "seed": 0,
+            "logits_at_labels": False,  # the bare loop's full-logits loss: overhead alone
         }  # fmt: skip
         argv = [f"--{k}={v}" for k, v in overrides.items()]
 
