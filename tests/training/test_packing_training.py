@@ -10,21 +10,24 @@ import torch.nn.functional as F
 import yaml
 from conftest import StopAt, minigpt4_recipe, parse, tiny_recipe
 from test_llava_next_training import anyres_data, anyres_models, anyres_recipe  # noqa: F401
+from test_onevision_video_training import video_run  # noqa: F401
 
 from lvlm_tune.data.collator import pad_token_id
 from lvlm_tune.data.packed_collator import PACKED_SAMPLES, PackedCollator
 from lvlm_tune.errors import UserError
 from lvlm_tune.models.registry import get_model_family
 from lvlm_tune.training.packing import packing_plan
-from lvlm_tune.training.pipeline import build_dataset, build_model, run
+from lvlm_tune.training.pipeline import build_dataset, build_model, run, video_inputs
 from lvlm_tune.training.recipe import parse_recipe
 
 
-def _build(recipe, tmp_path):
+def _build(recipe, tmp_path, videos=False):
     args = parse(recipe, tmp_path)
     torch.manual_seed(0)
     model, processor, family = build_model(*args)
-    dataset = build_dataset(args[1], processor, family.image_tokens(model, processor), 0)
+    video = video_inputs(family, processor, args[0], args[1]) if videos else None
+    tokens = family.image_tokens(model, processor)
+    dataset = build_dataset(args[1], processor, tokens, 0, videos=video)
     return model.float(), processor, dataset, args
 
 
@@ -41,7 +44,7 @@ def _token_losses(logits, labels):
 
 def _alone(model, item):
     inputs = {"input_ids": torch.as_tensor(item["input_ids"])[None]}
-    for key in ("pixel_values", "image_sizes", "batch_num_images"):
+    for key in ("pixel_values", "image_sizes", "batch_num_images", "pixel_values_videos"):
         if item.get(key) is not None:
             inputs[key] = item[key]
     labels = torch.as_tensor(item["labels"])[None]
@@ -122,6 +125,19 @@ def test_a_packed_anyres_batch_trains_each_sample_as_alone(
     )
 
 
+def test_a_packed_onevision_batch_of_videos_and_images_trains_each_sample_as_alone(
+    tmp_path,
+    video_run,  # noqa: F811 (the fixture imported above)
+):
+    model, processor, dataset, _ = _build(
+        {**video_run, "output_dir": str(tmp_path / "o")}, tmp_path, videos=True
+    )
+    items = [dataset[i] for i in range(3)]  # video, image, video
+    assert items[0].get("pixel_values_videos") is not None and items[1]["pixel_values"] is not None
+    _check_packed_equals_alone(model, items, [[0, 1], [2]], pad_token_id(processor.tokenizer))
+    _check_packed_equals_alone(model, items, [[1, 2, 0]], pad_token_id(processor.tokenizer))
+
+
 def test_combinations_that_would_attend_across_samples_are_refused(
     tmp_path, tiny_parts, tiny_data, tiny_blip2
 ):
@@ -186,9 +202,25 @@ def test_a_packed_run_trains_and_resumes_mid_epoch_with_the_same_losses(
 
 
 @pytest.mark.slow
+def test_a_packed_onevision_run_with_videos_trains(
+    tmp_path,
+    video_run,  # noqa: F811
+):
+    recipe = {**video_run, "output_dir": str(tmp_path / "o"), "packing": True,
+              "per_device_train_batch_size": 1, "max_steps": 3}  # fmt: skip
+    (tmp_path / "ov.yaml").write_text(yaml.safe_dump(recipe))
+    trainer = run(*parse_recipe(tmp_path / "ov.yaml"))
+    assert isinstance(trainer.data_collator, PackedCollator) and trainer.logits_at_labels
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert (tmp_path / "o" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.timeout(900)
-def test_zero3_two_processes_with_packing_match_one_process(tmp_path, tiny_parts, tiny_data):
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_zero_two_processes_with_packing_match_one_process(tmp_path, tiny_parts, tiny_data, zero):
     import sys
 
     from dist_launch import finish, losses, module, start, torchrun, worker, write_recipe
@@ -196,7 +228,7 @@ def test_zero3_two_processes_with_packing_match_one_process(tmp_path, tiny_parts
     common = {"stage": "finetune", "packing": True, "model_max_length": 256,
               "packing_max_length": 384, "max_steps": 2}  # fmt: skip
     two = write_recipe(
-        tmp_path / "two", tiny_parts, tiny_data, deepspeed="ds_configs/zero3.json",
+        tmp_path / "two", tiny_parts, tiny_data, deepspeed=f"ds_configs/{zero}.json",
         per_device_train_batch_size=1, **common,
     )  # fmt: skip
     one = write_recipe(
