@@ -21,13 +21,13 @@ from lvlm_tune.training.pipeline import build_dataset, build_model, run, video_i
 from lvlm_tune.training.recipe import parse_recipe
 
 
-def _build(recipe, tmp_path, videos=False):
+def _build(recipe, tmp_path):
     args = parse(recipe, tmp_path)
     torch.manual_seed(0)
     model, processor, family = build_model(*args)
-    video = video_inputs(family, processor, args[0], args[1]) if videos else None
+    videos = video_inputs(family, processor, args[0], args[1])  # as run() does; None: no video
     tokens = family.image_tokens(model, processor)
-    dataset = build_dataset(args[1], processor, tokens, 0, videos=video)
+    dataset = build_dataset(args[1], processor, tokens, 0, videos=videos)
     return model.float(), processor, dataset, args
 
 
@@ -130,12 +130,13 @@ def test_a_packed_onevision_batch_of_videos_and_images_trains_each_sample_as_alo
     video_run,  # noqa: F811 (the fixture imported above)
 ):
     model, processor, dataset, _ = _build(
-        {**video_run, "output_dir": str(tmp_path / "o")}, tmp_path, videos=True
+        {**video_run, "output_dir": str(tmp_path / "o")}, tmp_path
     )
     items = [dataset[i] for i in range(3)]  # video, image, video
     assert items[0].get("pixel_values_videos") is not None and items[1]["pixel_values"] is not None
-    _check_packed_equals_alone(model, items, [[0, 1], [2]], pad_token_id(processor.tokenizer))
-    _check_packed_equals_alone(model, items, [[1, 2, 0]], pad_token_id(processor.tokenizer))
+    pad = pad_token_id(processor.tokenizer)
+    _check_packed_equals_alone(model, items, [[0, 1], [2]], pad)
+    _check_packed_equals_alone(model, items, [[1, 2, 0]], pad)
 
 
 def test_combinations_that_would_attend_across_samples_are_refused(
